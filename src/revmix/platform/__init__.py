@@ -1,0 +1,1 @@
+"""Runtime glue: the only code that imports ray.data / ray.train / ray.serve."""
