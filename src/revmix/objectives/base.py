@@ -81,6 +81,9 @@ class LossOutput:
 
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    # True when the objective already accumulated gradients into ``.grad`` itself (gradient surgery);
+    # the training loop then skips ``loss.backward()``.
+    grads_applied: bool = False
 
 
 @runtime_checkable
