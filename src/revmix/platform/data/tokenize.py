@@ -1,0 +1,119 @@
+"""Tokenise canonical rows once (chat template on the prompt) and collate them into a :class:`Batch`.
+
+A tokenised row holds ``prompt_ids``, ``response_ids`` (y+ then EOS), ``other_ids`` (y− then EOS, empty
+when the row has none), the direction code and the row's identity. Rows longer than ``max_length`` have
+their responses truncated (never dropped); the count is returned so summaries can report it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from revmix.objectives.base import IGNORE_INDEX, Batch
+from revmix.platform.data.schema import Direction
+
+TOKENISED_COLUMNS = (
+    "row_index",
+    "item_id",
+    "direction",
+    "task",
+    "answer",
+    "prompt_ids",
+    "response_ids",
+    "other_ids",
+)
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as a user turn followed by the assistant header (generation prompt)."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenise_rows(
+    rows: Sequence[dict], tokenizer: Any, max_length: int, start_index: int = 0
+) -> tuple[list[dict], int]:
+    """Tokenise canonical rows; returns (tokenised rows, number of truncated rows)."""
+    eos = tokenizer.eos_token_id
+    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+    others_text = [r.get("other_response") or "" for r in rows]
+    others = tokenizer(others_text, add_special_tokens=False)["input_ids"]
+    out, truncated = [], 0
+    for i, (row, p, y, o, o_text) in enumerate(zip(rows, prompts, responses, others, others_text)):
+        room = max_length - len(p)
+        if room < 2:
+            raise ValueError(
+                f"row {start_index + i} (item {row['item_id']}): prompt is {len(p)} tokens, "
+                f"max_length {max_length} leaves no room for a response; raise data.max_length"
+            )
+        y = list(y) + [eos]
+        o = (list(o) + [eos]) if o_text else []
+        if len(y) > room or len(o) > room:
+            truncated += 1
+        out.append(
+            {
+                "row_index": start_index + i,
+                "item_id": str(row["item_id"]),
+                "direction": int(Direction.parse(row["direction"])),
+                "task": str(row.get("task") or ""),
+                "answer": None if row.get("answer") is None else str(row["answer"]),
+                "prompt_ids": list(p),
+                "response_ids": y[:room],
+                "other_ids": o[:room],
+            }
+        )
+    return out, truncated
+
+
+def _pad(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (s, pl) in enumerate(zip(seqs, prompt_lens)):
+        t = torch.tensor(s, dtype=torch.long)
+        ids[i, : len(s)] = t
+        mask[i, : len(s)] = 1
+        labels[i, pl : len(s)] = t[pl:]
+    return ids, mask, labels
+
+
+def collate(rows: Sequence[dict], pad_id: int, with_other: bool = True) -> Batch:
+    """Right-padded :class:`Batch` of tokenised rows (y+ always; y− when every row has one)."""
+    prompts = [list(r["prompt_ids"]) for r in rows]
+    plens = [len(p) for p in prompts]
+    ids, mask, labels = _pad([p + list(r["response_ids"]) for p, r in zip(prompts, rows)], plens, pad_id)
+    batch = Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        labels=labels,
+        direction=torch.tensor([int(r["direction"]) for r in rows], dtype=torch.long),
+        task=[r["task"] for r in rows],
+        prompt_ids=prompts,
+        answer=[r["answer"] for r in rows],
+        item_id=[r["item_id"] for r in rows],
+    )
+    if with_other and all(len(r["other_ids"]) for r in rows):
+        o_ids, o_mask, o_labels = _pad(
+            [p + list(r["other_ids"]) for p, r in zip(prompts, rows)], plens, pad_id
+        )
+        batch.other_input_ids, batch.other_attention_mask, batch.other_labels = o_ids, o_mask, o_labels
+    return batch
+
+
+def fingerprint(rows: Iterable[dict], *extra: Any) -> str:
+    """A stable hash of rows (and extra identity such as the tokenizer and max_length) for cache keys."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(r, sort_keys=True, default=str).encode())
+    for e in extra:
+        h.update(json.dumps(e, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
