@@ -315,6 +315,8 @@ def train_loop_per_worker(config: dict) -> dict:
                 _save_checkpoint(path, policy, optimizer, scheduler, state)
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report(record, checkpoint=checkpoint)
+        if rank == 0 and config.get("on_report") is not None:  # in-process only (num_workers=0)
+            config["on_report"](record)
         last = record
         if stop_after is not None and step + 1 - start_step >= stop_after:
             raise SystemExit(f"stop_after_steps={stop_after}: simulated interruption")
@@ -394,8 +396,13 @@ def run_experiment(
     stop_after_steps: int | None = None,
     callbacks: list | None = None,
     evaluate: bool = True,
+    on_report: Any = None,
 ) -> dict:
-    """Run every stage of ``cfg`` into ``out_dir``; returns (and writes) ``summary.json``."""
+    """Run every stage of ``cfg`` into ``out_dir``; returns (and writes) ``summary.json``.
+
+    ``on_report(record)`` is called with every step's metrics when the loop runs in-process
+    (``num_workers = 0``), e.g. to forward them to Tune; with Ray workers pass ``callbacks`` instead.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -458,6 +465,7 @@ def run_experiment(
                 "inline_data": data.train if workers == 0 else None,
                 "eval_rows": eval_rows,
                 "stop_after_steps": stop_after_steps,
+                "on_report": on_report if workers == 0 else None,
             }
             trainer = TorchTrainer(
                 train_loop_per_worker,
