@@ -130,14 +130,12 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> No
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "trainable.safetensors"))
-    missing = set(weights) - set(dict(model.named_parameters()))
-    if missing:
-        raise ValueError(f"checkpoint {path}: parameters {sorted(missing)[:3]}… are not in the model")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in weights.items():
-            params[k].copy_(v)
+    from revmix.platform.models import load_trainable_state_dict
+
+    try:
+        load_trainable_state_dict(model, load_file(str(path / "trainable.safetensors")))
+    except KeyError as e:
+        raise ValueError(f"checkpoint {path} does not fit this model: {e}") from None
     opt = torch.load(path / "optim.pt", weights_only=False)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])

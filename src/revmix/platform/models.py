@@ -1,0 +1,502 @@
+"""Models: load any Hugging Face causal LM, or build a tiny Qwen2 one locally; LoRA or full fine-tuning.
+
+Why one loading path: a tiny model is *built* once (tokenizer trained locally, weights randomly
+initialised with a seed) and written with ``save_pretrained`` into a cache directory. From then on it is
+loaded exactly like ``Qwen/Qwen2.5-0.5B-Instruct`` — through ``AutoTokenizer`` / ``AutoModelForCausalLM``
+(and vLLM, which supports Qwen2). Tests on a laptop therefore exercise the same code that runs a real
+model on GPUs; only the name changes (``None`` or ``"tiny:small"`` vs. a hub id or a path).
+
+Nothing here downloads: a tiny model needs no network, and a real model name is handed to
+``from_pretrained`` untouched (offline runs set ``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Scales
+# --------------------------------------------------------------------------------------------------
+
+SCALES: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1024,
+    ),
+    "base": dict(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1920,
+    ),
+}
+"""The single size dial of a locally built model: a name → Qwen2 shape.
+
+Parameter counts with the default 512-token vocabulary and tied embeddings (checked in
+tests/platform/test_models.py):
+
+=======  ==========  ======  =====  ========  ============  ==========
+scale    parameters  hidden  layers heads/kv  intermediate  head_dim
+=======  ==========  ======  =====  ========  ============  ==========
+tiny      1,050,752     128      4     4/2          512         32
+small     6,035,712     256      6     8/4         1024         32
+base     30,163,456     512      8     8/4         1920         64
+=======  ==========  ======  =====  ========  ============  ==========
+
+Head dims are 32 or 64, the smallest sizes that fused attention kernels (vLLM's included) commonly
+support; these dirs have not yet been run through vLLM here. Grouped-query attention (kv heads < heads)
+mirrors Qwen2.5 so the code paths that handle GQA are exercised.
+"""
+
+MAX_POSITION_EMBEDDINGS = 512
+VOCAB_SIZE = 512  # tokenizer target and embedding rows of every tiny model
+TINY_PREFIX = "tiny:"
+DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+# Bump when the on-disk layout or build recipe changes: old cache entries are then ignored, not reused.
+_BUILD_FORMAT = 1
+_BUILD_INFO = "revmix_build.json"
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, IM_START, IM_END)  # ids 0, 1, 2
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+"""ChatML exactly as Qwen2.5 renders it, minus Qwen's default system message (a tiny model has no
+identity to announce, and the prompt stays short)."""
+
+_GENERAL_TEXT = """\
+Mathematics is the study of numbers, quantities, shapes and patterns. A proof shows that a statement is
+true for every case. To solve an equation, find the value of the unknown that makes both sides equal.
+For example, if 3x + 5 = 20, then 3x = 15, so x = 5. The sum of the angles of a triangle is 180 degrees.
+The area of a rectangle is its width times its height. A prime number has exactly two divisors: one and
+itself. The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29. The remainder of 17 divided by 5 is 2,
+so 17 mod 5 = 2. If f(x) = 2x + 1, then f(4) = 9, and the inverse function is g(y) = (y - 1) / 2.
+Question: What is 12 times 7? Answer: 12 * 7 = 84. Question: Find x such that x - 9 = 4. Answer: x = 13.
+Reverse question: The answer is 84 and one factor is 12. What is the other factor? Answer: 84 / 12 = 7.
+Given the result, recover one of the original inputs. Work step by step, then state the final answer.
+The final answer is \\boxed{42}. Let us check the answer: substitute it back and verify both sides agree.
+A sequence starts 1, 1, 2, 3, 5, 8; each term is the sum of the two before it. The mean of 4, 8 and 9 is 7.
+Therefore the solution is correct. We conclude that the claim holds, which completes the proof.
+"""
+
+
+_SYNTHETIC_MODULE = "revmix.platform.data.synthetic"
+
+
+def _builtin_task_text() -> list[str]:
+    """Deterministic forward/reverse arithmetic lines (a formula, no RNG: no drift across versions)."""
+    ops = [
+        ("sum of {a} and {b}", "{a} + {b} = {c}", lambda a, b: a + b),
+        ("difference of {a} and {b}", "{a} - {b} = {c}", lambda a, b: a - b),
+        ("product of {a} and {b}", "{a} * {b} = {c}", lambda a, b: a * b),
+        ("remainder of {a} divided by {b}", "{a} mod {b} = {c}", lambda a, b: a % b),
+    ]
+    lines = []
+    for i in range(120):
+        a, b = 3 + (i * 37) % 97, 2 + (i * 11) % 19
+        question, step, fn = ops[i % len(ops)]
+        c = fn(a, b)
+        q, w = question.format(a=a, b=b), step.format(a=a, b=b, c=c)
+        lines.append(f"user\nWhat is the {q}?\nassistant\nWe compute {w}. The answer is {c}.")
+        lines.append(
+            f"user\nThe {question.format(a=a, b='x')} is {c}. Find x.\nassistant\n"
+            f"Since {step.format(a=a, b='x', c=c)}, we solve for x and get x = {b}. The answer is {b}."
+        )
+    return lines
+
+
+def _task_text() -> list[str]:
+    """Training text from the synthetic task family; the built-in lines until that module exists.
+
+    Swapping corpora changes the tokenizer hash, so cached tiny models are rebuilt, never mismatched.
+    """
+    try:
+        synthetic = importlib.import_module(_SYNTHETIC_MODULE)
+    except ModuleNotFoundError as err:
+        if err.name != _SYNTHETIC_MODULE:
+            raise
+        return _builtin_task_text()
+    rows = synthetic.generate_mix(synthetic.family_names(), 2000, seed=0)
+    return [f"user\n{r['prompt']}\nassistant\n{r['response']}" for r in rows]
+
+
+# Qwen2's pre-tokenisation regex (transformers ``Qwen2Tokenizer.PRETOKENIZE_REGEX``). ``\p{N}`` splits
+# every digit into its own piece, so numbers are spelled digit by digit — tiny models learn carries and
+# place value far better than with merged multi-digit tokens.
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    """Train the byte-level BPE once per process and vocab size; the JSON is the canonical artefact.
+
+    The normaliser / pre-tokeniser / decoder are exactly the ones transformers' ``Qwen2Tokenizer``
+    rebuilds around the saved vocab and merges: for ``model_type == "qwen2"`` directories
+    ``AutoTokenizer`` (and so vLLM) ignores the pipeline in ``tokenizer.json`` and keeps only vocab and
+    merges. Any other pipeline (e.g. ``Digits`` + ``ByteLevel``) would tokenise differently after a
+    save/load round trip; this one is identical before and after (tested).
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"build_tokenizer: vocab_size={vocab_size} is below the byte alphabet (256) + "
+            f"{len(SPECIAL_TOKENS)} special tokens; use at least {256 + len(SPECIAL_TOKENS)}"
+        )
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        continuing_subword_prefix="",  # "" (not None) as Qwen2Tokenizer writes it: byte-identical JSON
+        end_of_word_suffix="",
+    )
+    corpus = [_GENERAL_TEXT, *_task_text()]
+    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with single-digit tokens, ChatML specials and chat template; no download.
+
+    Deterministic: the same corpus and vocab size give byte-identical ``tokenizer.json`` in any process.
+    ``<|endoftext|>`` pads, ``<|im_end|>`` ends a turn (eos), as in Qwen2.5-Instruct.
+    """
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size)),
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START],
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tokenizer_hash(vocab_size: int = 512) -> str:
+    """SHA-256 over everything that defines the tokenizer: trained JSON, specials, chat template."""
+    h = hashlib.sha256()
+    for part in (_trained_tokenizer_json(vocab_size), "\0".join(SPECIAL_TOKENS), CHAT_TEMPLATE):
+        h.update(part.encode())
+        h.update(b"\0\0")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny model build + cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_scale(scale: str) -> dict:
+    if scale not in SCALES:
+        raise ValueError(f"unknown model scale {scale!r}; valid scales: {sorted(SCALES)}")
+    return SCALES[scale]
+
+
+def _default_cache_dir() -> Path:
+    env = os.environ.get("REVMIX_CACHE")
+    return Path(env) / "models" if env else Path.home() / ".cache" / "revmix" / "models"
+
+
+def _qwen2_config(scale: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    shape = _check_scale(scale)
+    return Qwen2Config(
+        # Rows for the full target vocabulary even if a small corpus stops BPE short of it (as Qwen pads
+        # 151665 tokens to 151936 rows): parameter counts then do not move with the corpus.
+        vocab_size=max(VOCAB_SIZE, len(tokenizer)),
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=tokenizer.pad_token_id,  # Qwen2.5 convention: bos = <|endoftext|>, never prepended
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+        **shape,
+    )
+
+
+def _build_into(out_dir: Path, scale: str, seed: int, key: str) -> None:
+    """Write tokenizer + seeded random Qwen2 model + a build record into ``out_dir``."""
+    tokenizer = build_tokenizer(VOCAB_SIZE)
+    config = _qwen2_config(scale, tokenizer)
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG stream
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = {
+        "scale": scale,
+        "seed": seed,
+        "key": key,
+        "parameters": count_parameters(model)[1],
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+    (out_dir / _BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def tiny_model_dir(scale: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """Directory of a locally built random Qwen2 model + tokenizer; built on first use, then cached.
+
+    Cache key = scale shape + seed + tokenizer hash (+ build format), so changing the corpus or a scale
+    never serves a stale model. Safe with concurrent builders (Ray workers, parallel tests): each builds in
+    its own temporary directory next to the target and atomically renames it into place; a loser of the
+    race discards its copy and uses the winner's (both are identical, being seeded).
+    """
+    shape = _check_scale(scale)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"tiny_model_dir: seed must be a non-negative int, got {seed!r}")
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    key_src = json.dumps(
+        {"format": _BUILD_FORMAT, "shape": shape, "seed": seed, "tokenizer": tokenizer_hash(VOCAB_SIZE)},
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    final = root / f"qwen2-{scale}-seed{seed}-{key}"
+    if (final / _BUILD_INFO).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        _build_into(tmp, scale, seed, key)
+        try:
+            os.rename(tmp, final)  # atomic; fails if another builder got there first
+        except OSError:
+            if not (final / _BUILD_INFO).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model_path(name_or_path: str | None, scale: str = "tiny", seed: int = 0) -> str:
+    """Turn a config's model field into something ``from_pretrained`` accepts.
+
+    ``None`` → the tiny model of ``scale``; ``"tiny:<scale>"`` → that scale (so a sweep can vary
+    ``model.name`` over ``tiny:tiny``, ``tiny:small``, ``Qwen/Qwen2.5-0.5B-Instruct``); anything else (hub
+    id or path) is returned unchanged.
+    """
+    if name_or_path is None:
+        return str(tiny_model_dir(scale, seed))
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"model name must be a str or None, got {type(name_or_path).__name__}")
+    if name_or_path.startswith(TINY_PREFIX):
+        wanted = name_or_path[len(TINY_PREFIX) :]
+        if wanted not in SCALES:
+            raise ValueError(
+                f"model name {name_or_path!r}: unknown tiny scale {wanted!r}; "
+                f"valid: {[TINY_PREFIX + s for s in SCALES]}"
+            )
+        return str(tiny_model_dir(wanted, seed))
+    return name_or_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str, *, padding_side: str | None = None) -> PreTrainedTokenizerFast:
+    """``AutoTokenizer`` (fast only) with a pad token guaranteed, so batches can be left-padded for
+    generation (``padding_side="left"``) or right-padded for training (the saved default)."""
+    tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise TypeError(
+            f"load_tokenizer({path!r}): got {type(tok).__name__}, need a fast (tokenizers) tokenizer"
+        )
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(
+                f"load_tokenizer({path!r}): tokenizer has neither a pad nor an eos token to pad with"
+            )
+        tok.pad_token = tok.eos_token  # Llama-style models ship no pad token; eos is the usual stand-in
+    if padding_side is not None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        tok.padding_side = padding_side
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu") -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` moved to ``device``, in eval mode."""
+    if dtype not in DTYPES:
+        raise ValueError(f"load_model: unknown dtype {dtype!r}; valid: {list(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA / full fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters (Hu et al. 2021): W' = W + (alpha / r) · B A, with B initialised to zero."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoraSpec.r must be > 0, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoraSpec.target_modules is empty")
+
+
+def apply_lora(model: PreTrainedModel, spec: LoraSpec) -> peft.PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter; only adapter weights stay trainable.
+
+    Fails loudly when a target name matches no ``nn.Linear`` (peft would otherwise error obscurely or,
+    for partial matches, silently adapt fewer layers than asked).
+    """
+    if isinstance(model, peft.PeftModel):
+        raise TypeError("apply_lora: model already has an adapter; merge_lora() it first")
+    linear_names = sorted(
+        {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    )
+    missing = [t for t in spec.target_modules if t not in linear_names]
+    if missing:
+        raise ValueError(f"LoraSpec.target_modules {missing} not in the model's linear layers {linear_names}")
+    config = peft.LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+        task_type=peft.TaskType.CAUSAL_LM,
+    )
+    return peft.get_peft_model(model, config)
+
+
+def merge_lora(model: PreTrainedModel | peft.PeftModel) -> PreTrainedModel:
+    """Fold the adapter into the base weights (in place) and return the plain model; identity otherwise.
+
+    The next stage then trains a fresh adapter on top, and this merged model is its reference policy.
+    """
+    if isinstance(model, peft.PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def trainable_state_dict(model: PreTrainedModel | peft.PeftModel) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: adapter weights with LoRA, every trainable parameter otherwise.
+
+    Tensors are detached views, not copies — save them before the next optimiser step. Tied weights appear
+    once (``named_parameters`` de-duplicates), so ``safetensors.torch.save_file`` accepts the dict.
+    Restore with :func:`load_trainable_state_dict`.
+    """
+    if isinstance(model, peft.PeftModel):
+        return {k: v.detach() for k, v in peft.get_peft_model_state_dict(model).items()}
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(
+    model: PreTrainedModel | peft.PeftModel, state: dict[str, torch.Tensor]
+) -> None:
+    """Inverse of :func:`trainable_state_dict`; raises on any unexpected key."""
+    if isinstance(model, peft.PeftModel):
+        result = peft.set_peft_model_state_dict(model, state)
+        unexpected = list(result.unexpected_keys)
+    else:
+        result = model.load_state_dict(state, strict=False)
+        unexpected = list(result.unexpected_keys)
+        expected = {name for name, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise KeyError(f"load_trainable_state_dict: missing trainable parameters {missing[:5]} ...")
+    if unexpected:
+        raise KeyError(f"load_trainable_state_dict: unexpected keys {unexpected[:5]} ...")
+
+
+def save_model(
+    model: PreTrainedModel | peft.PeftModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path
+) -> None:
+    """Save a full (merged) model + tokenizer with ``save_pretrained``: loadable by ``load_model``/vLLM.
+
+    A ``PeftModel`` is merged on a deep copy so the caller's training model keeps its adapter; at the end
+    of a stage call ``merge_lora`` first to avoid the copy's memory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full = merge_lora(copy.deepcopy(model)) if isinstance(model, peft.PeftModel) else model
+    full.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
