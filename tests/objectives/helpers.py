@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -66,3 +68,72 @@ def make_batch(seed: int = 0, batch_size: int = 4, with_other: bool = True) -> B
         o_ids, o_mask, o_labels = _pack(prompts, others)
         batch.other_input_ids, batch.other_attention_mask, batch.other_labels = o_ids, o_mask, o_labels
     return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-computed reference values for the contract suite
+# --------------------------------------------------------------------------------------------------
+# Each entry recomputes an objective's default loss from scratch, independently of the objective's code:
+# one *unpadded* forward pass per row and sequence (so padding and pair concatenation are checked too),
+# log-softmax in float64, and plain Python loops and `math` for the formula in the objective's paper.
+# Signature: (policy, batch, reference model or None) -> float.
+
+
+def responses(labels: torch.Tensor) -> list[list[int]]:
+    """Each row's response tokens (labels != -100), in order."""
+    return [row[row != IGNORE_INDEX].tolist() for row in labels]
+
+
+@torch.no_grad()
+def row_token_logps(model: torch.nn.Module, prompt: list[int], response: list[int]) -> list[float]:
+    """log p(response[k] | prompt, response[:k]) for each k, from one unpadded forward pass."""
+    ids = torch.tensor([prompt + response])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return [float(logp[len(prompt) + k - 1, tok]) for k, tok in enumerate(response)]
+
+
+def _sft_value(policy, batch, ref_model) -> float:
+    lps = [
+        lp for p, r in zip(batch.prompt_ids, responses(batch.labels)) for lp in row_token_logps(policy, p, r)
+    ]
+    return -sum(lps) / len(lps)
+
+
+def _dpo_value(policy, batch, ref_model, beta: float = 0.1) -> float:
+    """Rafailov et al. 2023, Eq. 7: mean of -log σ(β[(πc - πr) - (ref_c - ref_r)]), summed log-probs."""
+    losses = []
+    for p, yc, yr in zip(batch.prompt_ids, responses(batch.labels), responses(batch.other_labels)):
+        pc, pr = sum(row_token_logps(policy, p, yc)), sum(row_token_logps(policy, p, yr))
+        rc, rr = sum(row_token_logps(ref_model, p, yc)), sum(row_token_logps(ref_model, p, yr))
+        h = (pc - pr) - (rc - rr)
+        losses.append(math.log1p(math.exp(-beta * h)))
+    return sum(losses) / len(losses)
+
+
+def _unlikelihood_value(policy, batch, ref_model, alpha: float = 1.0, eps: float = 1e-6) -> float:
+    """Welleck et al. 2019: mean NLL(y+) + α·mean over differing y− tokens of −log(1 − p)."""
+    nll, penalty = [], []
+    for p, yp, yn in zip(batch.prompt_ids, responses(batch.labels), responses(batch.other_labels)):
+        nll += [-lp for lp in row_token_logps(policy, p, yp)]
+        for k, lp in enumerate(row_token_logps(policy, p, yn)):
+            if k >= len(yp) or yn[k] != yp[k]:  # only_differing=True (response-position alignment)
+                penalty.append(-math.log(max(1.0 - math.exp(lp), eps)))
+    return sum(nll) / len(nll) + alpha * (sum(penalty) / len(penalty) if penalty else 0.0)
+
+
+def _multitask_value(policy, batch, ref_model) -> float:
+    """Default routes: SFT on forward rows + unlikelihood on reverse rows, weights 1."""
+    total = 0.0
+    for code, fn in ((0, _sft_value), (1, _unlikelihood_value)):
+        idx = torch.nonzero(batch.direction == code).flatten()
+        if idx.numel():
+            total += fn(policy, batch.select(idx), ref_model)
+    return total
+
+
+REFERENCE_VALUES = {
+    "sft": _sft_value,
+    "dpo": _dpo_value,
+    "unlikelihood": _unlikelihood_value,
+    "multitask": _multitask_value,
+}

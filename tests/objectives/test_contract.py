@@ -1,7 +1,9 @@
 """The contract every registered objective must pass (DESIGN §5).
 
 Finite loss; gradients reach trainable parameters only; masked (prompt / padding) tokens get zero
-gradient; per-direction metrics present. Objectives that need a reference get a frozen copy.
+gradient; per-direction metrics present; the default loss matches an independent hand computation
+(``REFERENCE_VALUES`` in helpers.py); ``requires`` is honest about ``other_response``. Objectives that need
+a reference (asked of the *instance*: a multitask objective derives it from its routes) get a frozen copy.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from revmix.objectives.base import build_objective, objective_class, objective_names, policy_logits
-from tests.objectives.helpers import make_batch, tiny_lm
+from tests.objectives.helpers import REFERENCE_VALUES, make_batch, tiny_lm
 
 
 class FrozenCopy:
@@ -26,14 +28,16 @@ class FrozenCopy:
         return policy_logits(self.model, input_ids, attention_mask)
 
 
-def _setup(name: str):
-    cls = objective_class(name)
+def _setup(name: str, with_other: bool = True):
+    objective = build_objective({"name": name})
+    # The registry's class attributes exist for every objective; the instance has the final say.
+    assert isinstance(objective_class(name).needs_reference, bool)
     model = tiny_lm()
     # Freeze the embeddings: gradient must not reach a frozen parameter.
     model.get_input_embeddings().weight.requires_grad_(False)
-    ref = FrozenCopy(tiny_lm(seed=1)) if cls.needs_reference else None
-    batch = make_batch(with_other=True)
-    return build_objective({"name": name}), model, batch, ref
+    ref = FrozenCopy(tiny_lm(seed=1)) if objective.needs_reference else None
+    batch = make_batch(with_other=with_other)
+    return objective, model, batch, ref
 
 
 def _run(objective, model, batch, ref):
@@ -91,3 +95,27 @@ def test_masked_tokens_get_zero_gradient(name):
         pad_only -= set(batch.other_input_ids[batch.other_attention_mask == 1].tolist())
     for tok in pad_only:
         assert torch.all(emb.grad[tok] == 0)
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_matches_hand_computed_value(name):
+    """The default loss equals an independent per-row, unpadded, float64 recomputation (helpers.py)."""
+    if name not in REFERENCE_VALUES:
+        pytest.skip(
+            f"no hand-computed value for {name!r}: add one to REFERENCE_VALUES in tests/objectives/helpers.py"
+        )
+    objective, model, batch, ref = _setup(name)
+    got = float(objective(model, batch, ref).loss.detach())
+    expected = REFERENCE_VALUES[name](model, batch, ref.model if ref is not None else None)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_requires_declares_other_response(name):
+    """An objective reads y− only if ``requires`` says so, and says so loudly when it is missing."""
+    objective, model, batch, ref = _setup(name, with_other=False)
+    if "other_response" in objective.requires:
+        with pytest.raises(ValueError, match="other_"):
+            objective(model, batch, ref)
+    else:
+        assert torch.isfinite(objective(model, batch, ref).loss)

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,12 @@ def _build_policy(cfg: ExperimentConfig, init_path: str, device: torch.device, l
 
 
 def _make_reference(kind: str, policy: torch.nn.Module, lora: bool):
+    """The stage's reference policy: the stage-start model, as the adapter-disabled view or a copy."""
     from revmix.objectives.reference import AdapterDisabledReference, FrozenCopyReference
 
     if kind == "auto":
+        kind = "adapter" if lora else "copy"
+    if kind == "cache":  # the cache is filled from the cheapest live reference, then used instead
         kind = "adapter" if lora else "copy"
     if kind == "adapter":
         if not lora:
@@ -107,6 +111,25 @@ def _make_reference(kind: str, policy: torch.nn.Module, lora: bool):
             )
         return AdapterDisabledReference(policy)
     return FrozenCopyReference(policy)
+
+
+def _reference_cache(ref, rows: dict[str, list[dict]], tokenizer, init_path: str, device: torch.device):
+    """Reference log-probs of every training row, computed once per (model, tokenizer, data) and cached."""
+    from revmix.objectives.reference import ReferenceLogpCache, cache_key
+    from revmix.platform.data.prepare import cache_root
+
+    weights = sorted(Path(init_path).glob("*.safetensors"))
+    model_id = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights) or init_path
+    all_rows = [r for d in DIRECTIONS for r in rows[d]]
+    key = cache_key(
+        model_id, str(init_path) + str(len(tokenizer)), [(r["item_id"], r["direction"]) for r in all_rows]
+    )
+    cache = ReferenceLogpCache(cache_root() / "ref_logps", key)
+    if not cache.load():
+        for i in range(0, len(all_rows), 32):
+            cache.fill(ref, collate(all_rows[i : i + 32], tokenizer.pad_token_id).to(device))
+        cache.save()
+    return cache
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
@@ -153,6 +176,69 @@ def _allreduce_mean(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
+@dataclass
+class StepContext:
+    """Everything one optimisation step needs; the PPO step (``platform/rollout.py``) takes the same."""
+
+    policy: torch.nn.Module  # the (PEFT) model itself
+    train_model: torch.nn.Module  # what forward passes go through (DDP-wrapped with several workers)
+    ref: Any
+    objective: Any
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    tokenizer: Any
+    device: torch.device
+    stage: StageConfig
+    world: int
+    autocast: bool
+    micro: int
+    with_other: bool
+    seed: int
+    ref_cache: Any = None  # ReferenceLogpCache when stages.*.reference is "cache"
+
+
+def supervised_step(ctx: StepContext, batch_rows: list[dict], step: int) -> tuple[dict[str, float], int]:
+    """Gradient accumulation over micro-batches, clipping and one AdamW step; returns (metrics, tokens)."""
+    stage = ctx.stage
+    ctx.train_model.train()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    n_tokens = 0
+    grads_applied = False
+    pad_id = ctx.tokenizer.pad_token_id
+    for k in range(stage.grad_accum):
+        rows = batch_rows[k * ctx.micro : (k + 1) * ctx.micro]
+        mb = collate(rows, pad_id, with_other=ctx.with_other).to(ctx.device)
+        if ctx.ref_cache is not None and not ctx.ref_cache.attach(mb):
+            raise RuntimeError("reference cache miss: a training row has no cached reference log-probs")
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
+            out = ctx.objective(ctx.train_model, mb, ctx.ref)
+        if not out.grads_applied:
+            (out.loss / stage.grad_accum).backward()
+        grads_applied = grads_applied or out.grads_applied
+        n_tokens += int(mb.attention_mask.sum())
+        if ctx.with_other and mb.other_attention_mask is not None:
+            n_tokens += int(mb.other_attention_mask.sum())
+        for key, v in out.metrics.items():
+            sums[key] = sums.get(key, 0.0) + v
+            counts[key] = counts.get(key, 0) + 1
+    if grads_applied:  # the objective wrote .grad itself (PCGrad): average micro-batches and workers
+        if stage.grad_accum > 1:
+            for p in ctx.trainable:
+                if p.grad is not None:
+                    p.grad /= stage.grad_accum
+        if ctx.world > 1:
+            _allreduce_grads(ctx.trainable)
+    grad_norm = 0.0
+    if stage.max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.trainable, stage.max_grad_norm))
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    metrics = {k: sums[k] / counts[k] for k in sums}
+    metrics["grad_norm"] = grad_norm
+    return metrics, n_tokens
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """One stage on one worker. ``config`` is plain data (see :func:`_loop_config`)."""
     import ray.train
@@ -197,6 +283,10 @@ def train_loop_per_worker(config: dict) -> dict:
     stream_seed = cfg.seed * 104729 + rank
     streams = {d: DirectionStream(rows[d], stream_seed, d) if rows[d] else None for d in DIRECTIONS}
 
+    ref_cache = None
+    if ref is not None and stage.reference == "cache":
+        ref_cache = _reference_cache(ref, rows, tokenizer, config["init_path"], device)
+
     # Resume: a FailureConfig restart hands us Ray's checkpoint; `revmix train --resume` names ours.
     start_step = 0
     ckpt = ray.train.get_checkpoint()
@@ -219,10 +309,26 @@ def train_loop_per_worker(config: dict) -> dict:
     precision = cfg.runtime.precision
     autocast = (precision == "bf16") or (precision == "auto" and device.type == "cuda")
     micro = per_worker_batch // stage.grad_accum
-    pad_id = tokenizer.pad_token_id
     with_other = "other_response" in objective.requires
     stop_after = config.get("stop_after_steps")  # testing hook: simulate a crash after N steps
 
+    sctx = StepContext(
+        policy=policy,
+        train_model=train_model,
+        ref=ref,
+        objective=objective,
+        optimizer=optimizer,
+        trainable=trainable,
+        tokenizer=tokenizer,
+        device=device,
+        stage=stage,
+        world=world,
+        autocast=autocast,
+        micro=micro,
+        with_other=with_other,
+        seed=cfg.seed * 31 + rank,
+        ref_cache=ref_cache,
+    )
     last: dict[str, float] = {}
     t_stage = time.perf_counter()
     tokens_total = 0
@@ -230,41 +336,16 @@ def train_loop_per_worker(config: dict) -> dict:
         t0 = time.perf_counter()
         dirs = mixer.directions(step)
         batch_rows = [next(streams[DIRECTIONS[d]]) for d in dirs]
-        train_model.train()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        n_tokens = 0
-        for k in range(stage.grad_accum):
-            mb = collate(batch_rows[k * micro : (k + 1) * micro], pad_id, with_other=with_other).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = objective(train_model, mb, ref)
-            if not out.grads_applied:
-                (out.loss / stage.grad_accum).backward()
-            n_tokens += int(mb.attention_mask.sum()) + (
-                int(mb.other_attention_mask.sum())
-                if mb.other_attention_mask is not None and with_other
-                else 0
-            )
-            for key, v in out.metrics.items():
-                sums[key] = sums.get(key, 0.0) + v
-                counts[key] = counts.get(key, 0) + 1
-        if world > 1 and getattr(out, "grads_applied", False):
-            _allreduce_grads(trainable)
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm))
-            if stage.max_grad_norm
-            else 0.0
-        )
-        optimizer.step()
+        step_fn = supervised_step
+        if objective.needs_rollouts:
+            from revmix.platform.rollout import ppo_step as step_fn
+        m, n_tokens = step_fn(sctx, batch_rows, step)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tokens_total += n_tokens
-        m = {f"{k}": sums[k] / counts[k] for k in sums}
         n_rev = sum(dirs)
         m.update(
             {
-                "grad_norm": grad_norm,
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
                 "mix/reverse_fraction": n_rev / len(dirs),
@@ -275,7 +356,7 @@ def train_loop_per_worker(config: dict) -> dict:
         if stage.grad_cosine_every and (step + 1) % stage.grad_cosine_every == 0:
             from revmix.objectives.surgery import direction_gradient_cosine
 
-            full = collate(batch_rows, pad_id, with_other=with_other).to(device)
+            full = collate(batch_rows, tokenizer.pad_token_id, with_other=with_other).to(device)
             cos = direction_gradient_cosine(policy, objective, full, ref)
             if cos is not None:
                 m["grad_cosine/forward_reverse"] = cos

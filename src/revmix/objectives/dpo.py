@@ -1,0 +1,156 @@
+r"""Direct Preference Optimisation (Rafailov et al. 2023, arXiv 2305.18290) and IPO (Azar et al. 2023,
+arXiv 2310.12036).
+
+For a prompt x with preferred y_w (chosen) and dispreferred y_l (rejected), the implicit rewards are
+r_w = β (log π_θ(y_w|x) − log π_ref(y_w|x)) and r_l likewise, and with the log-ratio margin
+
+.. math::  h = \big(\log\pi_\theta(y_w|x) - \log\pi_\theta(y_l|x)\big)
+              - \big(\log\pi_{ref}(y_w|x) - \log\pi_{ref}(y_l|x)\big)
+
+* ``sigmoid`` (DPO, Eq. 7; conservative label smoothing ε as in cDPO / TRL ≤ 0.x):
+  :math:`\ell = -(1-ε)\log\sigma(βh) - ε\log\sigma(-βh)`;
+* ``ipo`` (IPO, Eq. 17, β plays the role of τ): :math:`\ell = (h - \tfrac{1}{2β})^2`.
+
+In the paper's setting ("When Inverse Data Outperforms", arXiv 2509.13079, §4) a row's y+ (its own
+direction's solution) is chosen and y− (the twin's solution) is rejected: prompt x_f prefers y_f over
+y_r, and prompt x_r prefers y_r over y_f.
+
+Length normalisation: with ``average_log_prob=True`` every log π is the *mean* response-token log-prob
+(TRL's ``sigmoid_norm``). ``ipo`` is always length-normalised, as in TRL and as confirmed by the IPO
+authors (the squared loss otherwise scales with completion length, so τ would mean something different
+for every length); ``average_log_prob`` is then redundant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from revmix.objectives.base import (
+    Batch,
+    LossOutput,
+    Reference,
+    per_direction,
+    policy_logits,
+    register_objective,
+    token_logps,
+)
+from revmix.objectives.reference import concatenated_inputs, reference_logps, response_token_counts
+
+LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
+
+
+def check_hyperparams(beta: float, loss_type: str, label_smoothing: float) -> None:
+    """Loud errors for values the maths does not allow (named as the config keys)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"dpo loss_type {loss_type!r} is not supported; valid: {', '.join(LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"dpo beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("dpo label_smoothing applies to loss_type='sigmoid' only; set it to 0 for 'ipo'")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example losses and the (detached) implicit rewards β·(log π_θ − log π_ref), all ``[B]``.
+
+    Pure function of sequence log-probs (summed or averaged — the caller decides); see the module
+    docstring for the maths.
+    """
+    check_hyperparams(beta, loss_type, label_smoothing)
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    logits = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = (
+            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * logits) * label_smoothing
+        )
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+@register_objective("dpo")
+@dataclass(frozen=True)
+class DPO:
+    """DPO/IPO with y+ chosen and y− rejected; reference log-probs from the batch cache or ``ref``.
+
+    ``beta`` — strength of the implicit KL to π_ref (IPO's τ); ``loss_type`` — ``sigmoid`` | ``ipo``;
+    ``label_smoothing`` — cDPO's ε (sigmoid only); ``average_log_prob`` — mean instead of summed
+    response log-probs.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    average_log_prob: bool = False
+
+    requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
+    needs_reference: ClassVar[bool] = True
+    needs_rollouts: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        # Validate once at build time (errors then name the config path via build_objective).
+        check_hyperparams(self.beta, self.loss_type, self.label_smoothing)
+
+    @property
+    def length_normalised(self) -> bool:
+        return self.average_log_prob or self.loss_type == "ipo"
+
+    def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
+        ids, mask, labels = concatenated_inputs(batch)
+        logp, tok_mask = token_logps(policy_logits(policy, ids, mask), labels)
+        logps = logp.sum(-1)
+        n_tok = tok_mask.sum(-1).clamp(min=1)
+        chosen, rejected = logps[: batch.size], logps[batch.size :]
+
+        ref_chosen, ref_rejected = self._reference_logps(batch, ref)
+        if self.length_normalised:
+            chosen, rejected = chosen / n_tok[: batch.size], rejected / n_tok[batch.size :]
+            n_c, n_r = response_token_counts(batch)
+            ref_chosen, ref_rejected = ref_chosen / n_c.clamp(min=1), ref_rejected / n_r.clamp(min=1)
+
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+        )
+        loss = losses.mean()
+        d = batch.direction
+        metrics: dict[str, float] = {}
+        metrics |= per_direction(chosen_rewards, d, "rewards/chosen")
+        metrics |= per_direction(rejected_rewards, d, "rewards/rejected")
+        metrics |= per_direction(chosen_rewards - rejected_rewards, d, "rewards/margin")
+        metrics |= per_direction((chosen_rewards > rejected_rewards).float(), d, "rewards/accuracy")
+        metrics |= per_direction(chosen, d, "logps/chosen")
+        metrics |= per_direction(rejected, d, "logps/rejected")
+        metrics |= per_direction(losses, d, "loss")
+        return LossOutput(loss=loss, metrics=metrics)
+
+    def _reference_logps(self, batch: Batch, ref: Reference | None) -> tuple[Tensor, Tensor]:
+        """Summed reference log-probs: the batch's cached values when present, else one ``ref`` pass."""
+        cached = (batch.ref_chosen_logps, batch.ref_rejected_logps)
+        if (cached[0] is None) != (cached[1] is None):
+            raise ValueError(
+                "batch.ref_chosen_logps and batch.ref_rejected_logps must be both set or both None"
+            )
+        if cached[0] is not None:
+            return cached[0].to(batch.input_ids.device).float(), cached[1].to(batch.input_ids.device).float()
+        if ref is None:
+            raise ValueError(
+                "dpo needs reference log-probs: pass a Reference (AdapterDisabledReference, "
+                "FrozenCopyReference) or attach cached ones (ReferenceLogpCache.attach)"
+            )
+        return reference_logps(ref, batch)

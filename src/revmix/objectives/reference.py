@@ -1,0 +1,308 @@
+"""Reference policies and the on-disk cache of their log-probs (DESIGN §4, §5).
+
+DPO (and PPO's KL term) compare the policy with a frozen reference π_ref. Three interchangeable ways to
+get π_ref's log-probs, all giving the same numbers:
+
+* :class:`AdapterDisabledReference` — the policy itself with its LoRA adapter switched off. After a stage
+  merges its adapter, the next stage trains a fresh one, so "adapter off" *is* the previous stage's
+  policy, at zero extra memory (this is what TRL does for a PEFT model with ``ref_model=None``).
+* :class:`FrozenCopyReference` — a deep copy with ``requires_grad=False`` (full fine-tuning).
+* :class:`ReferenceLogpCache` — π_ref's summed response log-probs computed once per stage and stored per
+  example, keyed by (checkpoint identity, tokenizer, data rows). A cached batch carries
+  ``ref_chosen_logps`` / ``ref_rejected_logps`` and DPO then runs no reference forward at all (TRL's
+  ``precompute_ref_log_probs``).
+
+"Chosen" is y+ (``input_ids``/``labels``), "rejected" is y− (``other_*``), both scored in one
+concatenated forward pass (:func:`concatenated_inputs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from revmix.objectives.base import (
+    DIRECTION_NAMES,
+    IGNORE_INDEX,
+    Batch,
+    Reference,
+    policy_logits,
+    token_logps,
+)
+
+CACHE_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Pair packing
+# --------------------------------------------------------------------------------------------------
+
+
+def _pad_to(x: Tensor, width: int, value: int) -> Tensor:
+    if x.shape[1] == width:
+        return x
+    pad = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)
+
+
+def concatenated_inputs(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, labels)`` of shape ``[2B, T]``: rows ``:B`` are y+, rows ``B:`` are y−.
+
+    Both halves are right-padded to the same width (pad id 0, mask 0, label -100) so that chosen and
+    rejected go through the model in a single forward pass — one kernel launch per layer instead of two,
+    and identical numerics for both halves.
+    """
+    if batch.other_input_ids is None or batch.other_attention_mask is None or batch.other_labels is None:
+        raise ValueError(
+            "batch.other_input_ids/other_attention_mask/other_labels are None: this objective scores y− "
+            "(other_response); collate with requires={'response', 'other_response'}"
+        )
+    width = max(batch.input_ids.shape[1], batch.other_input_ids.shape[1])
+    ids = torch.cat([_pad_to(batch.input_ids, width, 0), _pad_to(batch.other_input_ids, width, 0)])
+    mask = torch.cat([_pad_to(batch.attention_mask, width, 0), _pad_to(batch.other_attention_mask, width, 0)])
+    labels = torch.cat(
+        [_pad_to(batch.labels, width, IGNORE_INDEX), _pad_to(batch.other_labels, width, IGNORE_INDEX)]
+    )
+    return ids, mask, labels
+
+
+def response_token_counts(batch: Batch) -> tuple[Tensor, Tensor]:
+    """Number of scored response tokens of y+ and y− per row (``[B]`` each, after the causal shift)."""
+    _, _, labels = concatenated_inputs(batch)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    return counts[: batch.size], counts[batch.size :]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference policies
+# --------------------------------------------------------------------------------------------------
+
+
+class AdapterDisabledReference:
+    """The policy with its PEFT adapter(s) disabled: the base model, with no extra memory.
+
+    Runs under ``torch.no_grad()`` and in eval mode (no dropout: the reference must be deterministic);
+    every submodule's previous train/eval mode is restored afterwards.
+    """
+
+    def __init__(self, peft_model: torch.nn.Module) -> None:
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError(
+                f"AdapterDisabledReference needs a peft.PeftModel (with .disable_adapter()), got "
+                f"{type(peft_model).__name__}; use FrozenCopyReference for a full fine-tune"
+            )
+        self.model = peft_model
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return policy_logits(self.model, input_ids, attention_mask)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+
+class FrozenCopyReference:
+    """A deep copy of ``model`` in eval mode with every parameter frozen."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        import copy
+
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return policy_logits(self.model, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def reference_logps(ref: Reference, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Summed response-token log-probs of y+ (chosen) and y− (rejected) under ``ref``, ``[B]`` each.
+
+    One concatenated forward pass (:func:`concatenated_inputs`), no gradient.
+    """
+    ids, mask, labels = concatenated_inputs(batch)
+    logp, _ = token_logps(ref.logits(ids, mask), labels)
+    total = logp.sum(-1)
+    return total[: batch.size], total[batch.size :]
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity hashes
+# --------------------------------------------------------------------------------------------------
+
+
+def hash_state_dict(state_dict: Mapping[str, Tensor]) -> str:
+    """SHA-256 of a state dict: names, dtypes, shapes and raw bytes, independent of key order.
+
+    Use it as the "checkpoint identity" of a :class:`ReferenceLogpCache` key: any changed weight gives a
+    different hash, so a stale cache can never be read for a new reference.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(model_identity: str, tokenizer_identity: str, rows: Iterable[tuple[str, int | str]]) -> str:
+    """A cache key from the reference checkpoint, the tokenizer and the data rows' (item_id, direction).
+
+    ``model_identity`` is e.g. :func:`hash_state_dict` of the reference weights (or a hash of the weight
+    files); ``tokenizer_identity`` e.g. a hash of ``tokenizer.json`` plus the chat template.
+    """
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_FORMAT_VERSION}\0{model_identity}\0{tokenizer_identity}\0".encode())
+    for item_id, direction in sorted((str(i), _direction_name(d)) for i, d in rows):
+        h.update(f"{item_id}\0{direction}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _direction_name(direction: int | str) -> str:
+    if isinstance(direction, str):
+        if direction not in DIRECTION_NAMES:
+            raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTION_NAMES)}")
+        return direction
+    code = int(direction)
+    if code not in (0, 1):
+        raise ValueError(f"unknown direction code {code}; valid: 0 (forward), 1 (reverse)")
+    return DIRECTION_NAMES[code]
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------------------
+
+
+class ReferenceLogpCache:
+    """Per-example reference log-probs on disk: ``{direction: {item_id: [chosen, rejected, n_c, n_r]}}``.
+
+    ``chosen``/``rejected`` are summed response-token log-probs of y+/y− (as :func:`reference_logps`);
+    ``n_c``/``n_r`` their token counts (for length-normalised DPO and sanity checks). The file is
+    ``<cache_dir>/ref_logps-<key>.json``; JSON keeps it inspectable, and float32 values round-trip exactly
+    through Python floats. :meth:`save` is atomic (temp file + ``os.replace``), so a killed job never
+    leaves a half-written cache that a resumed job would trust.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str], key: str) -> None:
+        if not key or any(c in key for c in "/\\\0"):
+            raise ValueError(f"ReferenceLogpCache key must be a non-empty file-name-safe string, got {key!r}")
+        self.cache_dir = Path(cache_dir)
+        self.key = key
+        self.path = self.cache_dir / f"ref_logps-{key}.json"
+        self._entries: dict[str, dict[str, list[float]]] = {name: {} for name in DIRECTION_NAMES}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._entries.values())
+
+    def get(
+        self, item_ids: Sequence[str], directions: Tensor | Sequence[int | str]
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(chosen [B], rejected [B])`` float32 tensors, or ``None`` if any row is missing."""
+        dirs = directions.tolist() if isinstance(directions, Tensor) else list(directions)
+        out: list[list[float]] = []
+        for item_id, d in zip(item_ids, dirs, strict=True):
+            entry = self._entries[_direction_name(d)].get(str(item_id))
+            if entry is None:
+                return None
+            out.append(entry)
+        if not out:
+            return None
+        values = torch.tensor([e[:2] for e in out], dtype=torch.float32)
+        return values[:, 0], values[:, 1]
+
+    def put(
+        self,
+        item_ids: Sequence[str],
+        directions: Tensor | Sequence[int | str],
+        chosen: Tensor,
+        rejected: Tensor,
+        chosen_tokens: Tensor | None = None,
+        rejected_tokens: Tensor | None = None,
+    ) -> None:
+        """Store one batch's reference log-probs (token counts optional, stored as -1 when absent)."""
+        dirs = directions.tolist() if isinstance(directions, Tensor) else list(directions)
+        n = len(item_ids)
+        if not (len(dirs) == chosen.numel() == rejected.numel() == n):
+            raise ValueError(
+                f"ReferenceLogpCache.put: lengths differ (item_ids {n}, directions {len(dirs)}, "
+                f"chosen {chosen.numel()}, rejected {rejected.numel()})"
+            )
+        c = chosen.detach().float().cpu().tolist()
+        r = rejected.detach().float().cpu().tolist()
+        nc = chosen_tokens.tolist() if chosen_tokens is not None else [-1] * n
+        nr = rejected_tokens.tolist() if rejected_tokens is not None else [-1] * n
+        for i in range(n):
+            self._entries[_direction_name(dirs[i])][str(item_ids[i])] = [c[i], r[i], int(nc[i]), int(nr[i])]
+
+    def attach(self, batch: Batch) -> bool:
+        """Set ``batch.ref_chosen_logps/ref_rejected_logps`` from the cache; ``False`` on any miss."""
+        if batch.item_id is None:
+            raise ValueError(
+                "ReferenceLogpCache.attach: batch.item_id is None; collate item_id to use the cache"
+            )
+        hit = self.get(batch.item_id, batch.direction)
+        if hit is None:
+            return False
+        device = batch.input_ids.device
+        batch.ref_chosen_logps, batch.ref_rejected_logps = hit[0].to(device), hit[1].to(device)
+        return True
+
+    def fill(self, ref: Reference, batch: Batch) -> None:
+        """Compute ``ref``'s log-probs for ``batch`` and store them (the once-per-stage precompute)."""
+        if batch.item_id is None:
+            raise ValueError(
+                "ReferenceLogpCache.fill: batch.item_id is None; collate item_id to use the cache"
+            )
+        chosen, rejected = reference_logps(ref, batch)
+        n_c, n_r = response_token_counts(batch)
+        self.put(batch.item_id, batch.direction, chosen, rejected, n_c, n_r)
+
+    def save(self) -> Path:
+        """Write atomically: a temp file in the same directory, then ``os.replace``."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"version": CACHE_FORMAT_VERSION, "key": self.key, "entries": self._entries}
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.cache_dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.path
+
+    def load(self) -> bool:
+        """Read the cache file if it exists (``False`` if not); a wrong key or version is an error."""
+        if not self.path.exists():
+            return False
+        with open(self.path) as f:
+            payload = json.load(f)
+        if payload.get("version") != CACHE_FORMAT_VERSION or payload.get("key") != self.key:
+            raise ValueError(
+                f"{self.path}: cache file has version {payload.get('version')!r} / key {payload.get('key')!r}, "
+                f"expected version {CACHE_FORMAT_VERSION} / key {self.key!r}; delete the file to rebuild it"
+            )
+        entries = payload["entries"]
+        unknown = sorted(set(entries) - set(DIRECTION_NAMES))
+        if unknown:
+            raise ValueError(
+                f"{self.path}: unknown direction(s) {unknown}; valid: {', '.join(DIRECTION_NAMES)}"
+            )
+        self._entries = {name: dict(entries.get(name, {})) for name in DIRECTION_NAMES}
+        return True

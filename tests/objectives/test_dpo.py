@@ -1,0 +1,259 @@
+"""DPO / IPO: hand-computed values, equality with TRL 1.16's DPOTrainer, caching and one-pass forward."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from revmix.objectives.base import IGNORE_INDEX, build_objective
+from revmix.objectives.dpo import dpo_loss
+from revmix.objectives.reference import FrozenCopyReference, concatenated_inputs, reference_logps
+from tests.objectives.helpers import make_batch, tiny_lm
+
+# --------------------------------------------------------------------------------------------------
+# The pure loss, by hand
+# --------------------------------------------------------------------------------------------------
+
+# Rows: (policy chosen, policy rejected, ref chosen, ref rejected) -> h = (pc - pr) - (rc - rr)
+PC = torch.tensor([-1.0, -4.0, -2.0])
+PR = torch.tensor([-3.0, -2.0, -2.0])
+RC = torch.tensor([-2.0, -3.0, -1.0])
+RR = torch.tensor([-2.0, -3.0, -1.0])
+H = [2.0, -2.0, 0.0]
+
+
+def test_sigmoid_hand_computed():
+    losses, chosen_r, rejected_r = dpo_loss(PC, PR, RC, RR, beta=0.5)
+    # -log σ(βh) = log(1 + e^{-βh}): βh = 1, -1, 0
+    expected = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(1.0)), math.log(2.0)]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert losses.tolist() == pytest.approx([0.3132617, 1.3132617, 0.6931472], abs=1e-6)
+    assert chosen_r.tolist() == pytest.approx([0.5, -0.5, -0.5])  # 0.5 * (pc - rc)
+    assert rejected_r.tolist() == pytest.approx([-0.5, 0.5, -0.5])  # 0.5 * (pr - rr)
+
+
+def test_sigmoid_conservative_label_smoothing_hand_computed():
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.1)
+    # (1-ε)·log(1+e^{-βh}) + ε·log(1+e^{βh}); at βh = 1: 0.9·0.3132617 + 0.1·1.3132617 = 0.4132617
+    assert losses[0].item() == pytest.approx(0.4132617, abs=1e-6)
+    assert losses[1].item() == pytest.approx(0.9 * 1.3132617 + 0.1 * 0.3132617, abs=1e-6)
+    assert losses[2].item() == pytest.approx(math.log(2.0), abs=1e-6)  # symmetric at h = 0
+
+
+def test_ipo_hand_computed():
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="ipo")
+    # (h - 1/(2β))² with 1/(2β) = 1: (2-1)², (-2-1)², (0-1)²
+    assert losses.tolist() == pytest.approx([1.0, 9.0, 1.0])
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.25, loss_type="ipo")
+    assert losses.tolist() == pytest.approx([0.0, 16.0, 4.0])
+
+
+def test_bad_hyperparameters_are_loud():
+    with pytest.raises(ValueError, match="valid: sigmoid, ipo"):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hinge")
+    with pytest.raises(ValueError, match="sigmoid' only"):
+        build_objective({"name": "dpo", "loss_type": "ipo", "label_smoothing": 0.1})
+    with pytest.raises(ValueError, match="objective: dpo beta must be > 0"):
+        build_objective({"name": "dpo", "beta": 0.0})
+    with pytest.raises(ValueError, match="unknown key"):
+        build_objective({"name": "dpo", "betta": 0.1})
+
+
+# --------------------------------------------------------------------------------------------------
+# Equality with TRL 1.16
+# --------------------------------------------------------------------------------------------------
+
+
+def _trl_loss(
+    policy, ref_model, batch, loss_type: str, beta: float, label_smoothing: float = 0.0, cached=None
+):
+    """TRL 1.16's own DPO loss on our batch, through ``DPOTrainer._compute_loss`` unbound.
+
+    Source: trl/trainer/dpo_trainer.py (trl 1.16.0) — ``_compute_loss`` (lines 1285-1612): one forward of the
+    concatenated ``[chosen; rejected]`` batch through the fused LM head (``add_fused_lm_head``, trainer
+    ``__init__`` lines 957-962), token log-probs summed over ``completion_mask`` (1299-1306), reference
+    log-probs from ``inputs["ref_chosen_logps"]`` when ``precompute_ref_logps`` (1319-1320) or from
+    ``self.ref_model`` under ``no_grad`` (1321-1346); ``sigmoid`` = ``-logsigmoid(β·Δ)`` (1387-1388),
+    ``ipo`` = ``(Δ/len - 1/(2β))²`` with per-token normalisation (1393-1403), ``sigmoid_norm`` the
+    normalised sigmoid (1504-1509), ``aot`` the sorted cDPO form with label smoothing (1447-1456);
+    rewards/margins/accuracies metrics at 1580-1601. The attributes below are exactly those it reads;
+    TRL's fused head scores tokens with its own chunked kernel, so the log-probs are computed
+    independently of ours.
+    """
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    model, ref = copy.deepcopy(policy), copy.deepcopy(ref_model)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_fused_lm_head(ref)
+    ids, mask, labels = concatenated_inputs(batch)
+    inputs = {"input_ids": ids, "attention_mask": mask, "completion_mask": (labels != IGNORE_INDEX).long()}
+    if cached is not None:
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = cached
+    accelerator = SimpleNamespace(
+        device=torch.device("cpu"),
+        gather=lambda x: x,
+        gather_for_metrics=lambda x: x,
+        unwrap_model=lambda m: m,
+    )
+    trainer = SimpleNamespace(
+        model=model,
+        ref_model=ref,
+        accelerator=accelerator,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=cached is not None,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=0.05),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    metrics = {k: v[-1] for k, v in trainer._metrics["eval" if not model.training else "train"].items()}
+    return float(loss.detach()), metrics
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_lm(seed=0), tiny_lm(seed=1), make_batch(seed=3, batch_size=6)
+
+
+@pytest.mark.parametrize(
+    ("spec", "trl_type"),
+    [
+        ({"beta": 0.1}, "sigmoid"),
+        ({"beta": 0.5}, "sigmoid"),
+        ({"beta": 0.1, "average_log_prob": True}, "sigmoid_norm"),
+        ({"beta": 0.1, "loss_type": "ipo"}, "ipo"),
+        ({"beta": 0.5, "loss_type": "ipo"}, "ipo"),
+    ],
+)
+def test_equals_trl(setup, spec, trl_type):
+    policy, ref_model, batch = setup
+    out = build_objective({"name": "dpo", **spec})(policy, batch, FrozenCopyReference(ref_model))
+    out.loss = out.loss.detach()
+    trl_loss, trl_metrics = _trl_loss(policy, ref_model, batch, trl_type, spec["beta"])
+    assert float(out.loss.detach()) == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+    assert out.metrics["loss"] == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+    if not (spec.get("average_log_prob") or spec.get("loss_type") == "ipo"):
+        # Rewards are β·(summed) log-ratios in both; with normalisation TRL keeps summed ones in its logs.
+        for ours, theirs in [
+            ("rewards/chosen", "rewards/chosen"),
+            ("rewards/rejected", "rewards/rejected"),
+            ("rewards/margin", "rewards/margins"),
+            ("rewards/accuracy", "rewards/accuracies"),
+            ("logps/chosen", "logps/chosen"),
+            ("logps/rejected", "logps/rejected"),
+        ]:
+            assert out.metrics[ours] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=1e-6), ours
+
+
+def test_equals_trl_with_precomputed_reference(setup):
+    policy, ref_model, batch = setup
+    cached = reference_logps(FrozenCopyReference(ref_model), batch)
+    b = copy.copy(batch)
+    b.ref_chosen_logps, b.ref_rejected_logps = cached
+    out = build_objective({"name": "dpo", "beta": 0.2})(policy, b, None)
+    trl_loss, _ = _trl_loss(policy, ref_model, batch, "sigmoid", 0.2, cached=cached)
+    assert float(out.loss.detach()) == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+
+
+def test_label_smoothing_equals_trl_aot_per_row(setup):
+    """TRL 1.16 dropped ε from ``sigmoid``; its ``aot`` loss (lines 1447-1456) is cDPO on *sorted* log-ratio
+    differences, which for a batch of one row is exactly conservative DPO. Compare row by row."""
+    policy, ref_model, batch = setup
+    ref = FrozenCopyReference(ref_model)
+    objective = build_objective({"name": "dpo", "beta": 0.3, "label_smoothing": 0.2})
+    for i in range(batch.size):
+        row = batch.select(torch.tensor([i]))
+        trl_loss, _ = _trl_loss(policy, ref_model, row, "aot", 0.3, label_smoothing=0.2)
+        assert float(objective(policy, row, ref).loss.detach()) == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Objective behaviour
+# --------------------------------------------------------------------------------------------------
+
+
+class CountingReference:
+    def __init__(self, model):
+        self.inner, self.calls = FrozenCopyReference(model), 0
+
+    def logits(self, input_ids, attention_mask):
+        self.calls += 1
+        return self.inner.logits(input_ids, attention_mask)
+
+
+def test_one_concatenated_forward_each_for_policy_and_reference(setup):
+    policy, ref_model, batch = setup
+    shapes = []
+    handle = policy.register_forward_hook(
+        lambda m, args, kwargs, out: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        ref = CountingReference(ref_model)
+        out = build_objective({"name": "dpo"})(policy, batch, ref)
+    finally:
+        handle.remove()
+    width = max(batch.input_ids.shape[1], batch.other_input_ids.shape[1])
+    assert shapes == [torch.Size([2 * batch.size, width])]
+    assert ref.calls == 1
+    assert {
+        "rewards/margin/forward",
+        "rewards/margin/reverse",
+        "logps/chosen/reverse",
+        "loss/forward",
+    } <= set(out.metrics)
+
+
+def test_cached_reference_skips_the_reference_forward(setup):
+    policy, ref_model, batch = setup
+    b = copy.copy(batch)
+    b.ref_chosen_logps, b.ref_rejected_logps = reference_logps(FrozenCopyReference(ref_model), batch)
+    ref = CountingReference(ref_model)
+    cached = build_objective({"name": "dpo"})(policy, b, ref)
+    online = build_objective({"name": "dpo"})(policy, batch, FrozenCopyReference(ref_model))
+    assert ref.calls == 0
+    assert float(cached.loss.detach()) == pytest.approx(float(online.loss.detach()), abs=1e-7)
+
+
+def test_missing_reference_is_a_clear_error(setup):
+    policy, _, batch = setup
+    with pytest.raises(ValueError, match="dpo needs reference log-probs"):
+        build_objective({"name": "dpo"})(policy, batch, None)
+
+
+def test_reference_equal_to_policy_gives_log2_and_zero_rewards(setup):
+    policy, _, batch = setup
+    out = build_objective({"name": "dpo"})(policy, batch, FrozenCopyReference(policy))
+    assert float(out.loss.detach()) == pytest.approx(math.log(2.0), abs=1e-6)
+    assert out.metrics["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_raises_the_margin():
+    policy, batch = tiny_lm(seed=0), make_batch(seed=5)
+    ref = FrozenCopyReference(policy)
+    objective = build_objective({"name": "dpo", "beta": 0.5})
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    first = None
+    for _ in range(10):
+        out = objective(policy, batch, ref)
+        first = first if first is not None else out.metrics
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+    assert out.metrics["rewards/margin"] > 1.0
+    assert out.metrics["rewards/accuracy"] == 1.0
+    assert out.metrics["loss"] < 0.5 * math.log(2.0)
