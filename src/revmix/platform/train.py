@@ -396,7 +396,7 @@ def train_loop_per_worker(config: dict) -> dict:
         ray.train.report(record, checkpoint=checkpoint)
         if rank == 0 and config.get("on_report") is not None:  # in-process only (num_workers=0)
             config["on_report"](record)
-        last = record
+        last = {**last, **record}  # keeps the latest value of per-direction keys absent from this step
         if stop_after is not None and step + 1 - start_step >= stop_after:
             raise SystemExit(f"stop_after_steps={stop_after}: simulated interruption")
 
