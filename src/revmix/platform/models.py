@@ -323,6 +323,10 @@ def tiny_model_dir(scale: str, seed: int = 0, cache_dir: str | Path | None = Non
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         _build_into(tmp, scale, seed, key)
+        # mkdtemp makes 0700 dirs (and safetensors 0600 files): open them up for a cache shared by users.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         try:
             os.rename(tmp, final)  # atomic; fails if another builder got there first
         except OSError:
