@@ -1,0 +1,63 @@
+"""How many sweep trials run at once on a given cluster.
+
+A revmix trial is a small Tune driver plus the Ray Train workers it starts (the V2 pattern, see
+RAY_NOTES.md), so its footprint is ``driver_cpus + num_workers * cpus_per_worker`` CPUs and
+``num_workers * gpus_per_worker`` GPUs. The number of trials that fit is limited by whichever resource
+runs out first. This is the number to pass as ``TuneConfig(max_concurrent_trials=...)`` and the number the
+docs' "how many trials fit" table is computed from.
+
+Ray accounts fractional resources in units of 1e-4, so the arithmetic below rounds at that grain: 0.1 CPU
+times 10 is exactly one CPU here, as it is in Ray's scheduler (plain float division would give 9).
+"""
+
+from __future__ import annotations
+
+import math
+
+# Ray's resource granularity (src/ray/common/scheduling/fixed_point.h: 1 unit = 1e-4).
+_RAY_UNITS_PER_RESOURCE = 10_000
+
+
+def _units(value: float, name: str) -> int:
+    """``value`` in Ray's fixed-point units; negative or non-finite values are errors that name ``name``."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return round(value * _RAY_UNITS_PER_RESOURCE)
+
+
+def trial_footprint(
+    driver_cpus: float, num_workers: int, cpus_per_worker: float, gpus_per_worker: float = 0.0
+) -> tuple[float, float]:
+    """``(cpus, gpus)`` one trial holds: its Tune driver plus ``num_workers`` Train workers.
+
+    ``num_workers=0`` is the in-process fast path (the loop runs inside the driver), so only the driver
+    counts. Ray rejects a trial driver with 0 CPU (``tune.with_resources``), hence ``driver_cpus > 0``.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if _units(driver_cpus, "driver_cpus") == 0:
+        raise ValueError("driver_cpus must be > 0: Ray Tune rejects a trial with 0 CPU (use e.g. 0.1)")
+    cpus = _units(driver_cpus, "driver_cpus") + num_workers * _units(cpus_per_worker, "cpus_per_worker")
+    gpus = num_workers * _units(gpus_per_worker, "gpus_per_worker")
+    return cpus / _RAY_UNITS_PER_RESOURCE, gpus / _RAY_UNITS_PER_RESOURCE
+
+
+def plan_trials(cluster_cpus: float, cluster_gpus: float, trial_cpus: float, trial_gpus: float) -> int:
+    """How many trials of ``(trial_cpus, trial_gpus)`` run concurrently on ``(cluster_cpus, cluster_gpus)``.
+
+    ``min(floor(cluster_cpus / trial_cpus), floor(cluster_gpus / trial_gpus))`` over the resources the
+    trial asks for, at Ray's 1e-4 granularity. Returns 0 when not even one trial fits (e.g. a GPU trial on a
+    CPU-only cluster): the sweep would wait forever, so callers should fail loudly on 0. Aggregate totals
+    are an upper bound: a trial whose workers each need a whole node's GPUs only fits node by node, so plan
+    per node type (``plan_trials`` on one node's resources, times the node count) when bundles are large.
+    """
+    c_units, g_units = _units(cluster_cpus, "cluster_cpus"), _units(cluster_gpus, "cluster_gpus")
+    tc_units, tg_units = _units(trial_cpus, "trial_cpus"), _units(trial_gpus, "trial_gpus")
+    if tc_units == 0 and tg_units == 0:
+        raise ValueError("a trial must ask for some CPU or GPU; (0, 0) would fit infinitely many times")
+    limits = []
+    if tc_units:
+        limits.append(c_units // tc_units)
+    if tg_units:
+        limits.append(g_units // tg_units)
+    return min(limits)

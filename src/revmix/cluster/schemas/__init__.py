@@ -1,0 +1,1 @@
+"""JSON schemas for the cluster manifests revmix ships (see ``kuberay.py``)."""
