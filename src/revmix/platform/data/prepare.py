@@ -41,7 +41,8 @@ def load_canonical_rows(cfg: DataConfig) -> tuple[list[dict], int]:
         return generate_mix(list(cfg.families), cfg.n_items, seed=cfg.seed), 0
     from revmix.platform.data.loaders import load_rows
 
-    report = load_rows(cfg.source, skip_invalid=cfg.skip_invalid, n=cfg.n_items, seed=cfg.seed)
+    extra = {"n": cfg.n_items, "seed": cfg.seed} if cfg.source.startswith("synthetic:") else {}
+    report = load_rows(cfg.source, skip_invalid=cfg.skip_invalid, **extra)
     return list(report.rows), len(report.rejected)
 
 

@@ -1,0 +1,68 @@
+"""``revmix sweep FILE --out DIR [--resume] [--dry-run] [--max-concurrent N]``.
+
+The whole sweep file is validated before Ray starts (a typo in a swept path fails in milliseconds, naming
+the path and its close matches); ``--dry-run`` stops there and prints the trial list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="sweep YAML (configs/sweeps/*.yaml)")
+    p.add_argument("--out", help="sweep directory (refused if it exists, unless --resume)")
+    p.add_argument("--resume", action="store_true", help="continue the killed/interrupted sweep in --out")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trials; start nothing")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="N", help="cap on concurrent trials")
+    p.add_argument("--no-report", action="store_true", help="skip report.md/report.html at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    from revmix.sweeps.plan import describe_plan
+    from revmix.sweeps.spec import SweepError, load_sweep
+
+    try:
+        spec = load_sweep(args.file)
+    except SweepError as e:
+        print(f"revmix sweep: {e}", file=sys.stderr)
+        return 2
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        print("revmix sweep: --max-concurrent must be >= 1", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from revmix.sweeps.resources import plan_resources
+
+        cluster = {"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus())}
+        plan = plan_resources(spec, cluster, max_concurrent=args.max_concurrent)
+        print(describe_plan(spec, plan.note.replace("cluster", "this machine")))
+        return 0
+    if not args.out:
+        print("revmix sweep: --out DIR is required (or --dry-run)", file=sys.stderr)
+        return 2
+    from revmix.sweeps.runner import SweepExistsError, run_sweep
+
+    try:
+        outcome = run_sweep(
+            spec,
+            args.out,
+            resume=args.resume,
+            max_concurrent=args.max_concurrent,
+            write_report=not args.no_report,
+        )
+    except SweepExistsError as e:
+        print(f"revmix sweep: {e}", file=sys.stderr)
+        return 2
+    failed = int((outcome.table["status"] == "ERROR").sum()) if len(outcome.table) else 0
+    return 1 if len(outcome.table) and failed == len(outcome.table) else 0
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch missing or CUDA broken: plan for CPUs
+        return 0

@@ -1,0 +1,308 @@
+"""The results table of a sweep: one row per trial (DESIGN §8).
+
+A row holds the trial id and status, the value of every swept path plus the seed, a few descriptors
+derived from the trial's full config (model, objective chain, reverse fraction, schedule — so the report
+can group trials even when those were not swept), the final metrics flattened to flat names, wall time
+and the error of a failed trial. It lands as ``DIR/results.parquet`` (typed, for pandas) and
+``DIR/results.csv`` (for eyes and spreadsheets).
+
+Flat metric names (also what a trial reports to Tune at its end, so ``metric:`` can name any of them)::
+
+    eval/accuracy/<bench>               eval/accuracy/<bench>/<forward|reverse>
+    eval/alp/<forward|reverse>/<chosen|rejected|margin>
+    final/<key>                         last step's metrics of the last stage (final/loss, final/nll/forward…)
+    stage<i>/<key>, stage<i>/eval/...   the same for earlier stages of a multi-stage experiment
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from revmix.sweeps.plan import format_value
+from revmix.sweeps.spec import ALP_PARTS, SweepSpec
+
+# Step-record bookkeeping keys that are not metrics.
+_BOOKKEEPING = ("stage", "step", "epoch", "stage_name")
+STATUS_OK = "TERMINATED"
+STATUS_ERROR = "ERROR"
+STATUS_STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA)
+STATUS_INCOMPLETE = "INCOMPLETE"  # the sweep ended (or was killed) before this trial finished
+FINAL_MARKER = "final/done"
+DESCRIPTORS = ("model", "objective", "reverse_fraction", "schedule")
+
+
+def as_float(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def flatten_eval(ev: dict | None, prefix: str = "eval") -> dict[str, float]:
+    """``summary["eval"]`` → ``{eval/accuracy/<bench>[/<dir>], eval/n/<bench>, eval/alp/<dir>/<part>}``."""
+    out: dict[str, float] = {}
+    if not ev:
+        return out
+    for bench, b in (ev.get("benchmarks") or {}).items():
+        if not isinstance(b, dict):
+            continue
+        if as_float(b.get("accuracy")) is not None:
+            out[f"{prefix}/accuracy/{bench}"] = float(b["accuracy"])
+        if as_float(b.get("n")) is not None:
+            out[f"{prefix}/n/{bench}"] = float(b["n"])
+        for d, bd in (b.get("by_direction") or {}).items():
+            if isinstance(bd, dict) and as_float(bd.get("accuracy")) is not None:
+                out[f"{prefix}/accuracy/{bench}/{d}"] = float(bd["accuracy"])
+    for d, a in (ev.get("alp") or {}).items():
+        if not isinstance(a, dict):
+            continue
+        for part in ALP_PARTS:
+            if as_float(a.get(part)) is not None:
+                out[f"{prefix}/alp/{d}/{part}"] = float(a[part])
+    return out
+
+
+def flatten_metrics(record: dict, prefix: str) -> dict[str, float]:
+    """Numeric entries of one step record under ``prefix/`` (bookkeeping keys dropped)."""
+    return {
+        f"{prefix}/{k}": float(v)
+        for k, v in record.items()
+        if k not in _BOOKKEEPING and as_float(v) is not None and math.isfinite(float(v))
+    }
+
+
+def flatten_summary(summary: dict) -> dict[str, float]:
+    """A ``run_experiment`` summary → flat final metrics (see the module docstring for the names)."""
+    stages = summary.get("stages") or []
+    out: dict[str, float] = {}
+    last = stages[-1] if stages else {}
+    out.update(flatten_metrics(summary.get("final") or last.get("final") or {}, "final"))
+    out.update(flatten_eval(summary.get("eval", last.get("eval"))))
+    for i, st in enumerate(stages[:-1]):
+        out.update(flatten_metrics(st.get("final") or {}, f"stage{i}"))
+        out.update(flatten_eval(st.get("eval"), f"stage{i}/eval"))
+    for key in ("steps", "wall_s"):
+        if as_float(summary.get(key)) is not None:
+            out[f"train/{key}"] = float(summary[key])
+    if stages and all(as_float(s.get("tokens_per_s")) is not None for s in stages):
+        out["train/tokens_per_s"] = sum(float(s["tokens_per_s"]) for s in stages) / len(stages)
+    return out
+
+
+def metric_column(metric: str, columns: list[str]) -> str:
+    """The table column of a sweep metric: itself, or ``final/<metric>`` for a step metric like ``loss``."""
+    if metric in columns or metric.startswith(("eval/", "final/", "stage")):
+        return metric
+    return f"final/{metric}" if f"final/{metric}" in columns else metric
+
+
+def last_step_metrics(path: Path) -> dict[str, float] | None:
+    """``final/*`` metrics from the last record of a run's metrics.jsonl (a trial stopped early)."""
+    if not path.exists():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            last = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return flatten_metrics(last, "final") if last else None
+
+
+def describe_config(cfg: Any, spec: SweepSpec | None = None) -> dict[str, Any]:
+    """Grouping descriptors of one trial's ExperimentConfig, for the report's lines and axes.
+
+    ``reverse_fraction`` is the swept ``*.mix.reverse_fraction`` when one is swept, else stage 0's.
+    """
+    stages = cfg.stages
+    r = stages[0].mix.reverse_fraction
+    if spec is not None:
+        swept = [p for p in spec.space if p.endswith("mix.reverse_fraction")]
+        if swept:
+            idx = int(swept[0].split(".")[1]) if swept[0].startswith("stages.") else 0
+            r = stages[idx].mix.reverse_fraction
+    model = cfg.model.name_or_path
+    model = Path(model).name if model else f"tiny-{cfg.model.scale}"
+    schedules = [st.mix.schedule.kind for st in stages]
+    return {
+        "model": model,
+        "objective": "→".join(str(st.objective.get("name")) for st in stages),
+        "reverse_fraction": float(r),
+        "schedule": "→".join(schedules) if len(set(schedules)) > 1 else schedules[0],
+    }
+
+
+def make_row(
+    spec: SweepSpec,
+    trial_id: str,
+    point: dict[str, Any],
+    seed: int,
+    *,
+    final: dict[str, float] | None,
+    status: str,
+    error: str | None,
+    wall_s: float | None,
+    run_dir: str | None,
+) -> dict[str, Any]:
+    """One results row; non-scalar swept values (objective dicts, lists) are stored in short text form."""
+    row: dict[str, Any] = {"trial_id": trial_id, "status": status}
+    for p in spec.space:
+        v = point.get(p)
+        row[p] = v if v is None or isinstance(v, (bool, int, float, str)) else format_value(v)
+    row["seed"] = int(seed)
+    try:
+        row.update(describe_config(spec.trial_config(point, seed), spec))
+    except Exception:  # a point the config rejects still gets its row (the error column says why)
+        row.update({k: None for k in DESCRIPTORS})
+    metrics = {k: v for k, v in (final or {}).items() if k != FINAL_MARKER}
+    row.update(metrics)
+    row["wall_s"] = wall_s
+    row["error"] = error
+    row["run_dir"] = run_dir
+    return row
+
+
+def short_error(text: str | None, limit: int = 300) -> str | None:
+    """The last ``SomethingError: message`` line of a traceback (Tune wraps errors in several layers)."""
+    if not text:
+        return None
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    pick = next(
+        (
+            ln
+            for ln in reversed(lines)
+            if ":" in ln and ln.split(":", 1)[0].rstrip().endswith(("Error", "Exception"))
+        ),
+        lines[-1] if lines else str(text),
+    )
+    return pick if len(pick) <= limit else pick[: limit - 1] + "…"
+
+
+def column_order(columns: list[str], spec_paths: list[str]) -> list[str]:
+    head = ["trial_id", "status", *spec_paths, "seed", *DESCRIPTORS]
+    evals = sorted(c for c in columns if c.startswith("eval/"))
+    finals = sorted(c for c in columns if c.startswith("final/"))
+    stages = sorted(c for c in columns if c.startswith("stage") and "/" in c)
+    train = sorted(c for c in columns if c.startswith("train/"))
+    tail = ["wall_s", "error", "run_dir"]
+    known = set(head + evals + finals + stages + train + tail)
+    rest = sorted(c for c in columns if c not in known)
+    return [c for c in head + evals + finals + stages + train + rest + tail if c in columns]
+
+
+def build_table(rows: list[dict[str, Any]], spec_paths: list[str]):
+    """Rows → a pandas DataFrame with a stable column order (ids, config, descriptors, metrics, tail)."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["trial_id", "status", *spec_paths, "seed", "wall_s", "error"])
+    df = df[column_order(list(df.columns), spec_paths)]
+    return df.sort_values("trial_id", kind="stable").reset_index(drop=True)
+
+
+def write_table(df, out_dir: str | Path) -> tuple[Path, Path]:
+    """``results.parquet`` + ``results.csv`` in ``out_dir``; object columns with mixed types become text."""
+    out_dir = Path(out_dir)
+    df = df.copy()
+    for c in df.columns:
+        if df[c].dtype == object:
+            kinds = {type(v) for v in df[c] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+            if len(kinds) > 1:
+                df[c] = df[c].map(lambda v: None if v is None else str(v))
+    pq, csv = out_dir / "results.parquet", out_dir / "results.csv"
+    df.to_parquet(pq, index=False)
+    df.to_csv(csv, index=False)
+    return pq, csv
+
+
+def read_table(out_dir: str | Path):
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    if (out_dir / "results.parquet").exists():
+        return pd.read_parquet(out_dir / "results.parquet")
+    if (out_dir / "results.csv").exists():
+        return pd.read_csv(out_dir / "results.csv")
+    raise FileNotFoundError(f"{out_dir}: no results.parquet or results.csv (is this a sweep directory?)")
+
+
+def rows_from_trial_dirs(spec: SweepSpec, out_dir: str | Path) -> list[dict[str, Any]]:
+    """Rebuild rows from ``DIR/trials/<id>/`` alone (a killed sweep; ``revmix report`` without a table).
+
+    Status is inferred: a final result → TERMINATED; an error file → ERROR; otherwise INCOMPLETE.
+    """
+    out_dir = Path(out_dir)
+    rows = []
+    for tdir in sorted((out_dir / "trials").glob("*/trial.json")):
+        meta = json.loads(tdir.read_text())
+        d = tdir.parent
+        final = json.loads((d / "final.json").read_text()) if (d / "final.json").exists() else None
+        err = (d / "error.txt").read_text() if (d / "error.txt").exists() else None
+        status = STATUS_OK if final else (STATUS_ERROR if err else STATUS_INCOMPLETE)
+        rows.append(
+            make_row(
+                spec,
+                meta["trial_id"],
+                meta["point"],
+                meta["seed"],
+                final=final,
+                status=status,
+                error=short_error(err) if status == STATUS_ERROR else None,
+                wall_s=meta.get("elapsed_s"),
+                run_dir=str(d.relative_to(out_dir) / "run"),
+            )
+        )
+    return rows
+
+
+def summary_text(df, metric: str, mode: str, max_rows: int = 20, paths: list[str] | None = None) -> str:
+    """A compact terminal table, best first: id, status, swept values, seed, metric, key metrics, time."""
+    if df.empty:
+        return "(no trials)"
+    paths = [p for p in (paths or []) if p in df.columns]
+    extra = [c for c in df.columns if c.startswith("eval/accuracy/") and c.count("/") == 2][:2]
+    extra += [
+        c for c in ("eval/alp/forward/margin", "eval/alp/reverse/margin", "final/loss") if c in df.columns
+    ]
+    metric = metric_column(metric, list(df.columns))
+    cols = ["trial_id", "status", *paths, "seed"]
+    if metric in df.columns:
+        cols.append(metric)
+    cols += [c for c in extra if c != metric] + ["wall_s"]
+    view = df.copy()
+    if metric in view.columns:
+        view = view.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+    view = view[[c for c in cols if c in view.columns]].head(max_rows)
+
+    def short(c: str) -> str:
+        return c.replace("stages.", "s.").replace("eval/accuracy/", "acc/").replace("eval/alp/", "alp/")
+
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    header = [short(c) for c in view.columns]
+    body = [[fmt(v) for v in r] for r in view.itertuples(index=False)]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    if len(df) > max_rows:
+        lines.append(f"… {len(df) - max_rows} more trial(s) in results.csv")
+    errors = df[df["status"] == STATUS_ERROR] if "status" in df.columns else df.iloc[0:0]
+    for r in errors.itertuples(index=False):
+        lines.append(f"ERROR {r.trial_id}: {r.error}")
+    return "\n".join(lines)
+
+
+def best_rows(df, metric: str, mode: str):
+    """Trials sorted best first on ``metric`` (NaNs last)."""
+    metric = metric_column(metric, list(df.columns))
+    if metric not in df.columns:
+        return df
+    return df.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")

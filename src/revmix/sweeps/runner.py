@@ -1,0 +1,445 @@
+"""Run a sweep on Ray Tune with the Train V2 pattern (DESIGN §8; RAY_NOTES "Tune").
+
+Each Tune trial is a small driver, :func:`trial_fn`: it builds its ExperimentConfig (base + overrides +
+its point + its seed) and calls :func:`revmix.platform.train.run_experiment`, which fits one
+``TorchTrainer`` per stage. Step metrics reach Tune as they happen (in-process loop: ``on_report`` →
+``tune.report``; Ray workers: ``TuneReportCallback``), then the trial reports its flattened final
+metrics with a tiny checkpoint — Tune fills ``Result.metrics`` from checkpoints.
+
+Sweep directory layout (``--out DIR``)::
+
+    DIR/sweep.yaml, spec.json      the sweep file as given, and its validated form (``--resume`` checks it)
+    DIR/tune/                      Tune's experiment state; DIR/tune/<trial_id>/ its per-trial logs
+    DIR/trials/<trial_id>/         trial.json (point, seed, time), run/ (the experiment), final.json,
+                                   error.txt (every failed attempt's traceback)
+    DIR/results.parquet, .csv      one row per trial (see results.py)
+    DIR/report.md, report.html     see report.py
+    DIR/mlruns/                    MLflow file store, when tracking.mlflow is on
+
+On a multi-node cluster DIR must be shared storage (NFS…): trials write their run there.
+
+Resume: ``tune.Tuner.restore(DIR/tune, resume_unfinished=True, restart_errored=False)`` keeps finished
+trials; an unfinished trial's driver starts again and, finding ``run/config.yaml``, calls
+``run_experiment(resume=True)``, which continues from that run's last checkpoint. The same path handles
+Tune's retry of a failed trial (``FailureConfig(max_failures=1)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from revmix.sweeps import results as res
+from revmix.sweeps.resources import TrialResources, plan_resources
+from revmix.sweeps.spec import SweepSpec, _plain
+
+TUNE_DIR = "tune"
+TRIAL_INDEX = "__trial_index__"  # set by ray.tune.search.Repeater (optuna × seeds)
+
+
+class SweepExistsError(RuntimeError):
+    """``--out`` already holds a sweep and ``--resume`` was not given (or the reverse)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The trial driver
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _local_train_inside_tune():
+    """Let an in-process (``num_workers=0``) Train V2 run work inside a Tune trial.
+
+    Ray 2.60 guards ``ray.train.get_context/report/get_checkpoint`` with a DeprecationWarning whenever a
+    Tune session exists in the process (it assumes Train workers never share a process with a Tune
+    trial). Local mode does exactly that. The guard asks
+    ``ray.tune.trainable.trainable_fn_utils._in_tune_session``; we answer False for the duration of the
+    run. The trial actor runs nothing else, ``ray.tune.report`` does not consult this function, and the
+    original is restored afterwards. Worker runs (``num_workers >= 1``) never need this.
+    """
+    import ray.tune.trainable.trainable_fn_utils as tfu
+
+    original = tfu._in_tune_session
+    tfu._in_tune_session = lambda: False
+    try:
+        yield
+    finally:
+        tfu._in_tune_session = original
+
+
+def trial_seed(spec: SweepSpec, config: dict) -> int:
+    """The seed of a trial: a grid value (grid/random search) or the Repeater's index (optuna)."""
+    if "seed" in config:
+        return int(config["seed"])
+    return int(spec.seeds[int(config.get(TRIAL_INDEX, 0))])
+
+
+def trial_fn(config: dict, ctx: dict) -> None:
+    """One Tune trial: build the config, run (or resume) the experiment, report final metrics."""
+    import torch
+    from ray import tune
+
+    from revmix.platform.train import run_experiment
+
+    logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
+    spec: SweepSpec = ctx["spec"]
+    t_start = time.time()
+    trial_id = tune.get_context().get_trial_id()
+    tdir = Path(ctx["out_dir"]) / "trials" / trial_id
+    tdir.mkdir(parents=True, exist_ok=True)
+    point = {p: _plain(v) for p, v in dict(config["point"]).items()}
+    seed = trial_seed(spec, config)
+    meta_path = tdir / "trial.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"elapsed_s": 0.0, "attempts": 0}
+    prior = float(meta.get("elapsed_s") or 0.0)
+    meta.update({"trial_id": trial_id, "point": point, "seed": seed, "attempts": meta["attempts"] + 1})
+    _write_json(meta_path, meta)
+
+    if (tdir / "final.json").exists():  # finished before the driver died; Tune had not recorded it yet
+        final = json.loads((tdir / "final.json").read_text())
+        _report_final(spec, final, tdir)
+        return
+
+    threads = int(ctx["torch_threads"])
+    torch.set_num_threads(threads)
+    cfg = spec.trial_config(point, seed, name=f"{spec.name}-{trial_id}")
+    if cfg.runtime.torch_threads == 0:
+        cfg.runtime.torch_threads = threads
+    run_dir = tdir / "run"
+    resume = (run_dir / "config.yaml").exists()
+    last_save = [time.time()]
+
+    def save_elapsed(force: bool = False) -> None:
+        if force or time.time() - last_save[0] > 5.0:
+            meta["elapsed_s"] = prior + time.time() - t_start
+            _write_json(meta_path, meta)
+            last_save[0] = time.time()
+
+    def on_report(record: dict) -> None:
+        tune.report({k: float(v) for k, v in record.items() if res.as_float(v) is not None})
+        save_elapsed()
+
+    callbacks, guard = None, _local_train_inside_tune()
+    if cfg.runtime.num_workers > 0:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks, guard = [TuneReportCallback()], contextlib.nullcontext()
+    try:
+        with guard:
+            summary = run_experiment(
+                cfg,
+                run_dir,
+                resume=resume,
+                evaluate=spec.eval,
+                on_report=on_report if cfg.runtime.num_workers == 0 else None,
+                callbacks=callbacks,
+            )
+    except SystemExit as e:  # Tune stopping the trial (a scheduler decision) exits with code 0
+        if e.code not in (0, None):
+            _record_error(tdir, meta["attempts"])
+        save_elapsed(force=True)
+        raise
+    except BaseException:
+        _record_error(tdir, meta["attempts"])
+        save_elapsed(force=True)
+        raise
+    final = res.flatten_summary(summary)
+    final[res.FINAL_MARKER] = 1.0
+    save_elapsed(force=True)
+    final["wall_s"] = meta["elapsed_s"]
+    _write_json(tdir / "final.json", final)
+    _report_final(spec, final, tdir)
+
+
+def _report_final(spec: SweepSpec, final: dict, tdir: Path) -> None:
+    """The trial's last Tune report, with a tiny checkpoint (Tune fills Result.metrics from checkpoints).
+
+    A step metric (``loss``) lives under ``final/`` here; searchers read it by its own name, so it is
+    repeated under that name.
+    """
+    from ray import tune
+
+    ckpt = tdir / "final_checkpoint"
+    ckpt.mkdir(exist_ok=True)
+    _write_json(ckpt / "final.json", final)
+    report = dict(final)
+    alias = res.metric_column(spec.metric, list(final))
+    if alias != spec.metric and alias in final:
+        report[spec.metric] = final[alias]
+    tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+
+
+def _record_error(tdir: Path, attempt: int) -> None:
+    with open(tdir / "error.txt", "a") as f:
+        f.write(f"--- attempt {attempt} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.write(traceback.format_exc())
+
+
+def trial_dirname(trial: Any) -> str:
+    """Tune's per-trial directory is named by the trial id, so ``Result.path`` maps to ``trials/<id>``."""
+    return trial.trial_id
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the Tuner
+# --------------------------------------------------------------------------------------------------
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Grid/random: a grid over our own expanded points × seeds. Optuna: Tune domains (seeds: Repeater)."""
+    from ray import tune
+
+    from revmix.sweeps.plan import points
+
+    if spec.search.name == "optuna":
+        return {"point": {p: d.to_tune() for p, d in spec.space.items()}}
+    pts = points(spec)
+    return {
+        "point": tune.grid_search(pts) if len(pts) > 1 else pts[0],
+        "seed": tune.grid_search(list(spec.seeds)) if len(spec.seeds) > 1 else spec.seeds[0],
+    }
+
+
+def _search_alg(spec: SweepSpec):
+    if spec.search.name != "optuna":
+        return None, 1
+    import optuna
+    from ray.tune.search import Repeater
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=spec.search.seed)
+    # Repeater runs each suggested point once per seed and tells optuna the mean over seeds.
+    alg = Repeater(OptunaSearch(sampler=sampler), repeat=len(spec.seeds), set_index=True)
+    return alg, spec.search.num_samples * len(spec.seeds)
+
+
+def _scheduler(spec: SweepSpec):
+    if spec.scheduler.name == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = spec.scheduler
+    # stop_last_trials=False: the config decides how long a trial trains; ASHA only prunes at its rungs
+    # (with True it would also cut every trial at max_t, before the final report with eval metrics).
+    return ASHAScheduler(
+        time_attr=s.time_attr,
+        grace_period=s.grace_period,
+        max_t=s.max_t or spec.default_max_t() or 100,
+        reduction_factor=s.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _comparable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in ("source", "base")}
+
+
+def _prepare_dir(spec: SweepSpec, out_dir: Path, resume: bool) -> None:
+    tune_dir = out_dir / TUNE_DIR
+    if resume:
+        if not tune_dir.exists():
+            raise SweepExistsError(f"--resume: {out_dir} holds no sweep to resume (no {TUNE_DIR}/ inside)")
+        stored = json.loads((out_dir / "spec.json").read_text()) if (out_dir / "spec.json").exists() else None
+        if stored is not None and _comparable(stored) != _comparable(spec.to_dict()):
+            stored, now = _comparable(stored), _comparable(spec.to_dict())
+            diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+            raise SweepExistsError(
+                f"--resume: {spec.source} differs from the sweep stored in {out_dir} (keys: "
+                f"{', '.join(diff)}); resume with the original file ({out_dir / 'sweep.yaml'}) or use a new --out"
+            )
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SweepExistsError(
+            f"{out_dir} already exists and is not empty; pass --resume to continue the sweep in it, "
+            "or choose a new --out"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if spec.source.exists():
+        shutil.copyfile(spec.source, out_dir / "sweep.yaml")
+    _write_json(out_dir / "spec.json", spec.to_dict())
+
+
+@dataclass
+class SweepOutcome:
+    out_dir: Path
+    table: Any  # pandas.DataFrame
+    report: Path | None
+    resources: TrialResources
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    max_concurrent: int | None = None,
+    write_report: bool = True,
+    verbose: int = 1,
+) -> SweepOutcome:
+    """Run (or resume) ``spec`` into ``out_dir``; write the results table and the report."""
+    import ray
+    from ray import tune
+
+    from revmix.platform.runtime import ensure_ray
+    from revmix.sweeps.tracking import tracking_callbacks, tracking_env
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    _prepare_dir(spec, out_dir, resume)
+    ensure_ray()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n.get("Resources", {}).get("CPU", 0.0) for n in nodes), default=None)
+    plan = plan_resources(spec, ray.cluster_resources(), max_concurrent=max_concurrent, node_cpus=node_cpus)
+    print(f"revmix sweep {spec.name}: {spec.num_trials()} trial(s) → {out_dir}\n  {plan.note}", flush=True)
+
+    ctx = {"spec": spec, "out_dir": str(out_dir), "torch_threads": plan.torch_threads}
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), plan.bundle)
+    # Strict metric checking wants the metric in every report; eval/* and final/* metrics only exist in a
+    # trial's last one. Auto loggers off: tracking_callbacks adds exactly the ones the sweep asks for.
+    env = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    env.update(tracking_env(spec.tracking, out_dir))
+    with _env(**env):
+        if resume:
+            tuner = tune.Tuner.restore(
+                str(out_dir / TUNE_DIR),
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=False,
+            )
+        else:
+            search_alg, num_samples = _search_alg(spec)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(spec),
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    search_alg=search_alg,
+                    scheduler=_scheduler(spec),
+                    num_samples=num_samples,
+                    max_concurrent_trials=plan.concurrency,
+                    trial_dirname_creator=trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=TUNE_DIR,
+                    storage_path=str(out_dir),
+                    failure_config=tune.FailureConfig(max_failures=1),
+                    callbacks=tracking_callbacks(spec.tracking, out_dir, spec.name),
+                    verbose=verbose,
+                ),
+            )
+        grid = tuner.fit()
+    table = collect_results(spec, out_dir, grid)
+    res.write_table(table, out_dir)
+    print(res.summary_text(table, spec.metric, spec.mode, paths=list(spec.space)), flush=True)
+    if res.metric_column(spec.metric, list(table.columns)) not in table.columns and len(table):
+        import difflib
+
+        close = difflib.get_close_matches(spec.metric, [c for c in table.columns if "/" in c], n=3)
+        print(
+            f"WARNING: no trial reported metric {spec.metric!r}"
+            + (f" (did you mean {', '.join(close)}?)" if close else ""),
+            flush=True,
+        )
+    report = None
+    if write_report:
+        from revmix.sweeps.report import write_report as _write_report
+
+        try:
+            report = _write_report(out_dir, spec=spec, table=table)
+        except Exception as e:  # the table is written; a plotting failure must not hide it
+            print(f"revmix sweep: report failed: {type(e).__name__}: {e}", flush=True)
+    print(f"results: {out_dir / 'results.csv'}" + (f"\nreport: {report}" if report else ""), flush=True)
+    return SweepOutcome(out_dir, table, report, plan)
+
+
+def collect_results(spec: SweepSpec, out_dir: Path, grid: Any) -> Any:
+    """One row per Tune trial: status and error from Tune, metrics and timing from the trial dir."""
+    rows = []
+    for r in grid:
+        trial_id = Path(r.path).name
+        tdir = out_dir / "trials" / trial_id
+        config = r.config or {}
+        meta = json.loads((tdir / "trial.json").read_text()) if (tdir / "trial.json").exists() else {}
+        point = meta.get("point") or {p: _plain(v) for p, v in dict(config.get("point") or {}).items()}
+        seed = meta.get("seed", trial_seed(spec, config) if config else spec.seeds[0])
+        final = json.loads((tdir / "final.json").read_text()) if (tdir / "final.json").exists() else None
+        if r.error is not None:
+            status, error = res.STATUS_ERROR, res.short_error(_error_text(r.error, tdir))
+        elif final is not None:
+            status, error = res.STATUS_OK, None
+        else:  # stopped early by the scheduler: its last logged step stands in for the final metrics
+            status, error = res.STATUS_STOPPED, None
+            final = res.last_step_metrics(tdir / "run" / "metrics.jsonl")
+        rows.append(
+            res.make_row(
+                spec,
+                trial_id,
+                point,
+                seed,
+                final=final,
+                status=status,
+                error=error,
+                wall_s=meta.get("elapsed_s"),
+                run_dir=str(Path("trials") / trial_id / "run"),
+            )
+        )
+    return res.build_table(rows, list(spec.space))
+
+
+def _error_text(error: BaseException, tdir: Path) -> str:
+    if (tdir / "error.txt").exists():
+        return (tdir / "error.txt").read_text()
+    return "".join(traceback.format_exception_only(type(error), error))
+
+
+def load_spec_for_dir(out_dir: str | Path) -> SweepSpec:
+    """The spec stored in a sweep dir (for ``revmix report`` without the original file)."""
+    from revmix.sweeps.spec import parse_sweep
+
+    out_dir = Path(out_dir)
+    stored = json.loads((out_dir / "spec.json").read_text())
+    raw = {
+        "name": stored["name"],
+        "description": stored.get("description", ""),
+        "base": stored["base"],
+        "overrides": stored["overrides"],
+        "metric": stored["metric"],
+        "mode": stored["mode"],
+        "search": {k: v for k, v in stored["search"].items() if v is not None}
+        if stored["search"]["name"] != "grid"
+        else "grid",
+        "scheduler": "fifo",  # only the space, metric and configs matter for a report
+        "seeds": stored["seeds"],
+        "space": stored["space"],
+        "eval": stored["eval"],
+    }
+    return parse_sweep(raw, out_dir / "sweep.yaml", base_raw=stored["base_raw"])
