@@ -97,6 +97,11 @@ def write_report(out_dir: str | Path, spec: SweepSpec | None = None, table: Any 
             "cross",
         )
     )
+    from revmix.sweeps.paper import paper_section
+
+    paper = paper_section(table, out_dir)
+    if paper:
+        sections.append(("The paper's ALP figure beside this sweep", [], [], "paper"))
     figs, notes = plot_metric_vs_paths(ok, spec, plots)
     sections.append((f"{spec.metric} by swept value", figs, notes, ""))
     figs, notes = plot_loss_curves(table, paths, out_dir, plots)
@@ -135,6 +140,8 @@ def write_report(out_dir: str | Path, spec: SweepSpec | None = None, table: Any 
         if kind == "cross" and rows:
             md += ["ALP in nats/token over held-out rows (mean over seeds); margin = ALP(y+) − ALP(y−).", ""]
             md += [_md_table(cross_header, cross_rows), ""]
+        if kind == "paper" and paper:
+            md += [paper[0], ""]
         md += [f"![{title}](plots/{f.name})" for f in figs] + [f"_{n}_" for n in notes] + [""]
     md += ["## Trials (best first)", "", _md_table(cols, trial_rows), ""]
     if len(errors):
@@ -154,6 +161,8 @@ def write_report(out_dir: str | Path, spec: SweepSpec | None = None, table: Any 
         if kind == "cross" and rows:
             body.append("<p>ALP in nats/token (mean over seeds); margin = ALP(y+) − ALP(y−).</p>")
             body.append(_html_table(cross_header, cross_rows))
+        if kind == "paper" and paper:
+            body.append(paper[1])
         body += [img(f) for f in figs] + [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     body += ["<h2>Trials (best first)</h2>", _html_table(cols, trial_rows)]
     if len(errors):

@@ -31,7 +31,7 @@ STATUS_ERROR = "ERROR"
 STATUS_STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA)
 STATUS_INCOMPLETE = "INCOMPLETE"  # the sweep ended (or was killed) before this trial finished
 FINAL_MARKER = "final/done"
-DESCRIPTORS = ("model", "objective", "reverse_fraction", "schedule")
+DESCRIPTORS = ("model", "objective", "mix", "reverse_fraction", "schedule")
 
 
 def as_float(v: Any) -> float | None:
@@ -114,21 +114,25 @@ def last_step_metrics(path: Path) -> dict[str, float] | None:
 def describe_config(cfg: Any, spec: SweepSpec | None = None) -> dict[str, Any]:
     """Grouping descriptors of one trial's ExperimentConfig, for the report's lines and axes.
 
-    ``reverse_fraction`` is the swept ``*.mix.reverse_fraction`` when one is swept, else stage 0's.
+    ``reverse_fraction`` is the swept ``*.mix.reverse_fraction`` (or ``*.mix``) when one is swept, else
+    stage 0's. A ``union`` mix (the paper's D_m: all rows of both directions) has r = 0.5 — twin rows
+    come in pairs — and ``mix = "union"`` so the report shows it apart from fixed-budget r = 0.5.
     """
     stages = cfg.stages
-    r = stages[0].mix.reverse_fraction
+    idx = 0
     if spec is not None:
-        swept = [p for p in spec.space if p.endswith("mix.reverse_fraction")]
-        if swept:
-            idx = int(swept[0].split(".")[1]) if swept[0].startswith("stages.") else 0
-            r = stages[idx].mix.reverse_fraction
+        swept = [p for p in spec.space if p.endswith("mix.reverse_fraction") or p.endswith(".mix")]
+        if swept and swept[0].startswith("stages."):
+            idx = int(swept[0].split(".")[1])
+    mix = stages[idx].mix
+    r = 0.5 if mix.mode == "union" else mix.reverse_fraction
     model = cfg.model.name_or_path
     model = Path(model).name if model else f"tiny-{cfg.model.scale}"
     schedules = [st.mix.schedule.kind for st in stages]
     return {
         "model": model,
         "objective": "→".join(str(st.objective.get("name")) for st in stages),
+        "mix": mix.mode,
         "reverse_fraction": float(r),
         "schedule": "→".join(schedules) if len(set(schedules)) > 1 else schedules[0],
     }

@@ -1,0 +1,62 @@
+import json
+
+import pandas as pd
+
+from revmix.sweeps.paper import CONDITIONS, findings, measured_margins, paper_margins, paper_section
+
+
+def _run(tmp_path, name, recs):
+    d = tmp_path / name / "run"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    return f"{name}/run"
+
+
+def _recs(stage, fwd, rev):
+    return [
+        {"stage": stage, "step": i + 1, "alp/forward/margin": f, "alp/reverse/margin": r}
+        for i, (f, r) in enumerate(zip(fwd, rev))
+    ]
+
+
+def test_measured_margins_map_trials_to_paper_conditions(tmp_path):
+    rows = [
+        {
+            "status": "TERMINATED",
+            "mix": "fixed_total",
+            "reverse_fraction": 0.0,
+            "run_dir": _run(tmp_path, "f", _recs(0, [0.1, 0.4], [-0.1, -0.3])),
+        },
+        {
+            "status": "TERMINATED",
+            "mix": "fixed_total",
+            "reverse_fraction": 1.0,
+            "run_dir": _run(tmp_path, "r", _recs(0, [-0.2, -0.5], [0.2, 0.6])),
+        },
+        {
+            "status": "TERMINATED",
+            "mix": "union",
+            "reverse_fraction": 0.5,
+            "run_dir": _run(tmp_path, "u", _recs(0, [0.02, 0.04], [0.0, 0.02]) + _recs(1, [0.1], [0.06])),
+        },
+        {"status": "ERROR", "mix": "fixed_total", "reverse_fraction": 0.0, "run_dir": None},
+    ]
+    m = measured_margins(pd.DataFrame(rows), tmp_path)
+    assert m["forward → forward"] == [0.1, 0.4] and m["forward → reverse"] == [-0.1, -0.3]
+    assert m["reverse → reverse"] == [0.2, 0.6] and m["reverse → forward"] == [-0.2, -0.5]
+    assert m["mixed → mixed"] == [0.01, 0.03] and m["mixed, then DPO"] == [0.08]
+    verdicts = {f.split(" ")[0]: h for f, _, h in findings(m)}
+    assert verdicts == {"Same-direction": True, "Cross-direction": True, "Mixing": True, "DPO": True}
+    md, page = paper_section(pd.DataFrame(rows), tmp_path)
+    assert "| forward → forward | paper | +0.323" in md and "<table>" in page
+
+
+def test_findings_can_fail():
+    m = {"forward → forward": [0.5, 0.4], "reverse → reverse": [0.3, 0.6], "mixed → mixed": [0.5]}
+    verdicts = {f.split(" ")[0]: h for f, _, h in findings(m)}
+    assert verdicts == {"Same-direction": False, "Mixing": False}
+
+
+def test_paper_numbers_are_shipped():
+    p = paper_margins()
+    assert list(p) == list(CONDITIONS) and p["mixed → mixed"][-1] == 0.081
