@@ -127,7 +127,7 @@ def test_rows_table_and_files_round_trip(spec, tmp_path: Path):
     ]
     df = res.build_table(rows, list(spec.space))
     assert list(df["trial_id"]) == ["t_00000", "t_00001"]
-    assert list(df.columns[:8]) == [
+    assert list(df.columns[:9]) == [
         "trial_id",
         "status",
         "stages.0.mix.reverse_fraction",
@@ -135,6 +135,7 @@ def test_rows_table_and_files_round_trip(spec, tmp_path: Path):
         "seed",
         "model",
         "objective",
+        "mix",
         "reverse_fraction",
     ]
     assert list(df.columns[-3:]) == ["wall_s", "error", "run_dir"]
