@@ -70,8 +70,8 @@ def condition_columns(df, spec_paths: list[str]) -> list[str]:
     for p in spec_paths:
         if p not in df.columns or p in _COND_SKIP or text[p].nunique() < 2:
             continue
-        n = text[p].nunique()
-        if any(text[c].nunique() == n and len(text[[p, c]].drop_duplicates()) == n for c in cols):
+        # A swept path the chosen columns already determine (``stages.0.mix`` given mix + r) adds nothing.
+        if cols and len(text[[*cols, p]].drop_duplicates()) == len(text[cols].drop_duplicates()):
             continue
         cols.append(p)
     return cols
@@ -309,10 +309,19 @@ def alp_cross_table(df) -> list[dict[str, Any]]:
     rows = []
     groups = df.groupby(group_cols, dropna=False) if group_cols else [((), df)]
     for _, g in groups:
-        for r in sorted(g["reverse_fraction"].dropna().unique(), key=lambda x: (x not in (0.0, 1.0), x)):
-            sub = g[g["reverse_fraction"] == r]
+        mix = g["mix"] if "mix" in g.columns else None
+        union = (mix == "union") if mix is not None else g["reverse_fraction"] != g["reverse_fraction"]
+        keys = [
+            (False, r)
+            for r in sorted(
+                g.loc[~union, "reverse_fraction"].dropna().unique(), key=lambda x: (x not in (0.0, 1.0), x)
+            )
+        ]
+        keys += [(True, 0.5)] if bool(union.any()) else []
+        for is_union, r in keys:
+            sub = g[union] if is_union else g[~union & (g["reverse_fraction"] == r)]
             row: dict[str, Any] = {"condition": _label(sub.iloc[0], group_cols) if group_cols else ""}
-            row["train"] = _r_label(float(r))
+            row["train"] = "union D_m (all rows)" if is_union else _r_label(float(r))
             row["n"] = len(sub)
             for c in need:
                 if c in sub.columns:
