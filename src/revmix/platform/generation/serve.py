@@ -1,0 +1,274 @@
+"""Serve a model with an OpenAI-compatible API on Ray Serve: ``start_server`` / ``stop_server``.
+
+Two backends behind the same routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``):
+
+- ``hf``: a Ray Serve deployment with a FastAPI ingress wrapping ``HFGenerator`` (``openai_api`` holds the
+  wire format). Concurrent requests are grouped by ``serve.batch`` and decoded in one batched
+  ``model.generate`` call, so a client sending 8 requests at once gets batch-of-8 throughput. It also
+  answers ``echo=True, logprobs=k, max_tokens=0`` (prompt scoring), which ``OpenAIGenerator.score`` uses.
+- ``vllm``: Ray Serve LLM (``LLMConfig`` + ``build_openai_app``), imported lazily because
+  ``ray.serve.llm`` cannot even be imported without vLLM. On a CPU build of vLLM the settings of
+  ``VLLM_CPU.md`` apply (CPU accelerator kind, one-CPU placement bundle, float32, small KV cache).
+
+The HTTP proxy binds to 127.0.0.1 unless told otherwise: the Serve proxy has no authentication.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see real classes (Request) in the route
+# signatures of the Serve ingress class, or it treats `request` as a JSON body field and answers 422.
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from revmix.platform.generation.protocol import SamplingParams, resolve_model_dir
+
+APP_NAME = "revmix-llm"
+BACKENDS: tuple[str, ...] = ("hf", "vllm", "auto")
+MAX_BATCH_SIZE = 16
+
+api = FastAPI(title="revmix OpenAI-compatible server")
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
+@serve.ingress(api)
+class HFOpenAIServer:
+    """One replica: an ``HFGenerator`` and the OpenAI routes over it."""
+
+    def __init__(
+        self, model_path: str, name: str, batch_size: int = MAX_BATCH_SIZE, dtype: str | None = None
+    ) -> None:
+        from revmix.platform.generation.hf import HFGenerator
+        from revmix.platform.generation.openai_api import OpenAIHandler
+
+        self.handler = OpenAIHandler(HFGenerator(model_path, batch_size=batch_size, dtype=dtype), name)
+        self._generate_batch.set_max_batch_size(batch_size)
+
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[list[Any]]:
+        """Requests that arrive together: one ``generate_ids`` call per distinct SamplingParams."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for k, (_, params) in enumerate(jobs):
+            groups.setdefault(params, []).append(k)
+        out: list[list[Any]] = [[] for _ in jobs]
+        for params, members in groups.items():
+            ids = [jobs[k][0] for k in members]
+            try:
+                results = await asyncio.to_thread(self.handler.gen.generate_ids, ids, params)
+            except Exception as e:  # one bad group must not fail the others' requests
+                results = [e] * len(members)
+            for k, r in zip(members, results):
+                out[k] = r
+        return out
+
+    async def _generate(self, ids: list[int], params: SamplingParams) -> list[Any]:
+        result = await self._generate_batch((ids, params))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _answer(self, request: Request, chat: bool) -> Any:
+        from revmix.platform.generation.openai_api import APIError
+
+        try:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise APIError(400, f"request body is not valid JSON: {e}") from e
+            if isinstance(body, dict) and body.get("stream"):
+                ids, params = self.handler.stream_plan(body, chat)
+                return StreamingResponse(
+                    self.handler.stream_events(ids, params, chat), media_type="text/event-stream"
+                )
+            call = self.handler.chat if chat else self.handler.completions
+            return JSONResponse(await call(body, self._generate))
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except ValueError as e:
+            return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+        except Exception as e:  # answered, not dropped: the client sees what broke
+            return JSONResponse(APIError(500, f"{type(e).__name__}: {e}").body(), status_code=500)
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        return JSONResponse(self.handler.models())
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._answer(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._answer(request, chat=True)
+
+
+def build_hf_app(
+    model_path: str,
+    name: str,
+    num_cpus: float = 1.0,
+    batch_size: int = MAX_BATCH_SIZE,
+    dtype: str | None = None,
+) -> serve.Application:
+    return HFOpenAIServer.options(ray_actor_options={"num_cpus": num_cpus}).bind(
+        model_path, name, batch_size, dtype
+    )
+
+
+def build_vllm_app(
+    model_path: str,
+    name: str,
+    num_cpus: float = 1.0,
+    dtype: str | None = None,
+    max_model_len: int | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> serve.Application:
+    """Ray Serve LLM app. On a GPU: vLLM defaults (bf16). On CPU (``vllm-cpu``): VLLM_CPU.md's settings."""
+    import torch
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    from revmix.platform.generation.vllm_backend import vllm_cpu_env
+
+    gpu = torch.cuda.is_available()
+    engine = {"dtype": dtype or ("bfloat16" if gpu else "float32"), "seed": 0}
+    if max_model_len is not None:
+        engine["max_model_len"] = max_model_len
+    kwargs: dict[str, Any] = {}
+    if not gpu:
+        engine.update(enforce_eager=True, max_model_len=max_model_len or _context_len(model_path, 2048))
+        kwargs = dict(
+            accelerator_config={"kind": "cpu"},
+            placement_group_config={"bundles": [{"CPU": 1}]},
+            deployment_config={"ray_actor_options": {"num_cpus": min(num_cpus, 0.5)}},
+            runtime_env={"env_vars": vllm_cpu_env()},
+        )
+    engine.update(engine_kwargs or {})
+    config = LLMConfig(
+        model_loading_config={"model_id": name, "model_source": model_path}, engine_kwargs=engine, **kwargs
+    )
+    return build_openai_app(
+        {"llm_configs": [config], "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}}
+    )
+
+
+def _context_len(model_path: str, cap: int) -> int:
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return min(int(json.load(f).get("max_position_embeddings", cap)), cap)
+    except (OSError, ValueError):
+        return cap
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` → ``vllm`` where vLLM is installed and a GPU is present, else ``hf`` (on CPU the hf
+    deployment starts in seconds, vllm-cpu in about a minute, and is no faster for small models)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown serve backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        import torch
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
+    return backend
+
+
+def wait_ready(base_url: str, timeout_s: float = 300.0) -> None:
+    """Poll ``GET {base_url}/models`` until it answers 200; raise TimeoutError naming the URL otherwise."""
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/models", timeout=5) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url}/models not ready after {timeout_s:.0f} s (last: {last})")
+
+
+def start_server(
+    model_path: str,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    backend: str = "hf",
+    name: str | None = None,
+    num_cpus: float = 1.0,
+    batch_size: int = MAX_BATCH_SIZE,
+    dtype: str | None = None,
+    app_name: str = APP_NAME,
+    ready_timeout_s: float = 600.0,
+) -> str:
+    """Deploy ``model_path`` (model dir, run dir or ``tiny:<scale>``) and return its base URL (``.../v1``).
+
+    Starts a local Ray instance if none is connected (``RAY_ADDRESS`` is honoured). ``port=None`` or 0
+    picks a free port. Serve's HTTP options are fixed when Serve first starts in a cluster, so a second
+    ``start_server`` on another port needs ``stop_server()`` first.
+    """
+    import ray
+
+    path = resolve_model_dir(model_path)
+    name = name or default_name(model_path)
+    kind = resolve_backend(backend)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
+    wanted = port
+    port = port or free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    actual = _serve_http_address()
+    if actual is not None and actual != (host, port):
+        if wanted and actual[1] != wanted:
+            raise RuntimeError(
+                f"Ray Serve already runs in this cluster on {actual[0]}:{actual[1]}; it cannot move to "
+                f"{host}:{wanted}. Call stop_server() first, or pass port={actual[1]}"
+            )
+        host, port = actual  # an earlier Serve instance (e.g. another test) fixed the address
+    if kind == "hf":
+        app = build_hf_app(path, name, num_cpus=num_cpus, batch_size=batch_size, dtype=dtype)
+    else:
+        app = build_vllm_app(path, name, num_cpus=num_cpus, dtype=dtype)
+    serve.run(app, name=app_name, route_prefix="/")
+    base_url = f"http://{host}:{port}/v1"
+    wait_ready(base_url, ready_timeout_s)
+    return base_url
+
+
+def _serve_http_address() -> tuple[str, int] | None:
+    """(host, port) of the running Serve proxy; None where Serve's (private) client API has moved."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        config = _get_global_client().http_config
+        return str(config.host), int(config.port)
+    except Exception:
+        return None
+
+
+def stop_server() -> None:
+    """Shut Ray Serve down (all applications and the HTTP proxy); Ray itself keeps running."""
+    serve.shutdown()
+
+
+def default_name(model_path: str) -> str:
+    """The served model name: the directory's name (the run's, for a run directory)."""
+    p = os.path.normpath(os.fspath(model_path))
+    base = os.path.basename(p)
+    if base == "model" and os.path.isfile(os.path.join(p, "config.json")):
+        base = os.path.basename(os.path.dirname(p)) or base
+    return base or p
