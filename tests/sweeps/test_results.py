@@ -138,7 +138,7 @@ def test_rows_table_and_files_round_trip(spec, tmp_path: Path):
         "mix",
         "reverse_fraction",
     ]
-    assert list(df.columns[-3:]) == ["wall_s", "error", "run_dir"]
+    assert list(df.columns[-4:]) == ["wall_s", "error", "run_dir", "node_id"]
     assert res.FINAL_MARKER not in df.columns
     row = df.iloc[1]
     assert row["stages.0.objective"] == "unlikelihood(alpha=0.5)" and row["objective"] == "unlikelihood"

@@ -149,6 +149,7 @@ def make_row(
     error: str | None,
     wall_s: float | None,
     run_dir: str | None,
+    node_id: str | None = None,
 ) -> dict[str, Any]:
     """One results row; non-scalar swept values (objective dicts, lists) are stored in short text form."""
     row: dict[str, Any] = {"trial_id": trial_id, "status": status}
@@ -165,6 +166,7 @@ def make_row(
     row["wall_s"] = wall_s
     row["error"] = error
     row["run_dir"] = run_dir
+    row["node_id"] = node_id
     return row
 
 
@@ -190,7 +192,7 @@ def column_order(columns: list[str], spec_paths: list[str]) -> list[str]:
     finals = sorted(c for c in columns if c.startswith("final/"))
     stages = sorted(c for c in columns if c.startswith("stage") and "/" in c)
     train = sorted(c for c in columns if c.startswith("train/"))
-    tail = ["wall_s", "error", "run_dir"]
+    tail = ["wall_s", "error", "run_dir", "node_id"]
     known = set(head + evals + finals + stages + train + tail)
     rest = sorted(c for c in columns if c not in known)
     return [c for c in head + evals + finals + stages + train + rest + tail if c in columns]

@@ -106,7 +106,17 @@ def trial_fn(config: dict, ctx: dict) -> None:
     meta_path = tdir / "trial.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"elapsed_s": 0.0, "attempts": 0}
     prior = float(meta.get("elapsed_s") or 0.0)
-    meta.update({"trial_id": trial_id, "point": point, "seed": seed, "attempts": meta["attempts"] + 1})
+    import ray
+
+    meta.update(
+        {
+            "trial_id": trial_id,
+            "point": point,
+            "seed": seed,
+            "attempts": meta["attempts"] + 1,
+            "node_id": ray.get_runtime_context().get_node_id(),  # which node ran the (last) attempt
+        }
+    )
     _write_json(meta_path, meta)
 
     if (tdir / "final.json").exists():  # finished before the driver died; Tune had not recorded it yet
@@ -410,6 +420,7 @@ def collect_results(spec: SweepSpec, out_dir: Path, grid: Any) -> Any:
                 error=error,
                 wall_s=meta.get("elapsed_s"),
                 run_dir=str(Path("trials") / trial_id / "run"),
+                node_id=meta.get("node_id"),
             )
         )
     return res.build_table(rows, list(spec.space))
