@@ -10,8 +10,10 @@ generation must get right.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,7 +46,9 @@ def varied_model_dir(seed: int = 0, eos_quantile: float = 0.04) -> str:
     """Build (once per process) a small random Qwen2 whose greedy outputs differ per prompt and sometimes
     end with EOS. Saved with ``save_pretrained`` under a temp dir so every backend can load it by path."""
     tok = build_tokenizer(512)
-    out = Path(tempfile.mkdtemp(prefix="revmix-varied-")) / f"seed{seed}"
+    root = tempfile.mkdtemp(prefix="revmix-varied-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    out = Path(root) / f"seed{seed}"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         cfg = Qwen2Config(

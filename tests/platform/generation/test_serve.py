@@ -16,7 +16,7 @@ from revmix.platform.generation.protocol import SamplingParams, chat_prompt, pre
 from tests.platform.generation.helpers import QUESTIONS, varied_model_dir
 
 NAME = "varied"
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,7 @@ def evaluate_policy(config: dict, policy: Any, tokenizer: Any, alp_only: bool) -
             alp_tokens=cfg.eval.alp_tokens,
             tokenizer=tokenizer,
             progress=False,
+            alp=False,  # ALP below, on its own (alp_limit) slice
         )
         result["alp"] = alp_table(
             policy, _balanced(items, cfg.eval.alp_limit), cfg.eval.alp_tokens, tokenizer=tokenizer

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -65,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"revmix serve: {e}", file=sys.stderr)
         return 2
     name = args.name or default_name(args.model)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM both shut Serve down (a background job inherits SIGINT ignored; restore it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, log_to_driver=False)
     try:
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"revmix serve: {name!r} ({backend}) at {url}", flush=True)
         print(f"  curl {url}/models", flush=True)
-        print("  Ctrl-C to stop", flush=True)
+        print("  Ctrl-C (or SIGTERM) to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
