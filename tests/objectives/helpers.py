@@ -131,9 +131,53 @@ def _multitask_value(policy, batch, ref_model) -> float:
     return total
 
 
+@torch.no_grad()
+def row_values(model: torch.nn.Module, prompt: list[int], response: list[int]) -> list[float]:
+    """The policy's value head (``model.v_head``) at each response token's state, float64, unpadded."""
+    ids = torch.tensor([prompt + response])
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0].double()
+    lin = model.v_head.summary
+    v = hidden @ lin.weight.double()[0] + lin.bias.double()[0]
+    return [float(v[len(prompt) + k - 1]) for k in range(len(response))]
+
+
+def _ppo_value(
+    policy,
+    batch,
+    ref_model,
+    kl_coef: float = 0.05,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    vf_coef: float = 0.1,
+) -> float:
+    """Schulman et al. 2017 on a plain batch (revmix.objectives.ppo): y+ is a rollout with score 1, first pass.
+
+    Per token r_k = −β(log π − log π_ref), plus 1 on the last token; GAE(γ, λ) with the value head's V;
+    advantages whitened over all response tokens (unbiased variance); ratio 1, so the clipped surrogate is
+    mean(−Â); the value loss is ½ mean((V − G)²) since V = V_old. Loss = L_clip + c_v · L_V.
+    """
+    advs, sq = [], []
+    for p, r in zip(batch.prompt_ids, responses(batch.labels)):
+        lp, rl, v = row_token_logps(policy, p, r), row_token_logps(ref_model, p, r), row_values(policy, p, r)
+        rewards = [-kl_coef * (a - b) for a, b in zip(lp, rl)]
+        rewards[-1] += 1.0
+        adv, last, next_v = [0.0] * len(r), 0.0, 0.0
+        for k in reversed(range(len(r))):
+            last = rewards[k] + gamma * next_v - v[k] + gamma * lam * last
+            adv[k], next_v = last, v[k]
+        advs += adv
+        sq += [0.5 * (v[k] - (adv[k] + v[k])) ** 2 for k in range(len(r))]
+    mean = sum(advs) / len(advs)
+    var = sum((a - mean) ** 2 for a in advs) / (len(advs) - 1)
+    whitened = [(a - mean) / math.sqrt(var + 1e-8) for a in advs]
+    policy_loss = sum(-w for w in whitened) / len(whitened)
+    return policy_loss + vf_coef * sum(sq) / len(sq)
+
+
 REFERENCE_VALUES = {
     "sft": _sft_value,
     "dpo": _dpo_value,
     "unlikelihood": _unlikelihood_value,
     "multitask": _multitask_value,
+    "ppo": _ppo_value,
 }

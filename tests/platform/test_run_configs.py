@@ -18,10 +18,11 @@ CONFIGS = sorted((ROOT / "configs" / "runs").glob("*_tiny.yaml"))
 
 
 def short(path: Path, steps: int = 2) -> list[str]:
-    n = len(load_raw(path)["stages"])
     over = ["data.n_items=40", "eval.limit=4", "eval.alp_limit=4"]
-    for i in range(n):
+    for i, st in enumerate(load_raw(path)["stages"]):
         over += [f"stages.{i}.steps={steps}", f"stages.{i}.batch_size=4", f"stages.{i}.checkpoint_every=0"]
+        if st.get("objective", {}).get("name") == "ppo":  # rollouts dominate: keep them short here
+            over += [f"stages.{i}.objective.max_new_tokens=16", f"stages.{i}.objective.ppo_epochs=1"]
     return over
 
 

@@ -1,3 +1,3 @@
 """Imports every built-in objective so that it registers itself."""
 
-from revmix.objectives import dpo, multitask, sft, unlikelihood  # noqa: F401
+from revmix.objectives import dpo, multitask, ppo, sft, unlikelihood  # noqa: F401

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (SFT): token-level cross-entropy on response tokens only.
+r"""Supervised fine-tuning (SFT): token-level cross-entropy on response tokens only.
 
 .. math::  \mathcal{L}_{SFT} = -\frac{1}{\sum_{b,t} m_{b,t}} \sum_{b,t} m_{b,t} \log \pi_\theta(y_{b,t} \mid x_b, y_{b,<t})
 

@@ -459,7 +459,14 @@ def trainable_state_dict(model: PreTrainedModel | peft.PeftModel) -> dict[str, t
     Restore with :func:`load_trainable_state_dict`.
     """
     if isinstance(model, peft.PeftModel):
-        return {k: v.detach() for k, v in peft.get_peft_model_state_dict(model).items()}
+        state = {k: v.detach() for k, v in peft.get_peft_model_state_dict(model).items()}
+        # Trainable modules attached outside the adapter (a PPO value head) belong in the checkpoint too.
+        extra = {
+            n: p.detach()
+            for n, p in model.named_parameters()
+            if p.requires_grad and not n.startswith("base_model.")
+        }
+        return {**state, **extra}
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -468,7 +475,12 @@ def load_trainable_state_dict(
 ) -> None:
     """Inverse of :func:`trainable_state_dict`; raises on any unexpected key."""
     if isinstance(model, peft.PeftModel):
-        result = peft.set_peft_model_state_dict(model, state)
+        params = dict(model.named_parameters())
+        extra = {k: v for k, v in state.items() if not k.startswith("base_model.") and k in params}
+        with torch.no_grad():
+            for k, v in extra.items():
+                params[k].copy_(v)
+        result = peft.set_peft_model_state_dict(model, {k: v for k, v in state.items() if k not in extra})
         unexpected = list(result.unexpected_keys)
     else:
         result = model.load_state_dict(state, strict=False)

@@ -258,6 +258,8 @@ def train_loop_per_worker(config: dict) -> dict:
     policy, tokenizer = _build_policy(cfg, config["init_path"], device, lora)
     objective = build_objective(stage.objective, path=f"stages.{stage_idx}.objective")
     ref = _make_reference(stage.reference, policy, lora) if objective.needs_reference else None
+    if hasattr(objective, "prepare_policy"):  # e.g. PPO's value head: before DDP and the optimizer see params
+        objective.prepare_policy(policy)
     train_model = policy
     if world > 1:
         import ray.train.torch as rtt
@@ -407,6 +409,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
         if config.get("eval_rows") and cfg.eval.at_stage_end:
             result["eval"] = _call_eval(config, policy, tokenizer, alp_only=False)
+        if hasattr(objective, "release_policy"):  # keep heads that only training needs out of the model
+            objective.release_policy(policy)
         stage_dir = out_dir / "stages" / str(stage_idx)
         merged = merge_lora(policy) if lora else policy
         save_model(merged, tokenizer, stage_dir / "model")

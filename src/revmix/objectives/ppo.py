@@ -1,0 +1,585 @@
+r"""Proximal Policy Optimisation (Schulman et al. 2017, arXiv 1707.06347) with a critic-free group baseline
+(GRPO, Shao et al. 2024, arXiv 2402.03300), for language-model rollouts.
+
+A rollout is a prompt x and a sampled response y = (a_1 … a_n); the state before token a_t is
+s_t = (x, a_{<t}). With π_old the policy that sampled y (its log-probs are stored), π_ref the stage-start
+reference, β = ``kl_coef`` and R(x, y) the scalar score of the reward function:
+
+* **Per-token reward with a KL penalty** (``baseline="critic"``; Ziegler et al. 2019 / InstructGPT / TRL,
+  k1 estimator): :math:`r_t = -β\,(\log π_{old}(a_t|s_t) - \log π_{ref}(a_t|s_t)) + [t = n]\,R(x, y)`.
+* **GAE** (Schulman et al. 2016) with a value head V on the last hidden state:
+  :math:`δ_t = r_t + γ V(s_{t+1}) - V(s_t)` (V(s_{n+1}) = 0),
+  :math:`\hat A_t = \sum_{k \ge t} (γλ)^{k-t} δ_k`, returns :math:`G_t = \hat A_t + V(s_t)`; advantages are
+  whitened over the batch's response tokens (mean 0, unit variance).
+* **Clipped surrogate** (PPO Eq. 7) with ratio :math:`ρ_t = π_θ(a_t|s_t) / π_{old}(a_t|s_t)`:
+  :math:`L^{CLIP} = \mathbb{E}_t[\max(-\hat A_t ρ_t,\; -\hat A_t\,\mathrm{clip}(ρ_t, 1-ε, 1+ε))]`.
+* **Clipped value loss** (as in OpenAI baselines / TRL):
+  :math:`L^V = \tfrac12 \mathbb{E}_t[\max((V_θ - G_t)^2, (V_{old} + \mathrm{clip}(V_θ - V_{old}, ±ε_v) - G_t)^2)]`.
+* Total: :math:`L = L^{CLIP} + c_v L^V - c_H H[π_θ]`, minimised for ``ppo_epochs`` passes over the rollout
+  batch in ``num_mini_batches`` shuffled mini-batches.
+
+**Group baseline** (``baseline="group"``, GRPO §4.1.2 outcome supervision): ``group_size`` responses per
+prompt, no value head; every token of response i gets :math:`\hat A_i = (R_i - \mathrm{mean}_g R) /
+(\mathrm{std}_g R + 10^{-4})` (÷ std only with ``scale_rewards``), and the KL enters the *loss*, not the
+reward, with GRPO's unbiased k3 estimator (Eq. 4):
+:math:`L = L^{CLIP} + β\,\mathbb{E}_t[e^{\log π_{ref} - \log π_θ} - (\log π_{ref} - \log π_θ) - 1]`.
+
+Losses are token means over the mini-batch (every response token weighs the same, as TRL's PPO). Sampling
+temperature τ also divides the logits whenever log-probs are computed (policy, old and reference), so the
+ratio compares the distribution that actually sampled the tokens (as TRL does).
+
+What runs where: this module is torch only — pure functions (:func:`gae`, :func:`whiten`,
+:func:`kl_penalty`, :func:`clipped_policy_loss`, :func:`clipped_value_loss`, :func:`group_advantages`),
+the value head, and the :class:`PPO` objective whose :meth:`PPO.make_rollout` / :meth:`PPO.loss` the
+platform's rollout step (``revmix.platform.rollout.ppo_step``) drives; generation and reward checking live
+there. Called like any other objective on a plain :class:`Batch` (the contract suite, a supervised loop),
+PPO treats each row's y+ as a rollout with score 1 — reference solutions are correct by construction — and
+returns the loss of the first optimisation pass over it (ratio 1, so the policy term is the plain
+advantage-weighted log-likelihood gradient and the value head regresses to the returns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from revmix.objectives.base import (
+    Batch,
+    LossOutput,
+    Reference,
+    per_direction,
+    register_objective,
+)
+
+BASELINES: tuple[str, ...] = ("critic", "group")
+VALUE_HEAD_ATTR = "v_head"
+"""Name of the value head submodule on the policy (TRL's ``AutoModelForCausalLMWithValueHead`` name)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure maths
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is true (0 when the mask is empty)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def row_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Per-row mean of ``x`` ([B, T]) over masked positions, shape ``[B]``."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to mean 0 and unit (unbiased) variance over masked positions; zeros elsewhere.
+
+    With ``shift_mean=False`` the mean is added back (TRL's reward whitening). Fewer than two masked
+    values carry no variance: then ``x`` is only centred (or returned unchanged without ``shift_mean``).
+    """
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum() / n.clamp(min=1)
+    if n < 2:
+        out = x - mean if shift_mean else x
+        return out * m
+    var = (((x - mean) ** 2) * m).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k1 estimate of KL(π ‖ π_ref): ``log π − log π_ref`` (its mean under π is the KL)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate (Schulman 2020; GRPO Eq. 4): ``exp(r) − r − 1`` with ``r = log π_ref − log π``.
+
+    Unbiased for KL(π ‖ π_ref) under samples from π, and always ≥ 0.
+    """
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over masked positions; returns ``(advantages, returns)``.
+
+    ``rewards``/``values``/``mask`` are ``[B, T]``; positions where ``mask`` is false are skipped (the
+    recursion links each response token to the next *masked* one, so prompts and padding may sit anywhere)
+    and get advantage and return 0. The value after a row's last masked token is 0 (the episode ends).
+    """
+    mask = mask.bool()
+    adv = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(torch.nonzero(mask.any(0)).flatten().tolist()):  # columns with no action: skipped
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        g = delta + gamma * lam * last_gae
+        adv[:, t] = torch.where(m, g, torch.zeros_like(g))
+        last_gae = torch.where(m, g, last_gae)
+        next_value = torch.where(m, values[:, t], next_value)
+    returns = (adv + values) * mask
+    return adv, returns
+
+
+class ClippedLoss(NamedTuple):
+    """A clipped loss: the masked token mean, the per-token loss and where the clipped branch won."""
+
+    loss: Tensor
+    per_token: Tensor
+    clipped: Tensor
+
+
+def clipped_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, eps: float) -> ClippedLoss:
+    """PPO's clipped surrogate (Eq. 7), negated for minimisation: ``max(−A ρ, −A clip(ρ, 1−ε, 1+ε))``.
+
+    ``clipped`` marks tokens where the clipped term is the larger (the gradient is then zero) — its masked
+    mean is the usual clip fraction.
+    """
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped_term = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
+    per_token = torch.maximum(unclipped, clipped_term)
+    return ClippedLoss(masked_mean(per_token, mask), per_token, (clipped_term > unclipped) & mask.bool())
+
+
+def clipped_value_loss(v: Tensor, old_v: Tensor, returns: Tensor, mask: Tensor, eps: float) -> ClippedLoss:
+    """``½ max((V − G)², (V_old + clip(V − V_old, ±ε) − G)²)`` as a masked token mean (value clipping)."""
+    v_clipped = old_v + torch.clamp(v - old_v, -eps, eps)
+    per_token = 0.5 * torch.maximum((v - returns) ** 2, (v_clipped - returns) ** 2)
+    clipped = ((v_clipped - returns) ** 2 > (v - returns) ** 2) & mask.bool()
+    return ClippedLoss(masked_mean(per_token, mask), per_token, clipped)
+
+
+def group_advantages(scores: Tensor, group: Tensor, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantage per response: ``R − mean`` of its group (÷ ``std + eps`` with ``scale``).
+
+    ``group`` ([N] ints) says which prompt each response answers. The std is the unbiased sample std (as
+    ``torch.std`` and TRL's GRPO); a group of one response has advantage 0.
+    """
+    adv = torch.zeros_like(scores, dtype=torch.float32)
+    for g in torch.unique(group):
+        sel = group == g
+        s = scores[sel].float()
+        if s.numel() < 2:
+            continue
+        centred = s - s.mean()
+        adv[sel] = centred / (s.std() + eps) if scale else centred
+    return adv
+
+
+# --------------------------------------------------------------------------------------------------
+# Value head
+# --------------------------------------------------------------------------------------------------
+
+
+class ValueHead(torch.nn.Module):
+    """V(s_t) = w·h_t + b on the policy's last hidden state, in float32, initialised to exactly zero.
+
+    Zero init makes the first advantages the plain (KL-shaped) rewards-to-go instead of noise from a random
+    critic, and makes a fresh head deterministic (no RNG draw), so attaching it never shifts a seeded run.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.summary = torch.nn.Linear(hidden_size, 1, dtype=torch.float32)
+        torch.nn.init.zeros_(self.summary.weight)
+        torch.nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # values stay float32 under bf16 autocast
+            return self.summary(hidden.float()).squeeze(-1)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def get_value_head(policy: torch.nn.Module) -> ValueHead | None:
+    """The value head registered on ``policy`` (or inside its DDP wrapper), if any."""
+    head = unwrap(policy)._modules.get(VALUE_HEAD_ATTR)
+    return head if isinstance(head, ValueHead) else None
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        raise TypeError(
+            f"cannot size a value head for {type(model).__name__}: no config.hidden_size and no "
+            "get_input_embeddings()"
+        )
+    return int(emb.embedding_dim)
+
+
+def attach_value_head(policy: torch.nn.Module) -> tuple[ValueHead, bool]:
+    """Register a :class:`ValueHead` as ``policy.v_head`` unless one is there; returns ``(head, created)``.
+
+    As a registered submodule the head is in ``policy.parameters()`` — so an optimizer built *after* this
+    call trains it, DDP syncs it, and a full fine-tune's checkpoint (every trainable parameter) holds it.
+    With a PEFT model it sits on the ``PeftModel`` wrapper: ``merge_and_unload`` drops it, so the merged
+    stage model saved for the next stage stays a clean causal LM.
+    """
+    model = unwrap(policy)
+    head = get_value_head(model)
+    if head is not None:
+        return head, False
+    if VALUE_HEAD_ATTR in model._modules:
+        raise TypeError(
+            f"{type(model).__name__}.{VALUE_HEAD_ATTR} exists and is not a revmix ValueHead; cannot attach one"
+        )
+    ref = next(model.parameters())
+    head = ValueHead(_hidden_size(model)).to(ref.device)
+    model.add_module(VALUE_HEAD_ATTR, head)
+    return head, True
+
+
+def detach_value_head(policy: torch.nn.Module) -> ValueHead | None:
+    """Remove and return the value head, so ``save_pretrained`` writes a plain causal LM (full fine-tune)."""
+    model = unwrap(policy)
+    head = get_value_head(model)
+    if head is not None:
+        del model._modules[VALUE_HEAD_ATTR]
+    return head
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """Sampled sequences and everything PPO stores about them, ready for several optimisation passes.
+
+    ``input_ids``/``attention_mask``/``labels`` are ``[N, T]`` (prompt + response, right-padded, labels
+    -100 outside the response); every per-token tensor is ``[N, T-1]``, aligned with ``token_logps``
+    (position t scores token t+1). ``old_values``/``returns`` are None with the group baseline.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    direction: Tensor
+    group: Tensor
+    scores: Tensor
+    mask: Tensor
+    old_logps: Tensor
+    ref_logps: Tensor
+    advantages: Tensor
+    old_values: Tensor | None = None
+    returns: Tensor | None = None
+    token_rewards: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, index: Tensor) -> Rollout:
+        """The sub-rollout at ``index`` (a mini-batch), trimmed of columns that are padding in all rows."""
+        out = {
+            f.name: (v[index] if isinstance(v, Tensor) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        used = torch.nonzero(out["attention_mask"].bool().any(0)).flatten()
+        width = max(int(used.max()) + 1 if used.numel() else 0, 2)
+        for name, v in out.items():
+            if isinstance(v, Tensor) and v.dim() == 2:
+                out[name] = v[:, : width if name in ("input_ids", "attention_mask", "labels") else width - 1]
+        return Rollout(**out)
+
+
+def _log_softmax_logits(logits: Tensor, temperature: float) -> Tensor:
+    logits = logits[:, :-1, :].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _gather(logp_all: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    targets = labels[:, 1:]
+    mask = targets != -100
+    safe = targets.masked_fill(~mask, 0)
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------------
+
+
+@register_objective("ppo")
+@dataclass(frozen=True)
+class PPO:
+    """PPO / GRPO hyper-parameters (TRL's defaults where TRL has them). See the module docstring.
+
+    ``baseline`` — ``critic`` (value head + GAE) | ``group`` (GRPO, no value head);
+    ``group_size`` — responses sampled per prompt (default 1 for ``critic``, 4 for ``group``);
+    ``kl_coef`` — β of the KL to the reference; ``gamma``/``lam`` — GAE's γ/λ; ``clip_eps`` — ε;
+    ``value_clip_eps`` — ε_v; ``vf_coef`` — c_v; ``entropy_coef`` — c_H; ``ppo_epochs`` — passes per
+    rollout batch; ``num_mini_batches`` — optimizer steps per pass; ``whiten_advantages`` (critic only);
+    ``scale_rewards`` — divide group advantages by the group std (group only); ``temperature``/``top_p``/
+    ``max_new_tokens`` — rollout sampling; ``reward`` — reward spec (a name, or a mapping such as
+    ``{name: sum, terms: [{name: correct, weight: 1}, {name: format, weight: 0.1}]}``), built and
+    validated by ``revmix.platform.rewards.build_reward``.
+    """
+
+    baseline: str = "critic"
+    group_size: int | None = None
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    whiten_advantages: bool = True
+    scale_rewards: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    reward: str | dict = "correct"
+
+    requires: ClassVar[frozenset[str]] = frozenset({"response"})
+    needs_reference: ClassVar[bool] = True
+    needs_rollouts: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.baseline not in BASELINES:
+            raise ValueError(
+                f"ppo baseline {self.baseline!r} is not supported; valid: {', '.join(BASELINES)}"
+            )
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"ppo group_size must be >= 1, got {self.group_size}")
+        if self.baseline == "group" and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"ppo baseline 'group' needs group_size >= 2 (the baseline is the group mean), got "
+                f"{self.group_size}"
+            )
+        checks = {
+            "kl_coef": self.kl_coef >= 0,
+            "gamma": 0 <= self.gamma <= 1,
+            "lam": 0 <= self.lam <= 1,
+            "clip_eps": self.clip_eps > 0,
+            "value_clip_eps": self.value_clip_eps > 0,
+            "vf_coef": self.vf_coef >= 0,
+            "entropy_coef": self.entropy_coef >= 0,
+            "ppo_epochs": self.ppo_epochs >= 1,
+            "num_mini_batches": self.num_mini_batches >= 1,
+            "temperature": self.temperature > 0,
+            "top_p": 0 < self.top_p <= 1,
+            "max_new_tokens": self.max_new_tokens >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            ranges = {
+                "kl_coef": ">= 0",
+                "gamma": "in [0, 1]",
+                "lam": "in [0, 1]",
+                "clip_eps": "> 0",
+                "value_clip_eps": "> 0",
+                "vf_coef": ">= 0",
+                "entropy_coef": ">= 0",
+                "ppo_epochs": ">= 1",
+                "num_mini_batches": ">= 1",
+                "temperature": "> 0 (rollouts sample; greedy rollouts give PPO nothing to compare)",
+                "top_p": "in (0, 1]",
+                "max_new_tokens": ">= 1",
+            }
+            raise ValueError("; ".join(f"ppo {k} must be {ranges[k]}, got {getattr(self, k)!r}" for k in bad))
+        if not isinstance(self.reward, str | dict):
+            raise ValueError(f"ppo reward must be a name or a mapping with 'name', got {self.reward!r}")
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def samples_per_prompt(self) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return 4 if self.baseline == "group" else 1
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.baseline == "critic"
+
+    def prepare_policy(self, policy: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Attach what the policy needs before an optimizer is built: the value head (critic only).
+
+        Returns the parameters it *created* (empty when nothing was added), so a caller whose optimizer
+        already exists can add them as a param group.
+        """
+        if not self.uses_critic:
+            return []
+        head, created = attach_value_head(policy)
+        return list(head.parameters()) if created else []
+
+    def release_policy(self, policy: torch.nn.Module) -> torch.nn.Module | None:
+        """Detach and return the value head at the end of a stage, so the saved model is a plain causal LM."""
+        return detach_value_head(policy)
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(
+        self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """(logits, values [B, T-1] or None) from one forward pass of the policy."""
+        head = get_value_head(model) if self.uses_critic else None
+        if self.uses_critic and head is None:
+            raise RuntimeError(
+                "ppo (baseline 'critic') needs a value head on the policy: call objective.prepare_policy(policy) "
+                "before building the optimizer"
+            )
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=head is not None)
+        logits = out.logits if hasattr(out, "logits") else out
+        values = head(out.hidden_states[-1][:, :-1]) if head is not None else None
+        return logits, values
+
+    @torch.no_grad()
+    def make_rollout(
+        self,
+        policy: torch.nn.Module,
+        ref: Reference,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        direction: Tensor,
+        scores: Tensor,
+        group: Tensor | None = None,
+    ) -> tuple[Rollout, dict[str, float]]:
+        """Score sampled sequences under π_old, π_ref (and V), shape rewards, estimate advantages.
+
+        ``scores`` ([N]) are the reward function's outputs; ``group`` ([N]) the prompt index of each
+        response (default: every response its own group). Returns the rollout and its metrics (reward,
+        KL to the reference, response length; per direction).
+        """
+        if ref is None:
+            raise ValueError("ppo needs a reference policy for its KL term: pass ref (the stage-start model)")
+        if group is None:
+            group = torch.arange(input_ids.shape[0], device=input_ids.device)
+        scores = scores.to(input_ids.device).float()
+        logits, values = self._forward(policy, input_ids, attention_mask)
+        old_logps, mask = _gather(_log_softmax_logits(logits, self.temperature), labels)
+        del logits
+        ref_logps, _ = _gather(
+            _log_softmax_logits(ref.logits(input_ids, attention_mask), self.temperature), labels
+        )
+        kl = kl_penalty(old_logps, ref_logps) * mask
+        lengths = mask.sum(-1)
+        token_rewards = None
+        returns = None
+        if self.uses_critic:
+            token_rewards = -self.kl_coef * kl
+            width = mask.shape[1]
+            idx = (width - 1 - mask.flip(-1).float().argmax(-1)).unsqueeze(
+                -1
+            )  # each row's last response token
+            has = (lengths > 0).float().unsqueeze(-1)
+            token_rewards = token_rewards.scatter_add(1, idx, scores.unsqueeze(-1) * has)
+            values = values * mask
+            advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
+            if self.whiten_advantages:
+                advantages = whiten(advantages, mask)
+        else:
+            advantages = group_advantages(scores, group, self.scale_rewards).unsqueeze(-1) * mask
+        rollout = Rollout(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            direction=direction,
+            group=group,
+            scores=scores,
+            mask=mask,
+            old_logps=old_logps,
+            ref_logps=ref_logps,
+            advantages=advantages,
+            old_values=values,
+            returns=returns,
+            token_rewards=token_rewards,
+        )
+        d = direction
+        metrics: dict[str, float] = {}
+        metrics |= per_direction(scores, d, "ppo/score")
+        total_reward = (
+            token_rewards.sum(-1) if token_rewards is not None else scores - self.kl_coef * kl.sum(-1)
+        )
+        metrics |= per_direction(total_reward, d, "ppo/reward")
+        metrics |= per_direction(kl.sum(-1), d, "ppo/kl")
+        metrics |= per_direction(lengths.float(), d, "ppo/response_length")
+        return rollout, metrics
+
+    def loss(self, policy: torch.nn.Module, rb: Rollout) -> LossOutput:
+        """The PPO (or GRPO) loss of one mini-batch under the current policy; metrics per direction."""
+        logits, values = self._forward(policy, rb.input_ids, rb.attention_mask)
+        logp_all = _log_softmax_logits(logits, self.temperature)
+        logp, _ = _gather(logp_all, rb.labels)
+        mask = rb.mask
+        with torch.set_grad_enabled(bool(self.entropy_coef) and torch.is_grad_enabled()):
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # in the graph only when it is in the loss
+        pg = clipped_policy_loss(logp, rb.old_logps, rb.advantages, mask, self.clip_eps)
+        loss = pg.loss
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * masked_mean(entropy, mask)
+        d = rb.direction
+        metrics: dict[str, float] = {}
+        if self.uses_critic:
+            assert values is not None and rb.old_values is not None and rb.returns is not None
+            vf = clipped_value_loss(values, rb.old_values, rb.returns, mask, self.value_clip_eps)
+            loss = loss + self.vf_coef * vf.loss
+            metrics["ppo/value_loss"] = float(vf.loss.detach())
+            metrics |= per_direction(row_mean(vf.per_token.detach(), mask), d, "ppo/value_loss")
+            metrics |= per_direction(row_mean(vf.clipped.float(), mask), d, "ppo/value_clip_fraction")
+        else:
+            k3 = kl_k3(logp, rb.ref_logps)
+            kl_loss = masked_mean(k3, mask)
+            if self.kl_coef:
+                loss = loss + self.kl_coef * kl_loss
+            metrics |= per_direction(row_mean(k3.detach(), mask), d, "ppo/kl_k3")
+        metrics |= per_direction(row_mean(pg.per_token.detach(), mask), d, "ppo/policy_loss")
+        metrics["ppo/policy_loss"] = float(pg.loss.detach())
+        metrics |= per_direction(row_mean(pg.clipped.float(), mask), d, "ppo/clip_fraction")
+        metrics |= per_direction(row_mean(entropy.detach(), mask), d, "ppo/entropy")
+        approx_kl = 0.5 * (logp.detach() - rb.old_logps) ** 2
+        metrics |= per_direction(row_mean(approx_kl, mask), d, "ppo/approx_kl")
+        metrics |= per_direction(rb.advantages.sum(-1) / mask.sum(-1).clamp(min=1), d, "ppo/advantage")
+        metrics["loss"] = float(loss.detach())
+        return LossOutput(loss=loss, metrics=metrics)
+
+    # ------------------------------------------------------------------ plain-batch call
+
+    def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
+        """One PPO pass over the batch's y+ treated as a rollout with score 1 (see the module docstring).
+
+        Attaches the value head when missing (critic baseline); a training loop must instead call
+        :meth:`prepare_policy` before building its optimizer, or the head is never trained.
+        """
+        self.prepare_policy(policy)
+        rollout, rollout_metrics = self.make_rollout(
+            policy,
+            ref,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.labels,
+            batch.direction,
+            torch.ones(batch.size, device=batch.input_ids.device),
+        )
+        out = self.loss(policy, rollout)
+        out.metrics = {**rollout_metrics, **out.metrics}
+        return out

@@ -1,0 +1,370 @@
+"""PPO's training step: sample rollouts with the live policy, reward them, then several PPO passes.
+
+The training loop calls :func:`ppo_step` instead of ``supervised_step`` when ``objective.needs_rollouts``
+(same signature: ``(ctx, batch_rows, step) -> (metrics, n_tokens)``). One call is one *outer* step:
+
+1. **rollout** — ``group_size`` responses per prompt of the Mixer's rows (so the reverse fraction and
+   curricula apply to PPO too), sampled from the CURRENT weights by a :class:`RolloutEngine`;
+2. **scoring** — decode, reward (``revmix.platform.rewards``), answer accuracy and format for metrics;
+3. **reference** — old log-probs / values under the policy and log-probs under the reference, in one
+   no-grad pass each (``PPO.make_rollout``), rewards shaped with the KL, advantages estimated;
+4. **optimisation** — ``ppo_epochs`` × ``num_mini_batches`` optimizer steps (each split into
+   ``stage.grad_accum`` micro-batches), with clipping at ``stage.max_grad_norm``. The loop steps the LR
+   scheduler once afterwards.
+
+Dropout is off for the whole step (the model is in eval mode, gradients still flow), so the first
+mini-batch sees ratio 1 exactly and the clipped objective measures only the policy's own change — TRL's
+PPO trainer disables dropout for the same reason.
+
+Engines: :class:`HFRolloutEngine` calls ``model.generate`` on token ids directly. The ``hf`` Generator
+(``generation/hf.py``) is text in / text out; PPO must score exactly the tokens that were sampled
+(re-tokenising decoded text can split differently and would corrupt the importance ratio), so it does not
+fit. A vLLM engine would implement the same :class:`RolloutEngine` protocol and push the policy's weights
+to its engine at each ``generate`` call (``load_weights`` of the merged state dict); it is not written yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from revmix.objectives.base import IGNORE_INDEX, per_direction
+from revmix.objectives.ppo import PPO, unwrap
+from revmix.platform.evaluation.answers import extract_answer, score_completion
+from revmix.platform.generation.protocol import SamplingParams
+from revmix.platform.rewards import Sample, answer_kind, build_reward, has_answer_line
+
+# --------------------------------------------------------------------------------------------------
+# Engines
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Samples response token ids from a policy's current weights.
+
+    ``generate`` returns ``params.n`` responses per prompt, in prompt order; each response is the list of
+    sampled token ids, ending with the EOS token when the model emitted one (as training responses do).
+    """
+
+    def generate(
+        self, policy: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[list[int]]]: ...
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """EOS ids from the model's generation config and the tokenizer (Qwen-style models list several)."""
+    ids: list[int] = []
+    gen_cfg = getattr(unwrap(model), "generation_config", None)
+    for source in (getattr(gen_cfg, "eos_token_id", None), tokenizer.eos_token_id):
+        for i in source if isinstance(source, list | tuple) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("policy and tokenizer define no eos_token_id: rollouts could never end")
+    return ids
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off inside the block; every submodule's previous mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class HFRolloutEngine:
+    """Batched, KV-cached sampling with ``model.generate`` on left-padded prompt ids (in-process)."""
+
+    def __init__(self, eos_ids: Sequence[int], pad_id: int, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"HFRolloutEngine batch_size must be >= 1, got {batch_size}")
+        self.eos_ids = [int(i) for i in eos_ids]
+        self.pad_id = int(pad_id)
+        self.batch_size = batch_size
+
+    @classmethod
+    def for_policy(cls, policy: torch.nn.Module, tokenizer: Any) -> HFRolloutEngine:
+        eos = eos_token_ids(policy, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        return cls(eos, pad)
+
+    def _config(self, params: SamplingParams) -> Any:
+        from transformers import GenerationConfig
+
+        sample = not params.greedy
+        # Set every knob that changes the distribution: unset ones would come from the checkpoint's
+        # generation_config.json (top_k=50, repetition_penalty, ...) and the sampled tokens would no longer
+        # follow the softmax(logits / τ) that PPO's log-probs assume.
+        knobs = dict(temperature=params.temperature, top_p=params.top_p, top_k=0, min_p=None, typical_p=1.0)
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sample,
+            **(knobs if sample else {}),
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            num_beams=1,
+            num_return_sequences=params.n,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            use_cache=True,
+        )
+
+    def _cut(self, tokens: list[int]) -> list[int]:
+        for j, t in enumerate(tokens):
+            if t in self.eos_ids:
+                return tokens[: j + 1]
+        n = len(tokens)
+        while n > 0 and tokens[n - 1] == self.pad_id:
+            n -= 1
+        return tokens[:n]
+
+    @torch.no_grad()
+    def generate(
+        self, policy: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[list[int]]]:
+        model = unwrap(policy)
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("HFRolloutEngine.generate: every prompt needs at least one token")
+        device = next(model.parameters()).device
+        cfg = self._config(params)
+        out: list[list[list[int]]] = [[] for _ in prompt_ids]
+        fork = [device] if device.type == "cuda" else []
+        with eval_mode(model):
+            for b, start in enumerate(range(0, len(prompt_ids), self.batch_size)):
+                chunk = list(range(start, min(start + self.batch_size, len(prompt_ids))))
+                width = max(len(prompt_ids[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for k, i in enumerate(chunk):
+                    p = list(prompt_ids[i])
+                    ids[k, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                    mask[k, width - len(p) :] = 1
+                with torch.random.fork_rng(devices=fork):  # sampling never shifts the training RNG stream
+                    torch.manual_seed(params.seed + b)
+                    seqs = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg
+                    )
+                new = seqs[:, width:].tolist()
+                for k, i in enumerate(chunk):
+                    out[i] = [self._cut(new[k * params.n + j]) for j in range(params.n)]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the rollout batch
+# --------------------------------------------------------------------------------------------------
+
+
+def pack(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``(input_ids, attention_mask, labels)`` of prompt + response (labels on the response)."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = torch.tensor(list(p) + list(r), dtype=torch.long)
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = seq[len(p) :]
+    return ids, mask, labels
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time after the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _TimedReference:
+    """Wraps a reference policy and adds the time its forward passes take (for the step's time split)."""
+
+    def __init__(self, ref: Any, device: torch.device) -> None:
+        self.ref = ref
+        self.device = device
+        self.seconds = 0.0
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        t0 = _clock(self.device)
+        try:
+            return self.ref.logits(input_ids, attention_mask)
+        finally:
+            self.seconds += _clock(self.device) - t0
+
+
+def _accumulate(sums: dict[str, float], counts: dict[str, int], metrics: dict[str, float]) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + v
+        counts[k] = counts.get(k, 0) + 1
+
+
+def _adopt_new_parameters(ctx: Any, params: list[torch.nn.Parameter]) -> None:
+    """Train parameters the objective just created (the value head) with the already-built optimizer.
+
+    They join the optimizer's first param group rather than a new one: the loop's LR scheduler was built
+    for a fixed number of groups (torch zips them strictly) and must schedule the head's LR too. AdamW
+    creates per-parameter state lazily, so a parameter joining a group mid-run is well defined. A resumed
+    run still needs the head before its optimizer is built (see ``PPO.prepare_policy``).
+    """
+    if ctx.world > 1:
+        raise RuntimeError(
+            "ppo: the value head was created after the model was wrapped for distributed training, so its "
+            "gradients would not be synchronised; the training loop must call objective.prepare_policy(policy) "
+            "before rtt.prepare_model and before building the optimizer"
+        )
+    ctx.optimizer.param_groups[0]["params"].extend(params)
+    ctx.trainable.extend(params)
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------
+
+
+def ppo_step(
+    ctx: Any, batch_rows: list[dict], step: int, engine: RolloutEngine | None = None
+) -> tuple[dict[str, float], int]:
+    """One PPO outer step on the Mixer's rows (see the module docstring); returns (metrics, tokens).
+
+    ``ctx`` is the loop's ``StepContext``; ``engine`` defaults to :class:`HFRolloutEngine` on the policy.
+    """
+    obj = ctx.objective
+    if not isinstance(obj, PPO):
+        raise TypeError(f"ppo_step needs the 'ppo' objective, got {type(obj).__name__}")
+    if ctx.ref is None:
+        raise ValueError("ppo_step: ctx.ref is None; PPO's KL term needs the stage's reference policy")
+    if ctx.ref_cache is not None:
+        raise ValueError(
+            "stages.*.reference: 'cache' stores log-probs of the dataset's responses, but PPO scores fresh "
+            "rollouts; use 'auto', 'adapter' or 'copy'"
+        )
+    if not batch_rows:
+        raise ValueError("ppo_step: empty batch")
+    group_size = obj.samples_per_prompt
+    if obj.num_mini_batches > len(batch_rows) * group_size:
+        raise ValueError(
+            f"objective.num_mini_batches={obj.num_mini_batches} exceeds the rollout batch of "
+            f"{len(batch_rows) * group_size} responses (batch_size × group_size); lower it"
+        )
+    dev = ctx.device
+    timings = {"rollout": 0.0, "scoring": 0.0, "reference": 0.0, "old_logps": 0.0, "optimisation": 0.0}
+    created = obj.prepare_policy(ctx.policy)
+    if created:
+        _adopt_new_parameters(ctx, created)
+    reward_fn = build_reward(obj.reward, path="objective.reward")
+    tok = ctx.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bool(ctx.autocast))
+
+    # 1. rollout
+    t0 = _clock(dev)
+    engine = engine or HFRolloutEngine.for_policy(ctx.policy, tok)
+    params = SamplingParams(
+        max_new_tokens=obj.max_new_tokens,
+        temperature=obj.temperature,
+        top_p=obj.top_p,
+        n=group_size,
+        seed=(ctx.seed * 1_000_003 + step) % (2**31),
+    )
+    prompts = [list(r["prompt_ids"]) for r in batch_rows]
+    with autocast:
+        sampled = engine.generate(ctx.policy, prompts, params)
+    timings["rollout"] = _clock(dev) - t0
+
+    # 2. scoring
+    t0 = _clock(dev)
+    seq_prompts, seq_responses, directions, groups = [], [], [], []
+    scores, correct, formatted = [], [], []
+    for i, (row, outs) in enumerate(zip(batch_rows, sampled)):
+        if len(outs) != group_size:
+            raise RuntimeError(
+                f"rollout engine returned {len(outs)} responses for prompt {i}, wanted {group_size}"
+            )
+        other = tok.decode(row["other_ids"], skip_special_tokens=True) if row.get("other_ids") else ""
+        other_answer = extract_answer(other) if other else None
+        for ids in outs:
+            text = tok.decode(ids, skip_special_tokens=True)
+            sample = Sample(
+                completion=text,
+                answer=row.get("answer"),
+                task=str(row.get("task") or ""),
+                direction=int(row["direction"]),
+                other_answer=other_answer,
+                item_id=str(row.get("item_id", "")),
+            )
+            scores.append(float(reward_fn(sample)))
+            gold = row.get("answer")
+            kind = answer_kind("auto", sample.task)
+            correct.append(float(gold is not None and score_completion(text, gold, kind)))
+            formatted.append(float(has_answer_line(text)))
+            # A response cut to nothing (a non-EOS pad sampled first) is scored as one pad token.
+            seq_prompts.append(row["prompt_ids"])
+            seq_responses.append(ids if ids else [pad_id])
+            directions.append(int(row["direction"]))
+            groups.append(i)
+    timings["scoring"] = _clock(dev) - t0
+
+    # 3. reference log-probs, and old log-probs + values under the policy (timed apart)
+    t0 = _clock(dev)
+    ids, mask, labels = pack(seq_prompts, seq_responses, pad_id)
+    direction = torch.tensor(directions, dtype=torch.long, device=dev)
+    ref = _TimedReference(ctx.ref, dev)
+    with eval_mode(ctx.train_model):
+        with autocast:
+            rollout, rollout_metrics = obj.make_rollout(
+                ctx.policy,
+                ref,
+                ids.to(dev),
+                mask.to(dev),
+                labels.to(dev),
+                direction,
+                torch.tensor(scores, device=dev),
+                torch.tensor(groups, dtype=torch.long, device=dev),
+            )
+        timings["reference"] = ref.seconds
+        timings["old_logps"] = _clock(dev) - t0 - ref.seconds
+
+        # 4. optimisation
+        t0 = _clock(dev)
+        n = rollout.size
+        gen = torch.Generator().manual_seed((ctx.seed * 7_368_787 + step) % (2**31))
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        grad_norms: list[float] = []
+        accum = max(1, int(ctx.stage.grad_accum))
+        for _ in range(obj.ppo_epochs):
+            perm = torch.randperm(n, generator=gen)
+            for mb in perm.chunk(obj.num_mini_batches):
+                for micro in mb.chunk(min(accum, len(mb))):
+                    with autocast:
+                        out = obj.loss(ctx.train_model, rollout.select(micro.to(dev)))
+                    (out.loss * (len(micro) / len(mb))).backward()
+                    _accumulate(sums, counts, out.metrics)
+                if ctx.stage.max_grad_norm:
+                    grad_norms.append(
+                        float(torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.stage.max_grad_norm))
+                    )
+                ctx.optimizer.step()
+                ctx.optimizer.zero_grad(set_to_none=True)
+        timings["optimisation"] = _clock(dev) - t0
+
+    metrics = {k: sums[k] / counts[k] for k in sums}
+    metrics |= rollout_metrics
+    metrics |= per_direction(torch.tensor(correct), direction.cpu(), "ppo/accuracy")
+    metrics |= per_direction(torch.tensor(formatted), direction.cpu(), "ppo/format")
+    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
+    for k, v in timings.items():
+        metrics[f"ppo/time/{k}_s"] = v
+    return metrics, int(mask.sum())
