@@ -42,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("revmix sweep: --out DIR is required (or --dry-run)", file=sys.stderr)
         return 2
+    if "://" in args.out:
+        print(
+            f"revmix sweep: --out {args.out!r}: the sweep directory must be a path every node can open "
+            "(local disk on one machine, NFS on a cluster); bucket URIs are for runs' runtime.storage_path",
+            file=sys.stderr,
+        )
+        return 2
     from revmix.sweeps.runner import SweepExistsError, run_sweep
 
     try:
