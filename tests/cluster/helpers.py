@@ -5,7 +5,7 @@ auth, exactly as a user would; the session fixture is an in-process ``ray.init``
 (GCS, dashboard, dashboard agent, runtime-env agent, metrics, Ray client) so the head never collides with
 another Ray instance on a shared machine, and ``--temp-dir`` is private. Teardown kills the process group
 ``ray start --block`` leads, then any straggler whose command line names our private temp dir — by pid,
-never ``ray stop``, which would kill every Ray process of the user.
+never the Ray CLI's stop command, which would kill every Ray process of the user.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@
 
 Why a real multi-process cluster rather than ``ray.cluster_utils.Cluster``: the latter lives inside the
 calling process (its ``ray.init`` clashes with any other Ray state there) and ``AutoscalingCluster`` is
-unusable from the wheel (it reads a file the wheel does not ship and runs ``ray stop --force``). Here every
+unusable from the wheel (it reads a file the wheel does not ship and runs the CLI's forced stop command). Here every
 node is ``ray start ... --block`` in a session of its own with its own ``--temp-dir`` and free ports (GCS,
 dashboard, agents, metrics), so several clusters — and other people's Ray — coexist on one machine, and a
-node is removed as a machine would vanish: by killing its processes. Nothing here runs ``ray stop``, which
+node is removed as a machine would vanish: by killing its processes. Nothing here runs the Ray CLI's stop command, which
 kills every Ray process of the user.
 
 Addresses (ray 2.60): the dashboard binds 127.0.0.1 (``--dashboard-host``), but Ray's gRPC servers (GCS,
