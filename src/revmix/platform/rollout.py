@@ -99,25 +99,9 @@ class HFRolloutEngine:
         return cls(eos, pad)
 
     def _config(self, params: SamplingParams) -> Any:
-        from transformers import GenerationConfig
+        from revmix.platform.generation.hf import exact_generation_config
 
-        sample = not params.greedy
-        # Set every knob that changes the distribution: unset ones would come from the checkpoint's
-        # generation_config.json (top_k=50, repetition_penalty, ...) and the sampled tokens would no longer
-        # follow the softmax(logits / τ) that PPO's log-probs assume.
-        knobs = dict(temperature=params.temperature, top_p=params.top_p, top_k=0, min_p=None, typical_p=1.0)
-        return GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=sample,
-            **(knobs if sample else {}),
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            num_beams=1,
-            num_return_sequences=params.n,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-            use_cache=True,
-        )
+        return exact_generation_config(params.replace(stop=()), self.pad_id, self.eos_ids)
 
     def _cut(self, tokens: list[int]) -> list[int]:
         for j, t in enumerate(tokens):

@@ -153,25 +153,7 @@ class HFGenerator:
         return ids.to(self.device), mask.to(self.device)
 
     def _generation_config(self, params: SamplingParams) -> Any:
-        from transformers import GenerationConfig
-
-        # Everything that changes the distribution is set explicitly: unset fields would be filled from the
-        # checkpoint's generation_config.json (e.g. repetition_penalty, top_k=50), breaking parity with vLLM.
-        sample = not params.greedy
-        knobs = dict(temperature=params.temperature, top_p=params.top_p, top_k=0, min_p=None, typical_p=1.0)
-        return GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=sample,
-            **(knobs if sample else {}),
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            num_beams=1,
-            num_return_sequences=params.n,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-            use_cache=True,
-            stop_strings=list(params.stop) or None,
-        )
+        return exact_generation_config(params, self.pad_id, self.eos_ids)
 
     def _finish(self, tokens: list[int], params: SamplingParams) -> Completion:
         """Cut one generated row at EOS (or trailing pad), decode, cut at the first stop string."""
@@ -353,3 +335,29 @@ class HFGenerator:
         thread.join()
         if errors:
             raise errors[0]
+
+
+def exact_generation_config(params: SamplingParams, pad_id: int, eos_ids: Sequence[int]) -> Any:
+    """A ``GenerationConfig`` that samples exactly softmax(logits / T) with top-p and nothing else.
+
+    Everything that changes the distribution is set explicitly: unset fields would be filled from the
+    checkpoint's generation_config.json (e.g. repetition_penalty, top_k=50), breaking parity with vLLM and
+    the log-probs PPO assumes for its samples.
+    """
+    from transformers import GenerationConfig
+
+    sample = not params.greedy
+    knobs = dict(temperature=params.temperature, top_p=params.top_p, top_k=0, min_p=None, typical_p=1.0)
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sample,
+        **(knobs if sample else {}),
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        num_beams=1,
+        num_return_sequences=params.n,
+        pad_token_id=pad_id,
+        eos_token_id=list(eos_ids),
+        use_cache=True,
+        stop_strings=list(params.stop) or None,
+    )
