@@ -23,7 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="revmix", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="revmix",
+        description="Sweeps and fine-tuning objectives for forward/reverse reasoning data, on Ray.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
