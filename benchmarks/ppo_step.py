@@ -7,7 +7,12 @@ most rollouts run the full ``--max-new-tokens`` budget (a worst case for the rol
 step of each configuration is a warm-up and is not counted; the JSON holds every timed step, the mean and
 the median (on a shared machine, or a GPU's first shapes, single steps can be far off).
 
+``--rollout-backends hf,vllm`` times the same steps with each rollout engine (vLLM needs
+``.venv-vllm`` on CPU, VLLM_CPU.md); a vLLM rollout includes pushing the policy's weights into the
+engine, timed apart as ``weight_sync``. The JSON's ``rollout_ratio`` is vllm's rollout time over hf's.
+
     python benchmarks/ppo_step.py --out benchmarks/results/ppo_step.json
+    .venv-vllm/bin/python benchmarks/ppo_step.py --rollout-backends hf,vllm --out benchmarks/results/ppo_step_vllm.json
     python benchmarks/ppo_step.py --device cuda --scale small --out gpu.json
 """
 
@@ -36,13 +41,13 @@ from revmix.platform.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from revmix.platform.rollout import ppo_step
+from revmix.platform.rollout import eos_token_ids, ppo_step
 from revmix.platform.train import StepContext
 
 PARTS = ("rollout", "scoring", "reference", "old_logps", "optimisation")
 
 
-def run(args: argparse.Namespace, baseline: str, rows: list[dict], tok, path: str) -> dict:
+def run(args: argparse.Namespace, baseline: str, backend: str, rows: list[dict], tok, path: str) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = load_model(path, dtype=args.dtype, device=device)
@@ -79,25 +84,37 @@ def run(args: argparse.Namespace, baseline: str, rows: list[dict], tok, path: st
         with_other=False,
         seed=0,
     )
+    engine = None
+    if backend == "vllm":
+        from revmix.platform.vllm_rollout import VLLMRolloutEngine
+
+        engine = VLLMRolloutEngine(path, eos_token_ids(model, tok), placement="local", seed=0)
     rng = random.Random(0)
     steps = []
     for step in range(args.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        m, n_tokens = ppo_step(ctx, rng.sample(rows, args.batch_size), step)
+        synced = engine.sync_seconds if engine is not None else 0.0
+        m, n_tokens = ppo_step(ctx, rng.sample(rows, args.batch_size), step, engine=engine)
         if step == 0:
             continue  # warm-up
         split = {p: m[f"ppo/time/{p}_s"] for p in PARTS}
+        split["weight_sync"] = engine.sync_seconds - synced if engine is not None else 0.0
         steps.append(
             {
                 **split,
-                "total": sum(split.values()),
+                "total": sum(v for k, v in split.items() if k in PARTS),
                 "tokens": n_tokens,
                 "response_length": m["ppo/response_length"],
             }
         )
-        print(f"{baseline} step {step}: " + ", ".join(f"{k} {v:.3f}s" for k, v in split.items()), flush=True)
-    keys = (*PARTS, "total", "response_length")
+        print(
+            f"{baseline}/{backend} step {step}: " + ", ".join(f"{k} {v:.3f}s" for k, v in split.items()),
+            flush=True,
+        )
+    if engine is not None:
+        engine.close()
+    keys = (*PARTS, "weight_sync", "total", "response_length")
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in keys}
     median = {k: statistics.median(s[k] for s in steps) for k in keys}
     return {
@@ -121,6 +138,7 @@ def main() -> None:
     ap.add_argument("--num-mini-batches", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per baseline (after one warm-up)")
     ap.add_argument("--baselines", default="critic,group")
+    ap.add_argument("--rollout-backends", default="hf", help="comma-separated: hf, vllm")
     ap.add_argument("--lora", action="store_true", help="train a LoRA adapter (reference = adapter disabled)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     ap.add_argument("--device", default="cpu")
@@ -143,14 +161,19 @@ def main() -> None:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "baselines": {},
+        "runs": {},
     }
+    backends = args.rollout_backends.split(",")
     for baseline in args.baselines.split(","):
-        result["baselines"][baseline] = run(args, baseline, rows, tok, path)
+        for backend in backends:
+            result["runs"][f"{baseline}/{backend}"] = run(args, baseline, backend, rows, tok, path)
+        if {"hf", "vllm"} <= set(backends):
+            hf, vl = (result["runs"][f"{baseline}/{b}"]["mean_s"]["rollout"] for b in ("hf", "vllm"))
+            result.setdefault("rollout_ratio", {})[baseline] = vl / hf
     result["load_avg_at_end"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    for b, r in result["baselines"].items():
+    for b, r in result["runs"].items():
         print(
             b,
             {k: f"{v:.3f}s ({r['fraction'].get(k, 1.0):.0%})" for k, v in r["mean_s"].items() if k in PARTS},

@@ -16,7 +16,7 @@ from revmix.objectives.reference import FrozenCopyReference
 from revmix.platform.data import synthetic
 from revmix.platform.data.tokenize import collate, tokenise_rows
 from revmix.platform.generation.protocol import SamplingParams
-from revmix.platform.models import load_model, load_tokenizer, resolve_model_path
+from revmix.platform.models import load_model
 from revmix.platform.rollout import HFRolloutEngine, RolloutEngine, pack, ppo_step
 from revmix.platform.train import StepContext
 
@@ -28,14 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    path = resolve_model_path(None, "tiny")
-    tok = load_tokenizer(path)
-    rows, _ = tokenise_rows(synthetic.generate("affine_mod", 8, seed=0), tok, 256)
-    return path, tok, rows
 
 
 def make_ctx(model, tok, objective, lr=1e-3, device="cpu", autocast=False, **stage) -> StepContext:

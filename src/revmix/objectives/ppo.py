@@ -58,6 +58,7 @@ from revmix.objectives.base import (
 BASELINES: tuple[str, ...] = ("critic", "group")
 VALUE_HEAD_ATTR = "v_head"
 """Name of the value head submodule on the policy (TRL's ``AutoModelForCausalLMWithValueHead`` name)."""
+ROLLOUT_BACKENDS: tuple[str, ...] = ("auto", "hf", "vllm")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +338,12 @@ class PPO:
     ``scale_rewards`` — divide group advantages by the group std (group only); ``temperature``/``top_p``/
     ``max_new_tokens`` — rollout sampling; ``reward`` — reward spec (a name, or a mapping such as
     ``{name: sum, terms: [{name: correct, weight: 1}, {name: format, weight: 0.1}]}``), built and
-    validated by ``revmix.platform.rewards.build_reward``.
+    validated by ``revmix.platform.rewards.build_reward``; ``rollout_backend`` — who samples the rollouts:
+    ``hf`` (``model.generate`` in the training process), ``vllm`` (a vLLM engine that receives the
+    policy's weights before every rollout batch, ``revmix.platform.vllm_rollout``) or ``auto`` (vllm on a
+    GPU where vLLM is installed, else hf); ``vllm_engine`` — vLLM options: ``placement``
+    (auto | local | actor), ``num_cpus``/``num_gpus`` of an actor engine, and any ``vllm.LLM``
+    argument, e.g. ``gpu_memory_utilization``.
     """
 
     baseline: str = "critic"
@@ -357,6 +363,8 @@ class PPO:
     top_p: float = 1.0
     max_new_tokens: int = 64
     reward: str | dict = "correct"
+    rollout_backend: str = "auto"
+    vllm_engine: dict | None = None
 
     requires: ClassVar[frozenset[str]] = frozenset({"response"})
     needs_reference: ClassVar[bool] = True
@@ -405,6 +413,18 @@ class PPO:
                 "max_new_tokens": ">= 1",
             }
             raise ValueError("; ".join(f"ppo {k} must be {ranges[k]}, got {getattr(self, k)!r}" for k in bad))
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ValueError(
+                f"ppo rollout_backend {self.rollout_backend!r} is not supported; valid: "
+                f"{', '.join(ROLLOUT_BACKENDS)}"
+            )
+        engine = self.vllm_engine or {}
+        if not isinstance(engine, dict):
+            raise ValueError(f"ppo vllm_engine must be a mapping of vLLM options, got {engine!r}")
+        if engine.get("placement", "auto") not in ("auto", "local", "actor"):
+            raise ValueError(
+                f"ppo vllm_engine.placement {engine['placement']!r} is not supported; valid: auto, local, actor"
+            )
         if not isinstance(self.reward, str | dict):
             raise ValueError(f"ppo reward must be a name or a mapping with 'name', got {self.reward!r}")
 

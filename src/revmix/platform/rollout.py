@@ -19,8 +19,9 @@ PPO trainer disables dropout for the same reason.
 Engines: :class:`HFRolloutEngine` calls ``model.generate`` on token ids directly. The ``hf`` Generator
 (``generation/hf.py``) is text in / text out; PPO must score exactly the tokens that were sampled
 (re-tokenising decoded text can split differently and would corrupt the importance ratio), so it does not
-fit. A vLLM engine would implement the same :class:`RolloutEngine` protocol and push the policy's weights
-to its engine at each ``generate`` call (``load_weights`` of the merged state dict); it is not written yet.
+fit. :class:`~revmix.platform.vllm_rollout.VLLMRolloutEngine` implements the same protocol over vLLM and
+pushes the policy's (LoRA-merged) weights into its engine at every ``generate`` call;
+:func:`build_rollout_engine` picks one from ``objective.rollout_backend``.
 """
 
 from __future__ import annotations
@@ -142,6 +143,31 @@ class HFRolloutEngine:
                 for k, i in enumerate(chunk):
                     out[i] = [self._cut(new[k * params.n + j]) for j in range(params.n)]
         return out
+
+
+def build_rollout_engine(
+    objective: PPO, policy: torch.nn.Module, tokenizer: Any, init_path: str, seed: int = 0
+) -> Any:
+    """The stage's rollout engine from ``objective.rollout_backend`` (``auto``: vllm on a GPU where vLLM
+    is installed, else hf). A vLLM engine starts from ``init_path`` (the stage's starting model) and is
+    the caller's to ``close()``; it receives the live weights at every rollout."""
+    from revmix.platform.vllm_rollout import VLLMRolloutEngine, vllm_available
+
+    backend = objective.rollout_backend
+    if backend == "auto":
+        backend = "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+    if backend == "hf":
+        return HFRolloutEngine.for_policy(policy, tokenizer)
+    options = dict(objective.vllm_engine or {})
+    return VLLMRolloutEngine(
+        init_path,
+        eos_token_ids(policy, tokenizer),
+        placement=options.pop("placement", "auto"),
+        seed=seed,
+        num_cpus=float(options.pop("num_cpus", 1.0)),
+        num_gpus=options.pop("num_gpus", None),
+        engine_kwargs=options,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

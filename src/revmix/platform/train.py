@@ -10,6 +10,7 @@ disabled.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -331,76 +332,84 @@ def train_loop_per_worker(config: dict) -> dict:
         seed=cfg.seed * 31 + rank,
         ref_cache=ref_cache,
     )
+    step_fn: Any = supervised_step
+    engine = None
+    if objective.needs_rollouts:  # one rollout engine per stage; it receives the live weights every step
+        from revmix.platform.rollout import build_rollout_engine, ppo_step
+
+        engine = build_rollout_engine(objective, policy, tokenizer, config["init_path"], seed=cfg.seed + rank)
+        step_fn = functools.partial(ppo_step, engine=engine)
     last: dict[str, float] = {}
     t_stage = time.perf_counter()
     tokens_total = 0
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        dirs = mixer.directions(step)
-        batch_rows = [next(streams[DIRECTIONS[d]]) for d in dirs]
-        step_fn = supervised_step
-        if objective.needs_rollouts:
-            from revmix.platform.rollout import ppo_step as step_fn
-        m, n_tokens = step_fn(sctx, batch_rows, step)
-        scheduler.step()
-        dt = time.perf_counter() - t0
-        tokens_total += n_tokens
-        n_rev = sum(dirs)
-        m.update(
-            {
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
-                "mix/reverse_fraction": n_rev / len(dirs),
-                "mix/n_reverse": float(n_rev),
-                "mix/n_forward": float(len(dirs) - n_rev),
-            }
-        )
-        if stage.grad_cosine_every and (step + 1) % stage.grad_cosine_every == 0:
-            from revmix.objectives.surgery import direction_gradient_cosine
-
-            full = collate(batch_rows, tokenizer.pad_token_id, with_other=with_other).to(device)
-            cos = direction_gradient_cosine(policy, objective, full, ref)
-            if cos is not None:
-                m["grad_cosine/forward_reverse"] = cos
-        m = _allreduce_mean(m)
-        epoch = (step + 1) / config["steps_per_epoch"]
-        record = {
-            "stage": stage_idx,
-            "stage_name": stage.name,
-            "step": step + 1,
-            "epoch": round(epoch, 4),
-            **m,
-        }
-        done = step + 1 == steps
-        epoch_end = (step + 1) % config["steps_per_epoch"] == 0
-        if (
-            rank == 0
-            and config.get("eval_rows")
-            and (
-                (cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0)
-                or (cfg.eval.every_epoch and epoch_end)
+    try:
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            dirs = mixer.directions(step)
+            batch_rows = [next(streams[DIRECTIONS[d]]) for d in dirs]
+            m, n_tokens = step_fn(sctx, batch_rows, step)
+            scheduler.step()
+            dt = time.perf_counter() - t0
+            tokens_total += n_tokens
+            n_rev = sum(dirs)
+            m.update(
+                {
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+                    "mix/reverse_fraction": n_rev / len(dirs),
+                    "mix/n_reverse": float(n_rev),
+                    "mix/n_forward": float(len(dirs) - n_rev),
+                }
             )
-        ):
-            record.update(_call_eval(config, policy, tokenizer, alp_only=True))
-        want_ckpt = done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if (step + 1) % max(stage.log_every, 1) == 0 or done:
-                _progress(stage, stage_idx, step + 1, steps, m)
-        checkpoint = None
-        if want_ckpt:
-            path = ckpt_root / f"step_{step + 1:06d}"
+            if stage.grad_cosine_every and (step + 1) % stage.grad_cosine_every == 0:
+                from revmix.objectives.surgery import direction_gradient_cosine
+
+                full = collate(batch_rows, tokenizer.pad_token_id, with_other=with_other).to(device)
+                cos = direction_gradient_cosine(policy, objective, full, ref)
+                if cos is not None:
+                    m["grad_cosine/forward_reverse"] = cos
+            m = _allreduce_mean(m)
+            epoch = (step + 1) / config["steps_per_epoch"]
+            record = {
+                "stage": stage_idx,
+                "stage_name": stage.name,
+                "step": step + 1,
+                "epoch": round(epoch, 4),
+                **m,
+            }
+            done = step + 1 == steps
+            epoch_end = (step + 1) % config["steps_per_epoch"] == 0
+            if (
+                rank == 0
+                and config.get("eval_rows")
+                and (
+                    (cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0)
+                    or (cfg.eval.every_epoch and epoch_end)
+                )
+            ):
+                record.update(_call_eval(config, policy, tokenizer, alp_only=True))
+            want_ckpt = done or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0)
             if rank == 0:
-                state = {"stage": stage_idx, "mixer": mixer.state(step + 1), "tokens": tokens_total}
-                _save_checkpoint(path, policy, optimizer, scheduler, state)
-                checkpoint = ray.train.Checkpoint.from_directory(str(path))
-        ray.train.report(record, checkpoint=checkpoint)
-        if rank == 0 and config.get("on_report") is not None:  # in-process only (num_workers=0)
-            config["on_report"](record)
-        last = {**last, **record}  # keeps the latest value of per-direction keys absent from this step
-        if stop_after is not None and step + 1 - start_step >= stop_after:
-            raise SystemExit(f"stop_after_steps={stop_after}: simulated interruption")
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if (step + 1) % max(stage.log_every, 1) == 0 or done:
+                    _progress(stage, stage_idx, step + 1, steps, m)
+            checkpoint = None
+            if want_ckpt:
+                path = ckpt_root / f"step_{step + 1:06d}"
+                if rank == 0:
+                    state = {"stage": stage_idx, "mixer": mixer.state(step + 1), "tokens": tokens_total}
+                    _save_checkpoint(path, policy, optimizer, scheduler, state)
+                    checkpoint = ray.train.Checkpoint.from_directory(str(path))
+            ray.train.report(record, checkpoint=checkpoint)
+            if rank == 0 and config.get("on_report") is not None:  # in-process only (num_workers=0)
+                config["on_report"](record)
+            last = {**last, **record}  # keeps the latest value of per-direction keys absent from this step
+            if stop_after is not None and step + 1 - start_step >= stop_after:
+                raise SystemExit(f"stop_after_steps={stop_after}: simulated interruption")
+    finally:
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()  # frees a vLLM engine's memory before the stage's eval and save
 
     wall = time.perf_counter() - t_stage
     result = {"final": last, "wall_s": wall, "tokens": tokens_total, "steps": steps, "start_step": start_step}
