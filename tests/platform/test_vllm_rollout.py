@@ -220,3 +220,37 @@ def test_ppo_stage_trains_with_vllm_rollouts(ray_local, tmp_path, runtime: list[
         assert 0.0 <= r["ppo/accuracy"] <= 1.0 and torch.isfinite(torch.tensor(r["loss"]))
         assert "ppo/kl" in r and "ppo/response_length" in r
     assert (tmp_path / "run" / "stages" / "1" / "model" / "config.json").exists()
+
+
+@needs_vllm
+@pytest.mark.vllm
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_local_engine_sleeps_between_rollouts_and_follows_weights(tiny):
+    """On a GPU the in-process engine takes a slice of memory and sleeps between rollouts; float32 so
+    greedy tokens can be compared with transformers' on the same (CUDA) policy."""
+    from revmix.platform.rollout import eos_token_ids
+    from revmix.platform.vllm_rollout import VLLMRolloutEngine
+
+    path, tok, rows = tiny
+    policy = lora_policy(path).to("cuda")
+    engine = VLLMRolloutEngine(
+        path,
+        eos_token_ids(policy, tok),
+        placement="local",
+        max_model_len=512,
+        engine_kwargs={"dtype": "float32"},
+    )
+    try:
+        assert engine.engine_kwargs["enable_sleep_mode"] and engine._local is not None
+        hf = HFRolloutEngine.for_policy(policy, tok)
+        prompts = [r["prompt_ids"] for r in rows[:4]]
+        first = engine.generate(policy, prompts, GREEDY)
+        assert engine._local.sleeping  # KV cache released for the optimiser
+        assert first == hf.generate(policy, prompts, GREEDY)
+        _perturb_adapter(policy, seed=1)
+        second = engine.generate(policy, prompts, GREEDY)  # wakes, reloads, samples
+        assert second != first and second == hf.generate(policy, prompts, GREEDY)
+    finally:
+        engine.close()
