@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "runs" / "dpo_tiny.yaml"
 BETA = 0.1
 LR = 2.0e-3
-MODES = ("revmix_sft", "revmix_sft_2x", "revmix_dpo", "trl_dpo")
+MODES = ("revmix_sft", "revmix_sft_2x", "revmix_dpo", "revmix_dpo_padded", "trl_dpo")
+# revmix_dpo_padded: runtime.length_buckets=1, one padded forward per batch (revmix before length grouping)
 
 
 def _rss_mb() -> dict[str, float]:
@@ -54,7 +55,7 @@ def _rss_mb() -> dict[str, float]:
     return {"peak": round(peak, 1), "current": round(cur, 1)}
 
 
-def _experiment(args: argparse.Namespace, objective: str) -> Any:
+def _experiment(args: argparse.Namespace, objective: str, buckets: int | None = None) -> Any:
     """``dpo_tiny.yaml`` reduced to one stage (no SFT warm start) at the benchmark's scale/batch/steps."""
     from revmix.config import build_config, load_raw
 
@@ -79,6 +80,8 @@ def _experiment(args: argparse.Namespace, objective: str) -> Any:
     raw["data"]["n_items"] = args.n_items
     raw["stages"] = [stage]
     raw["runtime"] = {"num_workers": 0, "torch_threads": args.threads, "precision": "fp32"}
+    if buckets is not None:
+        raw["runtime"]["length_buckets"] = buckets
     return build_config(raw)
 
 
@@ -98,17 +101,21 @@ def _baseline(args: argparse.Namespace) -> dict[str, float]:
     return _rss_mb()
 
 
-def worker_revmix(args: argparse.Namespace, objective: str) -> dict[str, Any]:
+def worker_revmix(args: argparse.Namespace, objective: str, buckets: int | None = None) -> dict[str, Any]:
     from revmix.platform.train import run_experiment
 
-    cfg = _experiment(args, objective)
+    cfg = _experiment(args, objective, buckets)
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         run_experiment(
             cfg, Path(d) / "run", evaluate=False, on_report=lambda _r: stamps.append(time.perf_counter())
         )
     lo = cfg.model.lora
-    return {"step_ends": stamps, "lora": {"r": lo.r, "alpha": lo.alpha, "targets": list(lo.target_modules)}}
+    return {
+        "step_ends": stamps,
+        "lora": {"r": lo.r, "alpha": lo.alpha, "targets": list(lo.target_modules)},
+        "length_buckets": cfg.runtime.length_buckets,
+    }
 
 
 def _trl_dataset(args: argparse.Namespace, tokenizer: Any) -> Any:
@@ -207,7 +214,11 @@ def run_worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if args.worker == "revmix_sft_2x":  # as many sequences per step as DPO's chosen + rejected
         args.batch *= 2
-    out = worker_trl(args) if args.worker == "trl_dpo" else worker_revmix(args, args.worker.split("_")[1])
+    if args.worker == "trl_dpo":
+        out = worker_trl(args)
+    else:
+        buckets = 1 if args.worker == "revmix_dpo_padded" else None
+        out = worker_revmix(args, args.worker.split("_")[1], buckets)
     out.update({"mode": args.worker, "rss_baseline_mb": base, "rss_end_mb": _rss_mb()})
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     print("RESULT " + json.dumps(out), flush=True)
@@ -255,7 +266,7 @@ def main() -> None:
     # The two DPO trainers alternate (revmix, TRL, revmix, TRL, ...) so load drift on a shared machine
     # hits both; the SFT workers run once, for memory.
     runs: dict[str, dict[str, Any]] = {}
-    rates: dict[str, list[float]] = {"revmix_dpo": [], "trl_dpo": []}
+    rates: dict[str, list[float]] = {"revmix_dpo": [], "revmix_dpo_padded": [], "trl_dpo": []}
     for m in MODES:
         if m not in rates:
             runs[m] = _spawn(args, m)
@@ -284,6 +295,9 @@ def main() -> None:
         "trl_pairs_per_s": round(tr, 2),
         "pairs_per_s_each_repeat": rates,
         "ratio": round(rv / tr, 3),
+        "revmix_padded_pairs_per_s": round(statistics.mean(rates["revmix_dpo_padded"]), 2),
+        "length_grouping_speedup": round(rv / statistics.mean(rates["revmix_dpo_padded"]), 3),
+        "length_buckets": runs["revmix_dpo"]["length_buckets"],
         "revmix_sft_rows_per_s": runs["revmix_sft"]["pairs_or_rows_per_s"],
         "peak_rss_mb": peak,
         "baseline_rss_mb": base,

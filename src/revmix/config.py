@@ -138,6 +138,7 @@ class RuntimeConfig:
     use_gpu: bool | None = _f(None, "null: use a GPU when one is visible")
     precision: str = _f("auto", "auto = bf16 autocast on GPU, fp32 on CPU", ("auto", "fp32", "bf16"))
     torch_threads: int = _f(0, "torch intra-op threads per worker (0: torch default)")
+    length_buckets: int = _f(2, "forward each batch in up to N groups of similar length (less padding)")
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint (FailureConfig)")
     storage_path: str | None = _f(None, "Ray storage (local path, s3://, gs://); default: the run dir")
 
@@ -363,6 +364,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"{p}.mix.schedule.phases: kind 'phases' needs at least one phase")
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction: expected a value in (0, 1), got {cfg.data.test_fraction}")
+    if cfg.runtime.length_buckets < 1:
+        raise ConfigError(
+            f"runtime.length_buckets: expected an integer >= 1 (1: one padded pass), got {cfg.runtime.length_buckets}"
+        )
     return cfg
 
 

@@ -119,3 +119,21 @@ def test_requires_declares_other_response(name):
             objective(model, batch, ref)
     else:
         assert torch.isfinite(objective(model, batch, ref).loss)
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_length_bucketed_forward_changes_nothing(name):
+    """The training loop forwards through ``LengthBucketedLM`` (runtime.length_buckets): every objective's
+    loss and gradients must be those of the plain model."""
+    from revmix.objectives.buckets import LengthBucketedLM
+
+    objective, model, batch, ref = _setup(name)
+    if objective.needs_rollouts:
+        pytest.skip("the loop never wraps a rollout objective's model (PPO reads its value head)")
+    twin = copy.deepcopy(model)
+    plain = _run(objective, model, batch, ref)
+    bucketed = _run(objective, LengthBucketedLM(twin, 3), batch, ref)
+    assert float(bucketed.loss) == pytest.approx(float(plain.loss), abs=1e-5)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), n

@@ -33,9 +33,9 @@ from revmix.objectives.base import (
     IGNORE_INDEX,
     Batch,
     Reference,
-    policy_logits,
     token_logps,
 )
+from revmix.objectives.buckets import bucketed_logits
 
 CACHE_FORMAT_VERSION = 1
 
@@ -92,13 +92,14 @@ class AdapterDisabledReference:
     every submodule's previous train/eval mode is restored afterwards.
     """
 
-    def __init__(self, peft_model: torch.nn.Module) -> None:
+    def __init__(self, peft_model: torch.nn.Module, buckets: int = 1) -> None:
         if not hasattr(peft_model, "disable_adapter"):
             raise TypeError(
                 f"AdapterDisabledReference needs a peft.PeftModel (with .disable_adapter()), got "
                 f"{type(peft_model).__name__}; use FrozenCopyReference for a full fine-tune"
             )
         self.model = peft_model
+        self.buckets = buckets  # length groups per forward pass (objectives.buckets)
 
     @torch.no_grad()
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -106,7 +107,7 @@ class AdapterDisabledReference:
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                return policy_logits(self.model, input_ids, attention_mask)
+                return bucketed_logits(self.model, input_ids, attention_mask, self.buckets)
         finally:
             for m, training in modes:
                 m.training = training
@@ -115,16 +116,17 @@ class AdapterDisabledReference:
 class FrozenCopyReference:
     """A deep copy of ``model`` in eval mode with every parameter frozen."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, buckets: int = 1) -> None:
         import copy
 
+        self.buckets = buckets  # length groups per forward pass (objectives.buckets)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return policy_logits(self.model, input_ids, attention_mask)
+        return bucketed_logits(self.model, input_ids, attention_mask, self.buckets)
 
 
 @torch.no_grad()

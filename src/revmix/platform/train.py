@@ -97,7 +97,7 @@ def _build_policy(cfg: ExperimentConfig, init_path: str, device: torch.device, l
     return model, load_tokenizer(init_path)
 
 
-def _make_reference(kind: str, policy: torch.nn.Module, lora: bool):
+def _make_reference(kind: str, policy: torch.nn.Module, lora: bool, buckets: int = 1):
     """The stage's reference policy: the stage-start model, as the adapter-disabled view or a copy."""
     from revmix.objectives.reference import AdapterDisabledReference, FrozenCopyReference
 
@@ -110,8 +110,8 @@ def _make_reference(kind: str, policy: torch.nn.Module, lora: bool):
             raise ValueError(
                 "stages.*.reference: 'adapter' needs model.lora.enabled=true; use 'copy' or 'cache'"
             )
-        return AdapterDisabledReference(policy)
-    return FrozenCopyReference(policy)
+        return AdapterDisabledReference(policy, buckets)
+    return FrozenCopyReference(policy, buckets)
 
 
 def _reference_cache(ref, rows: dict[str, list[dict]], tokenizer, init_path: str, device: torch.device):
@@ -258,14 +258,19 @@ def train_loop_per_worker(config: dict) -> dict:
     lora = cfg.model.lora.enabled if stage.lora is None else stage.lora
     policy, tokenizer = _build_policy(cfg, config["init_path"], device, lora)
     objective = build_objective(stage.objective, path=f"stages.{stage_idx}.objective")
-    ref = _make_reference(stage.reference, policy, lora) if objective.needs_reference else None
+    buckets = cfg.runtime.length_buckets
+    ref = _make_reference(stage.reference, policy, lora, buckets) if objective.needs_reference else None
     if hasattr(objective, "prepare_policy"):  # e.g. PPO's value head: before DDP and the optimizer see params
         objective.prepare_policy(policy)
-    train_model = policy
-    if world > 1:
+    train_model: torch.nn.Module = policy
+    if buckets > 1 and not objective.needs_rollouts:  # PPO's passes need the model itself (value head)
+        from revmix.objectives.buckets import LengthBucketedLM
+
+        train_model = LengthBucketedLM(policy, buckets)
+    if world > 1:  # DDP wraps the bucketed model: still one forward per backward
         import ray.train.torch as rtt
 
-        train_model = rtt.prepare_model(policy, move_to_device=False)
+        train_model = rtt.prepare_model(train_model, move_to_device=False)
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
