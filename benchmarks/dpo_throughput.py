@@ -5,7 +5,9 @@ rows (prompt → chosen = this direction's solution y+, rejected = the twin's y�
 targets from ``configs/runs/dpo_tiny.yaml``), batch, fp32, AdamW, clipping at 1.0 and thread count; each
 uses its own adapter-disabled reference. revmix runs through ``run_experiment`` (the full loop: Mixer,
 collation, metrics.jsonl) with a single DPO stage; TRL through ``trainer.train()`` with gradient
-checkpointing off (its default is on, revmix has none) and plain ``adamw_torch``.
+checkpointing off (its default is on, revmix has none) and plain ``adamw_torch``. Three revmix DPO
+variants run alternately with TRL: the default (shared prompt + length groups), ``padded``
+(``runtime.length_buckets=1``) and ``plain`` (also ``shared_prompt: false``: the 2B padded rows TRL runs).
 
 Step time is the interval between consecutive step-end timestamps (revmix: ``on_report``; TRL: a
 ``TrainerCallback.on_step_end``), so setup, data preparation and the final model save are excluded;
@@ -40,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "runs" / "dpo_tiny.yaml"
 BETA = 0.1
 LR = 2.0e-3
-MODES = ("revmix_sft", "revmix_sft_2x", "revmix_dpo", "revmix_dpo_padded", "trl_dpo")
-# revmix_dpo_padded: runtime.length_buckets=1, one padded forward per batch (revmix before length grouping)
+MODES = ("revmix_sft", "revmix_sft_2x", "revmix_dpo", "revmix_dpo_padded", "revmix_dpo_plain", "trl_dpo")
+# revmix_dpo_padded: runtime.length_buckets=1 (one padded forward per batch), prompt still shared;
+# revmix_dpo_plain: also shared_prompt=false — chosen and rejected as 2B padded rows, as TRL does
 
 
 def _rss_mb() -> dict[str, float]:
@@ -55,7 +58,9 @@ def _rss_mb() -> dict[str, float]:
     return {"peak": round(peak, 1), "current": round(cur, 1)}
 
 
-def _experiment(args: argparse.Namespace, objective: str, buckets: int | None = None) -> Any:
+def _experiment(
+    args: argparse.Namespace, objective: str, buckets: int | None = None, shared_prompt: bool = True
+) -> Any:
     """``dpo_tiny.yaml`` reduced to one stage (no SFT warm start) at the benchmark's scale/batch/steps."""
     from revmix.config import build_config, load_raw
 
@@ -63,7 +68,11 @@ def _experiment(args: argparse.Namespace, objective: str, buckets: int | None = 
     dpo = next(s for s in raw["stages"] if s["objective"]["name"] == "dpo")
     stage = {
         "name": objective,
-        "objective": {**dpo["objective"], "beta": BETA} if objective == "dpo" else {"name": "sft"},
+        "objective": (
+            {**dpo["objective"], "beta": BETA, "shared_prompt": shared_prompt}
+            if objective == "dpo"
+            else {"name": "sft"}
+        ),
         "lora": True,
         "mix": {"reverse_fraction": 0.5},
         "steps": args.warmup + args.steps,
@@ -101,10 +110,12 @@ def _baseline(args: argparse.Namespace) -> dict[str, float]:
     return _rss_mb()
 
 
-def worker_revmix(args: argparse.Namespace, objective: str, buckets: int | None = None) -> dict[str, Any]:
+def worker_revmix(
+    args: argparse.Namespace, objective: str, buckets: int | None = None, shared_prompt: bool = True
+) -> dict[str, Any]:
     from revmix.platform.train import run_experiment
 
-    cfg = _experiment(args, objective, buckets)
+    cfg = _experiment(args, objective, buckets, shared_prompt)
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         run_experiment(
@@ -217,8 +228,8 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.worker == "trl_dpo":
         out = worker_trl(args)
     else:
-        buckets = 1 if args.worker == "revmix_dpo_padded" else None
-        out = worker_revmix(args, args.worker.split("_")[1], buckets)
+        buckets = 1 if args.worker in ("revmix_dpo_padded", "revmix_dpo_plain") else None
+        out = worker_revmix(args, args.worker.split("_")[1], buckets, args.worker != "revmix_dpo_plain")
     out.update({"mode": args.worker, "rss_baseline_mb": base, "rss_end_mb": _rss_mb()})
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     print("RESULT " + json.dumps(out), flush=True)
@@ -266,7 +277,9 @@ def main() -> None:
     # The two DPO trainers alternate (revmix, TRL, revmix, TRL, ...) so load drift on a shared machine
     # hits both; the SFT workers run once, for memory.
     runs: dict[str, dict[str, Any]] = {}
-    rates: dict[str, list[float]] = {"revmix_dpo": [], "revmix_dpo_padded": [], "trl_dpo": []}
+    rates: dict[str, list[float]] = {
+        m: [] for m in ("revmix_dpo", "revmix_dpo_padded", "revmix_dpo_plain", "trl_dpo")
+    }
     for m in MODES:
         if m not in rates:
             runs[m] = _spawn(args, m)
@@ -297,6 +310,9 @@ def main() -> None:
         "ratio": round(rv / tr, 3),
         "revmix_padded_pairs_per_s": round(statistics.mean(rates["revmix_dpo_padded"]), 2),
         "length_grouping_speedup": round(rv / statistics.mean(rates["revmix_dpo_padded"]), 3),
+        "revmix_plain_pairs_per_s": round(statistics.mean(rates["revmix_dpo_plain"]), 2),
+        "speedup_over_plain": round(rv / statistics.mean(rates["revmix_dpo_plain"]), 3),
+        "plain_vs_trl": round(statistics.mean(rates["revmix_dpo_plain"]) / tr, 3),
         "length_buckets": runs["revmix_dpo"]["length_buckets"],
         "revmix_sft_rows_per_s": runs["revmix_sft"]["pairs_or_rows_per_s"],
         "peak_rss_mb": peak,

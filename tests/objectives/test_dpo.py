@@ -203,7 +203,7 @@ def test_one_concatenated_forward_each_for_policy_and_reference(setup):
     )
     try:
         ref = CountingReference(ref_model)
-        out = build_objective({"name": "dpo"})(policy, batch, ref)
+        out = build_objective({"name": "dpo", "shared_prompt": False})(policy, batch, ref)
     finally:
         handle.remove()
     width = max(batch.input_ids.shape[1], batch.other_input_ids.shape[1])
@@ -257,3 +257,85 @@ def test_training_raises_the_margin():
     assert out.metrics["rewards/margin"] > 1.0
     assert out.metrics["rewards/accuracy"] == 1.0
     assert out.metrics["loss"] < 0.5 * math.log(2.0)
+
+
+def test_shared_prompt_scores_each_pair_in_one_row_with_the_same_loss_and_gradients(setup):
+    """Default DPO packs [x, y+, y−] per pair (B rows, one prompt copy each) and equals the concatenated
+    batch (2B rows) in loss, gradients and the reference's log-probs."""
+    model, ref_model, batch = setup
+    policy, twin = copy.deepcopy(model), copy.deepcopy(model)  # fresh grads; the hook on one only
+    shapes = []
+    handle = policy.register_forward_hook(
+        lambda m, args, kwargs, out: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        shared = build_objective({"name": "dpo"})(policy, batch, FrozenCopyReference(ref_model))
+    finally:
+        handle.remove()
+    plain = build_objective({"name": "dpo", "shared_prompt": False})(
+        twin, batch, FrozenCopyReference(ref_model)
+    )
+    prompts = [int((row != -100).nonzero()[0]) for row in batch.labels]
+    n_c = (batch.labels != -100).sum(-1)
+    n_r = (batch.other_labels != -100).sum(-1)
+    assert shapes == [
+        torch.Size([batch.size, max(p + int(c) + int(r) for p, c, r in zip(prompts, n_c, n_r))])
+    ]
+    assert float(shared.loss) == pytest.approx(float(plain.loss), abs=1e-6)
+    for k in ("logps/chosen", "logps/rejected", "rewards/margin"):
+        assert shared.metrics[k] == pytest.approx(plain.metrics[k], abs=1e-4)
+    shared.loss.backward()
+    plain.loss.backward()
+    for (n, p), q in zip(policy.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    ipo = build_objective({"name": "dpo", "loss_type": "ipo"})(policy, batch, FrozenCopyReference(ref_model))
+    ipo_plain = build_objective({"name": "dpo", "loss_type": "ipo", "shared_prompt": False})(
+        twin, batch, FrozenCopyReference(ref_model)
+    )
+    assert float(ipo.loss) == pytest.approx(float(ipo_plain.loss), abs=1e-6)  # length-normalised counts
+
+
+def test_shared_prompt_falls_back_when_the_pair_does_not_share_its_prompt(setup):
+    policy, ref_model, batch = setup
+    b = copy.copy(batch)
+    b.other_input_ids = batch.other_input_ids.clone()
+    b.other_input_ids[0, 0] = (b.other_input_ids[0, 0] + 1) % 40 + 1  # another prompt for pair 0
+    shapes = []
+    handle = policy.register_forward_hook(
+        lambda m, args, kwargs, out: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        build_objective({"name": "dpo"})(policy, b, FrozenCopyReference(ref_model))
+    finally:
+        handle.remove()
+    assert shapes[0][0] == 2 * batch.size  # the concatenated batch: no pair is packed
+
+
+def test_shared_prompt_needs_a_mask_aware_attention_and_works_through_wrappers_and_lora(setup):
+    from revmix.objectives.buckets import LengthBucketedLM
+    from revmix.objectives.prefix import supports_shared_prompt
+    from revmix.objectives.reference import AdapterDisabledReference
+    from revmix.platform.models import LoraSpec, apply_lora
+
+    model, _, batch = setup
+    assert supports_shared_prompt(model) and supports_shared_prompt(LengthBucketedLM(model, 2))
+    flash = copy.deepcopy(model)
+    flash.config._attn_implementation = "flash_attention_2"  # ignores custom 4-D masks
+    assert not supports_shared_prompt(flash)
+
+    torch.manual_seed(0)
+    lora = apply_lora(copy.deepcopy(model), LoraSpec(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    losses = [
+        float(
+            build_objective({"name": "dpo", "shared_prompt": s})(
+                wrap, batch, AdapterDisabledReference(lora, 2)
+            ).loss
+        )
+        for s in (True, False)
+        for wrap in (lora, LengthBucketedLM(lora, 3))
+    ]
+    assert max(losses) - min(losses) < 1e-6 and losses[0] != pytest.approx(0.6931, abs=1e-3)

@@ -108,9 +108,9 @@ class Objective(Protocol):
 # --------------------------------------------------------------------------------------------------
 
 
-def policy_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Logits of a causal LM (any module returning ``.logits`` or a tensor)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
+def policy_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Tensor:
+    """Logits of a causal LM (any module returning ``.logits`` or a tensor); ``kwargs`` go to the model."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.logits if hasattr(out, "logits") else out
 
 

@@ -24,7 +24,7 @@ for every length); ``average_log_prob`` is then redundant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,34 @@ from revmix.objectives.base import (
     register_objective,
     token_logps,
 )
-from revmix.objectives.reference import concatenated_inputs, reference_logps, response_token_counts
+from revmix.objectives.buckets import LengthBucketedLM
+from revmix.objectives.prefix import (
+    SharedPromptPairs,
+    pack_shared_prompt,
+    shared_prompt_logps,
+    supports_shared_prompt,
+)
+from revmix.objectives.reference import concatenated_inputs, reference_logps
 
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
+
+
+def _forward_fn(policy: torch.nn.Module) -> Any:
+    """``(ids, 4-D mask, position ids) -> logits`` through the policy (and any wrapper around it)."""
+
+    def forward(ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+        out = policy(input_ids=ids, attention_mask=mask, position_ids=pos)
+        return out.logits if hasattr(out, "logits") else out
+
+    return forward
+
+
+def _groups(policy: torch.nn.Module) -> int:
+    """Length groups for the policy's passes: the loop's setting, but one call under DDP (DDP allows one
+    forward per backward)."""
+    if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
+        return 1
+    return policy.buckets if isinstance(policy, LengthBucketedLM) else 1
 
 
 def check_hyperparams(beta: float, loss_type: str, label_smoothing: float) -> None:
@@ -91,13 +116,15 @@ class DPO:
 
     ``beta`` — strength of the implicit KL to π_ref (IPO's τ); ``loss_type`` — ``sigmoid`` | ``ipo``;
     ``label_smoothing`` — cDPO's ε (sigmoid only); ``average_log_prob`` — mean instead of summed
-    response log-probs.
+    response log-probs; ``shared_prompt`` — score y+ and y− in one row behind one copy of the prompt
+    (``revmix.objectives.prefix``: same log-probs, fewer tokens), where the model's attention allows it.
     """
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     average_log_prob: bool = False
+    shared_prompt: bool = True
 
     requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
     needs_reference: ClassVar[bool] = True
@@ -112,17 +139,21 @@ class DPO:
         return self.average_log_prob or self.loss_type == "ipo"
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
-        ids, mask, labels = concatenated_inputs(batch)
-        logp, tok_mask = token_logps(policy_logits(policy, ids, mask), labels)
-        logps = logp.sum(-1)
-        n_tok = tok_mask.sum(-1).clamp(min=1)
-        chosen, rejected = logps[: batch.size], logps[batch.size :]
+        packed = pack_shared_prompt(batch) if self.shared_prompt and supports_shared_prompt(policy) else None
+        if packed is not None:
+            chosen, rejected, n_c, n_r = shared_prompt_logps(_forward_fn(policy), packed, _groups(policy))
+        else:
+            ids, mask, labels = concatenated_inputs(batch)
+            logp, tok_mask = token_logps(policy_logits(policy, ids, mask), labels)
+            logps, n_tok = logp.sum(-1), tok_mask.sum(-1)
+            chosen, rejected = logps[: batch.size], logps[batch.size :]
+            n_c, n_r = n_tok[: batch.size], n_tok[batch.size :]
 
-        ref_chosen, ref_rejected = self._reference_logps(batch, ref)
+        ref_chosen, ref_rejected = self._reference_logps(batch, ref, packed)
         if self.length_normalised:
-            chosen, rejected = chosen / n_tok[: batch.size], rejected / n_tok[batch.size :]
-            n_c, n_r = response_token_counts(batch)
-            ref_chosen, ref_rejected = ref_chosen / n_c.clamp(min=1), ref_rejected / n_r.clamp(min=1)
+            n_c, n_r = n_c.clamp(min=1), n_r.clamp(min=1)
+            chosen, rejected = chosen / n_c, rejected / n_r
+            ref_chosen, ref_rejected = ref_chosen / n_c, ref_rejected / n_r
 
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
@@ -139,8 +170,11 @@ class DPO:
         metrics |= per_direction(losses, d, "loss")
         return LossOutput(loss=loss, metrics=metrics)
 
-    def _reference_logps(self, batch: Batch, ref: Reference | None) -> tuple[Tensor, Tensor]:
-        """Summed reference log-probs: the batch's cached values when present, else one ``ref`` pass."""
+    def _reference_logps(
+        self, batch: Batch, ref: Reference | None, packed: SharedPromptPairs | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Summed reference log-probs: the batch's cached values when present, else one ``ref`` pass
+        (over the shared-prompt rows when the reference takes position ids)."""
         cached = (batch.ref_chosen_logps, batch.ref_rejected_logps)
         if (cached[0] is None) != (cached[1] is None):
             raise ValueError(
@@ -153,4 +187,9 @@ class DPO:
                 "dpo needs reference log-probs: pass a Reference (AdapterDisabledReference, "
                 "FrozenCopyReference) or attach cached ones (ReferenceLogpCache.attach)"
             )
+        if packed is not None and getattr(ref, "takes_position_ids", False):
+            with torch.no_grad():
+                forward = lambda i, m, p: ref.logits(i, m, position_ids=p)  # noqa: E731
+                chosen, rejected, _, _ = shared_prompt_logps(forward, packed, getattr(ref, "buckets", 1))
+            return chosen.float(), rejected.float()
         return reference_logps(ref, batch)

@@ -33,6 +33,7 @@ from revmix.objectives.base import (
     IGNORE_INDEX,
     Batch,
     Reference,
+    policy_logits,
     token_logps,
 )
 from revmix.objectives.buckets import bucketed_logits
@@ -101,12 +102,16 @@ class AdapterDisabledReference:
         self.model = peft_model
         self.buckets = buckets  # length groups per forward pass (objectives.buckets)
 
+    takes_position_ids = True  # DPO's shared-prompt rows pass a 4-D mask and position ids
+
     @torch.no_grad()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             with self.model.disable_adapter():
+                if position_ids is not None:
+                    return policy_logits(self.model, input_ids, attention_mask, position_ids=position_ids)
                 return bucketed_logits(self.model, input_ids, attention_mask, self.buckets)
         finally:
             for m, training in modes:
@@ -124,8 +129,12 @@ class FrozenCopyReference:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    takes_position_ids = True  # DPO's shared-prompt rows pass a 4-D mask and position ids
+
     @torch.no_grad()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        if position_ids is not None:
+            return policy_logits(self.model, input_ids, attention_mask, position_ids=position_ids)
         return bucketed_logits(self.model, input_ids, attention_mask, self.buckets)
 
 
