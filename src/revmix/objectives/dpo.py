@@ -24,7 +24,7 @@ for every length); ``average_log_prob`` is then redundant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +49,6 @@ from revmix.objectives.prefix import (
 from revmix.objectives.reference import concatenated_inputs, reference_logps
 
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
-
-
-def _forward_fn(policy: torch.nn.Module) -> Any:
-    """``(ids, 4-D mask, position ids) -> logits`` through the policy (and any wrapper around it)."""
-
-    def forward(ids: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
-        out = policy(input_ids=ids, attention_mask=mask, position_ids=pos)
-        return out.logits if hasattr(out, "logits") else out
-
-    return forward
 
 
 def _groups(policy: torch.nn.Module) -> int:
@@ -141,7 +131,8 @@ class DPO:
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         packed = pack_shared_prompt(batch) if self.shared_prompt and supports_shared_prompt(policy) else None
         if packed is not None:
-            chosen, rejected, n_c, n_r = shared_prompt_logps(_forward_fn(policy), packed, _groups(policy))
+            forward = lambda i, m, p: policy_logits(policy, i, m, position_ids=p)  # noqa: E731
+            chosen, rejected, n_c, n_r = shared_prompt_logps(forward, packed, _groups(policy))
         else:
             ids, mask, labels = concatenated_inputs(batch)
             logp, tok_mask = token_logps(policy_logits(policy, ids, mask), labels)
