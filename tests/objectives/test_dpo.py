@@ -329,6 +329,7 @@ def test_shared_prompt_needs_a_mask_aware_attention_and_works_through_wrappers_a
         for n, p in lora.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
+    assert supports_shared_prompt(lora)  # so the shared path below really runs on the LoRA model
     losses = [
         float(
             build_objective({"name": "dpo", "shared_prompt": s})(
