@@ -7,8 +7,8 @@ logits of the real tokens (rows of a causal LM do not interact) at a fraction of
 results are scattered back into the ``[B, T, V]`` tensor every objective reads (padding positions, which
 no objective reads, hold zeros or padding logits), so losses, gradients and metrics do not change (up to
 float rounding). Measured by ``benchmarks/dpo_throughput.py`` (6M model + LoRA, 8 pairs, 1 thread):
-two groups give 1.34× the pairs/s of one padded pass on DPO's concatenated rows, 1.13× on its
-shared-prompt rows (``objectives.prefix``).
+two groups give 1.13× the pairs/s of one padded pass on DPO's shared-prompt rows
+(``objectives.prefix``; ``benchmarks/results/dpo_throughput.json``).
 
 :func:`length_buckets` picks the groups that minimise the padded area (an exact dynamic programme over
 the sorted lengths); :class:`LengthBucketedLM` wraps a causal LM so that one call of its ``forward``
