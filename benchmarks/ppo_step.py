@@ -41,7 +41,8 @@ from revmix.platform.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from revmix.platform.rollout import eos_token_ids, ppo_step
+from revmix.platform.rollout.engines import eos_token_ids
+from revmix.platform.rollout.step import ppo_step
 from revmix.platform.train import StepContext
 
 PARTS = ("rollout", "scoring", "reference", "old_logps", "optimisation")
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace, baseline: str, backend: str, rows: list[dict],
     )
     engine = None
     if backend == "vllm":
-        from revmix.platform.vllm_rollout import VLLMRolloutEngine
+        from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine
 
         engine = VLLMRolloutEngine(path, eos_token_ids(model, tok), placement="local", seed=0)
     rng = random.Random(0)

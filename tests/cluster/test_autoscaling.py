@@ -1,6 +1,6 @@
 """Autoscaling on one machine: a sweep's demand brings worker nodes up from zero; idle ones are released.
 
-The cluster runs Ray's ``fake_multinode`` provider (:func:`revmix.cluster.local.fake_autoscaling_config`):
+The cluster runs Ray's ``fake_multinode`` provider (:func:`revmix.testing.cluster.fake_autoscaling_config`):
 a head with no CPUs, and a ``cpu`` worker type (1 CPU, 0 to 2 nodes, idle timeout 9 s) whose nodes the
 autoscaler starts as local processes. The smoke sweep's two 1-CPU trials are demand the head cannot meet.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from revmix.cluster.local import (
+from revmix.testing.cluster import (
     FAKE_HEAD_NODE_ID,
     LocalCluster,
     fake_autoscaling_config,

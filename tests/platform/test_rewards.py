@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from revmix.platform.rewards import Sample, build_reward, has_answer_line, register_reward, reward_names
+from revmix.platform.rollout.rewards import (
+    Sample,
+    build_reward,
+    has_answer_line,
+    register_reward,
+    reward_names,
+)
 
 SOLVED = "2*0 = 0\n0 + 3 = 3\n3 mod 7 = 3\nAnswer: 3"
 

@@ -17,7 +17,8 @@ from revmix.platform.data import synthetic
 from revmix.platform.data.tokenize import collate, tokenise_rows
 from revmix.platform.generation.protocol import SamplingParams
 from revmix.platform.models import load_model
-from revmix.platform.rollout import HFRolloutEngine, RolloutEngine, pack, ppo_step
+from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine
+from revmix.platform.rollout.step import pack, ppo_step
 from revmix.platform.train import StepContext
 
 

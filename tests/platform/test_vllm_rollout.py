@@ -14,8 +14,8 @@ from revmix.objectives.base import build_objective
 from revmix.objectives.ppo import attach_value_head
 from revmix.platform.generation.protocol import SamplingParams
 from revmix.platform.models import LoraSpec, apply_lora, load_model
-from revmix.platform.rollout import HFRolloutEngine, RolloutEngine, build_rollout_engine
-from revmix.platform.vllm_rollout import checkpoint_names, merged_weights, vllm_available
+from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine, build_rollout_engine
+from revmix.platform.rollout.vllm_engine import checkpoint_names, merged_weights, vllm_available
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (CI's .venv-vllm has it)")
 
@@ -117,8 +117,8 @@ def _check_engine_follows_weights(engine, path: str, tok, rows: list[dict]) -> N
 def local_engine(tiny):
     if not vllm_available():
         pytest.skip("vLLM is not installed (CI's .venv-vllm has it)")
-    from revmix.platform.rollout import eos_token_ids
-    from revmix.platform.vllm_rollout import VLLMRolloutEngine
+    from revmix.platform.rollout.engines import eos_token_ids
+    from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine
 
     path, tok, _ = tiny
     engine = VLLMRolloutEngine(
@@ -165,8 +165,8 @@ def test_local_engine_sampling_is_seeded_and_ends_at_eos(local_engine, tiny):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_actor_engine_generates_with_the_pushed_weights(ray_local, local_engine, tiny):
-    from revmix.platform.rollout import eos_token_ids
-    from revmix.platform.vllm_rollout import VLLMRolloutEngine
+    from revmix.platform.rollout.engines import eos_token_ids
+    from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine
 
     path, tok, rows = tiny
     local_engine.close()  # two engines do not fit beside Ray on 2 CPUs
@@ -230,8 +230,8 @@ def test_ppo_stage_trains_with_vllm_rollouts(ray_local, tmp_path, runtime: list[
 def test_gpu_local_engine_sleeps_between_rollouts_and_follows_weights(tiny):
     """On a GPU the in-process engine takes a slice of memory and sleeps between rollouts; float32 so
     greedy tokens can be compared with transformers' on the same (CUDA) policy."""
-    from revmix.platform.rollout import eos_token_ids
-    from revmix.platform.vllm_rollout import VLLMRolloutEngine
+    from revmix.platform.rollout.engines import eos_token_ids
+    from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine
 
     path, tok, rows = tiny
     policy = lora_policy(path).to("cuda")

@@ -338,9 +338,9 @@ class PPO:
     ``scale_rewards`` — divide group advantages by the group std (group only); ``temperature``/``top_p``/
     ``max_new_tokens`` — rollout sampling; ``reward`` — reward spec (a name, or a mapping such as
     ``{name: sum, terms: [{name: correct, weight: 1}, {name: format, weight: 0.1}]}``), built and
-    validated by ``revmix.platform.rewards.build_reward``; ``rollout_backend`` — who samples the rollouts:
+    validated by ``revmix.platform.rollout.rewards.build_reward``; ``rollout_backend`` — who samples the rollouts:
     ``hf`` (``model.generate`` in the training process), ``vllm`` (a vLLM engine that receives the
-    policy's weights before every rollout batch, ``revmix.platform.vllm_rollout``) or ``auto`` (vllm on a
+    policy's weights before every rollout batch, ``revmix.platform.rollout.vllm_engine``) or ``auto`` (vllm on a
     GPU where vLLM is installed, else hf); ``vllm_engine`` — vLLM options: ``placement``
     (auto | local | actor), ``num_cpus``/``num_gpus`` of an actor engine, and any ``vllm.LLM``
     argument, e.g. ``gpu_memory_utilization``.

@@ -26,8 +26,8 @@ from revmix.config import ExperimentConfig, StageConfig, build_config, to_dict
 from revmix.objectives.base import build_objective
 from revmix.platform.data.mixer import Mixer, schedule_from_config
 from revmix.platform.data.schema import DIRECTIONS
+from revmix.platform.data.streams import DirectionStream, rows_from_shard
 from revmix.platform.data.tokenize import collate
-from revmix.platform.streams import DirectionStream, rows_from_shard
 
 CKPT_STATE = "state.json"
 
@@ -179,7 +179,7 @@ def _allreduce_mean(metrics: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class StepContext:
-    """Everything one optimisation step needs; the PPO step (``platform/rollout.py``) takes the same."""
+    """Everything one optimisation step needs; the PPO step (``platform/rollout/step.py``) takes the same."""
 
     policy: torch.nn.Module  # the (PEFT) model itself
     train_model: torch.nn.Module  # what forward passes go through (DDP-wrapped with several workers)
@@ -340,7 +340,8 @@ def train_loop_per_worker(config: dict) -> dict:
     step_fn: Any = supervised_step
     engine = None
     if objective.needs_rollouts:  # one rollout engine per stage; it receives the live weights every step
-        from revmix.platform.rollout import build_rollout_engine, ppo_step
+        from revmix.platform.rollout.engines import build_rollout_engine
+        from revmix.platform.rollout.step import ppo_step
 
         engine = build_rollout_engine(objective, policy, tokenizer, config["init_path"], seed=cfg.seed + rank)
         step_fn = functools.partial(ppo_step, engine=engine)

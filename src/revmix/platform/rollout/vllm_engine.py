@@ -195,7 +195,7 @@ class RolloutLLM:
 
 
 class VLLMRolloutEngine:
-    """:class:`~revmix.platform.rollout.RolloutEngine` over vLLM (see the module docstring).
+    """:class:`~revmix.platform.rollout.engines.RolloutEngine` over vLLM (see the module docstring).
 
     ``model_dir`` — the checkpoint the engine starts from (the stage's starting model: same architecture
     and tokenizer as the policy); ``eos_ids`` — every token that ends a response (vLLM's ``token_ids``
