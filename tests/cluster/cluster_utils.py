@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from revmix.testing.cluster import LocalCluster
+from tests.cluster.harness import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE_SWEEP = ROOT / "configs" / "sweeps" / "cluster_smoke.yaml"

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from revmix.testing.cluster import free_ports
+from tests.cluster.harness import free_ports
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Autoscaling on one machine: a sweep's demand brings worker nodes up from zero; idle ones are released.
 
-The cluster runs Ray's ``fake_multinode`` provider (:func:`revmix.testing.cluster.fake_autoscaling_config`):
+The cluster runs Ray's ``fake_multinode`` provider (:func:`tests.cluster.harness.fake_autoscaling_config`):
 a head with no CPUs, and a ``cpu`` worker type (1 CPU, 0 to 2 nodes, idle timeout 9 s) whose nodes the
 autoscaler starts as local processes. The smoke sweep's two 1-CPU trials are demand the head cannot meet.
 
@@ -18,12 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from revmix.testing.cluster import (
-    FAKE_HEAD_NODE_ID,
-    LocalCluster,
-    fake_autoscaling_config,
-    parse_active_nodes,
-)
 from tests.cluster.cluster_utils import (
     attempt_nodes,
     check_node_column,
@@ -32,6 +26,12 @@ from tests.cluster.cluster_utils import (
     smoke_sweep,
     tail,
     wait_for,
+)
+from tests.cluster.harness import (
+    FAKE_HEAD_NODE_ID,
+    LocalCluster,
+    fake_autoscaling_config,
+    parse_active_nodes,
 )
 
 STATUS = """======== Autoscaler status: 2026-11-26 13:59:15.292482 ========

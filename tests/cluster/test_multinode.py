@@ -1,6 +1,6 @@
 """A sweep on a real two-node Ray cluster on one machine, submitted with ``revmix launch``; then a node dies.
 
-The cluster (:class:`revmix.testing.cluster.LocalCluster`: a head and a ``worker`` node, one CPU each, token
+The cluster (:class:`tests.cluster.harness.LocalCluster`: a head and a ``worker`` node, one CPU each, token
 auth, every node its own ``ray start --block`` session) is shared by the module's tests. A smoke
 trial needs one CPU (``num_workers: 0``, ``resources: {cpu: 1}``), so two concurrent trials cannot share a
 node: they must land one on each. The sweep directory is a local path, which every node sees because all
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from revmix.testing.cluster import LocalCluster, cmdline_names_dir
 from tests.cluster.cluster_utils import (
     ROOT,
     attempt_nodes,
@@ -35,6 +34,7 @@ from tests.cluster.cluster_utils import (
     trial_ids,
     wait_for,
 )
+from tests.cluster.harness import LocalCluster, cmdline_names_dir
 
 FAST_HEALTH_CHECKS = {
     "RAY_health_check_initial_delay_ms": "1000",

@@ -1,6 +1,6 @@
 """A multi-node Ray cluster on one machine: a head and extra nodes, each its own ``ray start --block``.
 
-    from revmix.testing.cluster import LocalCluster, fake_autoscaling_config
+    from tests.cluster.harness import LocalCluster, fake_autoscaling_config
 
     with LocalCluster(head_cpus=1) as c:              # ray start --head --block, token auth on
         worker = c.add_node(num_cpus=1)               # ray start --address ... --block

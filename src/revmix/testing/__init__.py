@@ -1,1 +1,0 @@
-"""Harnesses for tests and benchmarks (multi-node Ray clusters on one machine); not used by the platform."""
