@@ -43,7 +43,7 @@ from revmix.platform.models import (
 )
 from revmix.platform.rollout.engines import eos_token_ids
 from revmix.platform.rollout.step import ppo_step
-from revmix.platform.train import StepContext
+from revmix.platform.step import StepContext
 
 PARTS = ("rollout", "scoring", "reference", "old_logps", "optimisation")
 

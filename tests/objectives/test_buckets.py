@@ -4,11 +4,12 @@ gradients as one padded pass (directly, through the wrapper, and through the ref
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from revmix.objectives.base import build_objective, token_logps
+from revmix.objectives.base import PolicyForward, build_objective, token_logps
 from revmix.objectives.buckets import LengthBucketedLM, bucketed_logits, is_right_padded, length_buckets
 from revmix.objectives.reference import AdapterDisabledReference, FrozenCopyReference
 from revmix.platform.models import LoraSpec, apply_lora, load_model, resolve_model_path
@@ -103,10 +104,13 @@ def test_wrapper_gives_the_same_loss_and_gradients(model, objective):
     wrapped_inner = copy.deepcopy(model).train()
     wrapped = LengthBucketedLM(wrapped_inner, 3)
     ref_plain = AdapterDisabledReference(plain) if obj.needs_reference else None
-    ref_wrapped = AdapterDisabledReference(wrapped_inner, buckets=3) if obj.needs_reference else None
-    out_plain = obj(plain, batch, ref_plain)
-    out_wrapped = obj(wrapped, batch, ref_wrapped)
-    assert float(out_wrapped.loss) == pytest.approx(float(out_plain.loss), abs=1e-5)
+    ref_wrapped = AdapterDisabledReference(wrapped_inner, length_groups=3) if obj.needs_reference else None
+    # As the training loop decides for this (sdpa) model: shared-prompt rows, in 3 groups with the wrapper.
+    shared = PolicyForward(shared_prompt=True)
+    out_plain = obj(plain, dataclasses.replace(batch, policy_forward=shared), ref_plain)
+    grouped = dataclasses.replace(shared, length_groups=3)
+    out_wrapped = obj(wrapped, dataclasses.replace(batch, policy_forward=grouped), ref_wrapped)
+    assert float(out_wrapped.loss) == pytest.approx(float(out_plain.loss), rel=1e-5, abs=1e-5)
     out_plain.loss.backward()
     out_wrapped.loss.backward()
     grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
@@ -119,7 +123,7 @@ def test_references_with_buckets_equal_one_pass(model):
     ids, mask, labels = ragged()
     for ref_cls in (AdapterDisabledReference, FrozenCopyReference):
         one = token_logps(ref_cls(model).logits(ids, mask), labels)[0]
-        grouped = token_logps(ref_cls(model, buckets=3).logits(ids, mask), labels)[0]
+        grouped = token_logps(ref_cls(model, length_groups=3).logits(ids, mask), labels)[0]
         assert torch.allclose(one, grouped, atol=1e-5)
 
 

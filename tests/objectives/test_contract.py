@@ -1,9 +1,11 @@
-"""The contract every registered objective must pass (DESIGN §5).
+"""The contract every registered objective must pass.
 
 Finite loss; gradients reach trainable parameters only; masked (prompt / padding) tokens get zero
 gradient; per-direction metrics present; the default loss matches an independent hand computation
-(``REFERENCE_VALUES`` in helpers.py); ``requires`` is honest about ``other_response``. Objectives that need
-a reference (asked of the *instance*: a multitask objective derives it from its routes) get a frozen copy.
+(``REFERENCE_VALUES`` in helpers.py); ``requires`` is honest about ``other_response``; the optional
+policy hooks add and release only what they say; a reference that takes shared-prompt rows gives the loss
+of one that does not. Objectives that need a reference (asked of the *instance*: a multitask objective
+derives it from its routes) get a frozen copy.
 """
 
 from __future__ import annotations
@@ -13,19 +15,36 @@ import copy
 import pytest
 import torch
 
-from revmix.objectives.base import build_objective, objective_class, objective_names, policy_logits
+from revmix.objectives.base import (
+    Objective,
+    PolicyForward,
+    Reference,
+    build_objective,
+    objective_class,
+    objective_names,
+    policy_logits,
+)
 from tests.objectives.helpers import REFERENCE_VALUES, make_batch, tiny_lm
 
 
 class FrozenCopy:
-    def __init__(self, model: torch.nn.Module) -> None:
+    """A reference written against the ``Reference`` protocol alone (no revmix reference class)."""
+
+    length_groups = 1
+
+    def __init__(self, model: torch.nn.Module, shared_prompt: bool = False) -> None:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.shared_prompt = shared_prompt
+        self.shared_prompt_calls = 0
 
     @torch.no_grad()
-    def logits(self, input_ids, attention_mask):
-        return policy_logits(self.model, input_ids, attention_mask)
+    def logits(self, input_ids, attention_mask, position_ids=None):
+        if position_ids is None:
+            return policy_logits(self.model, input_ids, attention_mask)
+        self.shared_prompt_calls += 1
+        return policy_logits(self.model, input_ids, attention_mask, position_ids=position_ids)
 
 
 def _setup(name: str, with_other: bool = True):
@@ -133,7 +152,66 @@ def test_length_bucketed_forward_changes_nothing(name):
     twin = copy.deepcopy(model)
     plain = _run(objective, model, batch, ref)
     bucketed = _run(objective, LengthBucketedLM(twin, 3), batch, ref)
-    assert float(bucketed.loss) == pytest.approx(float(plain.loss), abs=1e-5)
+    assert float(bucketed.loss) == pytest.approx(float(plain.loss), rel=1e-5, abs=1e-5)
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-5), n
+
+
+def test_optional_hooks_default_to_no_ops():
+    """The base's ``prepare_policy`` adds nothing and its ``release_policy`` releases nothing."""
+    model = tiny_lm()
+    names = [n for n, _ in model.named_parameters()]
+    objective = build_objective({"name": objective_names()[0]})
+    assert Objective.prepare_policy(objective, model) == []
+    assert Objective.release_policy(objective, model) is None
+    assert [n for n, _ in model.named_parameters()] == names
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_prepare_and_release_policy_round_trip(name):
+    """``prepare_policy`` returns exactly the parameters it added (once: a second call adds none) and
+    ``release_policy`` takes them out again, leaving the policy as it was."""
+    objective, model, _, _ = _setup(name)
+    before = {n: id(p) for n, p in model.named_parameters()}
+    created = objective.prepare_policy(model)
+    added = [p for n, p in model.named_parameters() if n not in before]
+    assert {id(p) for p in created} == {id(p) for p in added}
+    assert objective.prepare_policy(model) == []
+    released = objective.release_policy(model)
+    assert {n: id(p) for n, p in model.named_parameters()} == before
+    if created:
+        assert released is not None and {id(p) for p in released.parameters()} == {id(p) for p in created}
+    else:
+        assert released is None
+    if name == "ppo":  # the default critic baseline trains a value head next to the policy
+        assert created
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_shared_prompt_reference_gives_the_same_loss(name):
+    """With the loop's shared-prompt decision on the batch, a reference that takes shared-prompt rows and
+    one that does not give the same loss (objectives read ``Reference.shared_prompt``, never the model)."""
+    objective = build_objective({"name": name})
+    if not objective.needs_reference:
+        pytest.skip(f"{name} needs no reference")
+    model, ref_model, batch = tiny_lm(), tiny_lm(seed=1), make_batch()
+    batch.policy_forward = PolicyForward(shared_prompt=True)
+    shared, concatenated = FrozenCopy(ref_model, shared_prompt=True), FrozenCopy(ref_model)
+    assert isinstance(shared, Reference) and isinstance(concatenated, Reference)
+    with_shared = objective(copy.deepcopy(model), batch, shared)
+    without = objective(copy.deepcopy(model), batch, concatenated)
+    assert float(with_shared.loss) == pytest.approx(float(without.loss), rel=1e-5, abs=1e-6)
+    assert concatenated.shared_prompt_calls == 0  # never handed rows it did not declare it takes
+    if name == "dpo":  # the objective that packs pairs behind one prompt takes the shared path
+        assert shared.shared_prompt_calls == 1
+
+
+@pytest.mark.parametrize("name", objective_names())
+def test_objectives_that_need_rollouts_implement_the_rollout_step_contract(name):
+    """``needs_rollouts`` sends an objective to the rollout step, which drives it through
+    ``RolloutObjective``; an objective that does not need rollouts does not pretend to implement it."""
+    from revmix.platform.rollout.objective import RolloutObjective
+
+    objective = build_objective({"name": name})
+    assert isinstance(objective, RolloutObjective) == objective.needs_rollouts

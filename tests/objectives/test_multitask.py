@@ -32,7 +32,7 @@ def test_default_routes_are_sft_forward_plus_unlikelihood_reverse():
     expected = _loss({"name": "sft"}, model, _rows(batch, [0, 2])) + _loss(
         {"name": "unlikelihood"}, model, _rows(batch, [1, 3])
     )
-    assert float(out.loss.detach()) == pytest.approx(expected, abs=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert out.metrics["sft.rows"] == 2.0 and out.metrics["unlikelihood.rows"] == 2.0
     assert "sft.nll/forward" in out.metrics and "unlikelihood.nll/reverse" in out.metrics
 
@@ -55,7 +55,7 @@ def test_task_prefix_direction_and_weights():
     expected = 2.0 * _loss({"name": "sft"}, model, _rows(batch, [0, 2, 3])) + 0.5 * _loss(
         {"name": "dpo", "beta": 0.2}, model, _rows(batch, [1, 3]), ref
     )
-    assert float(out.loss.detach()) == pytest.approx(expected, abs=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert out.metrics["sft.rows"] == 3.0 and out.metrics["dpo.rows"] == 2.0
 
 
@@ -85,7 +85,7 @@ def test_empty_routes_contribute_zero():
     out = build_objective({"name": "multitask"})(model, reverse_only, None)
     assert out.metrics["sft.rows"] == 0.0
     assert float(out.loss.detach()) == pytest.approx(
-        _loss({"name": "unlikelihood"}, model, reverse_only), abs=1e-6
+        _loss({"name": "unlikelihood"}, model, reverse_only), rel=1e-5, abs=1e-6
     )
     # Every route empty: a zero loss that back-propagates to nothing.
     none = build_objective({"name": "multitask", "routes": [{"objective": {"name": "sft"}, "task": "nope"}]})
@@ -100,20 +100,23 @@ def test_empty_routes_contribute_zero():
     [
         (
             {"routes": [{"objective": {"name": "sft"}, "dir": "forward"}]},
-            r"routes\[0\]: unknown key\(s\) \['dir'\]",
+            r"routes\.0\.dir: unknown key 'dir' at objective\.routes\.0; valid keys: objective, direction",
         ),
         (
             {"routes": [{"objective": {"name": "sft"}, "direction": "sideways"}]},
-            "valid: forward, reverse, null",
+            r"routes\.0\.direction: 'sideways' is not one of forward, reverse",
         ),
         (
             {"routes": [{"objective": {"name": "nope"}}]},
-            r"routes\[0\]\.objective\.name: unknown objective 'nope'; valid",
+            r"routes\.0\.objective\.name: 'nope' is not one of dpo, multitask, ppo, sft, unlikelihood",
         ),
-        ({"routes": [{"objective": {"name": "sft"}, "weight": -1}]}, r"routes\[0\]\.weight"),
-        ({"routes": [{"direction": "forward"}]}, r"routes\[0\]\.objective: missing"),
-        ({"routes": []}, "non-empty list"),
-        ({"gradient_surgery": "mgda"}, "valid: none, pcgrad"),
+        (
+            {"routes": [{"objective": {"name": "sft"}, "weight": -1}]},
+            r"routes\.0\.weight: expected a number >= 0, got -1",
+        ),
+        ({"routes": [{"direction": "forward"}]}, r"routes\.0\.objective: required key missing"),
+        ({"routes": []}, r"objective\.routes: expected a non-empty list, got \[\]"),
+        ({"gradient_surgery": "mgda"}, "gradient_surgery: 'mgda' is not one of none, pcgrad"),
     ],
 )
 def test_bad_specs_are_loud(spec, match):
@@ -169,7 +172,7 @@ def test_pcgrad_accumulates_the_projected_sum():
     assert out.grads_applied
     assert torch.allclose(flat([p.grad for p in params]), expected, atol=1e-5)
     plain = build_objective({"name": "multitask", "routes": CONFLICT_ROUTES})(model, batch, None)
-    assert float(out.loss) == pytest.approx(float(plain.loss.detach()), abs=1e-6)
+    assert float(out.loss) == pytest.approx(float(plain.loss.detach()), rel=1e-5, abs=1e-6)
     cos = float(dot / (g_f.norm() * g_r.norm()))
     assert out.metrics["pcgrad/cosine"] == pytest.approx(cos, abs=1e-5)
     assert {"sft.nll/forward", "unlikelihood.unlikelihood/reverse", "loss"} <= set(out.metrics)

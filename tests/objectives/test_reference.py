@@ -117,8 +117,8 @@ def test_reference_logps_hand_computed():
     for i, (p, yc, yr) in enumerate(
         zip(batch.prompt_ids, responses(batch.labels), responses(batch.other_labels))
     ):
-        assert chosen[i].item() == pytest.approx(sum(row_token_logps(model, p, yc)), abs=1e-5)
-        assert rejected[i].item() == pytest.approx(sum(row_token_logps(model, p, yr)), abs=1e-5)
+        assert chosen[i].item() == pytest.approx(sum(row_token_logps(model, p, yc)), rel=1e-5, abs=1e-5)
+        assert rejected[i].item() == pytest.approx(sum(row_token_logps(model, p, yr)), rel=1e-5, abs=1e-5)
     n_c, n_r = response_token_counts(batch)
     assert n_c.tolist() == [len(r) for r in responses(batch.labels)]
     assert n_r.tolist() == [len(r) for r in responses(batch.other_labels)]

@@ -13,7 +13,7 @@ from revmix.config import StageConfig
 from revmix.objectives.base import build_objective
 from revmix.platform.data.synthetic import generate_mix
 from revmix.platform.data.tokenize import collate, tokenise_rows
-from revmix.platform.train import StepContext, supervised_step
+from revmix.platform.step import StepContext, supervised_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

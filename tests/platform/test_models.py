@@ -311,7 +311,7 @@ def test_merge_lora_matches_peft_logits(base_model, tok):
         merged = M.merge_lora(lora)
         assert not isinstance(merged, peft.PeftModel)
         assert not any("lora_" in n for n, _ in merged.named_parameters())
-        torch.testing.assert_close(merged(ids).logits, with_adapter, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(ids).logits, with_adapter, atol=1e-5, rtol=1e-5)
     assert (with_adapter - base).abs().max() > 1e-3  # the adapter really changed the model
     assert M.merge_lora(merged) is merged
 
@@ -364,7 +364,7 @@ def test_save_model_merges_without_mutating(base_model, tok, tmp_path):
     reloaded = M.load_model(str(tmp_path / "out"))
     assert not any("lora_" in n for n, _ in reloaded.named_parameters())
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert (
         M.load_tokenizer(str(tmp_path / "out")).backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
     )

@@ -19,7 +19,7 @@ from revmix.platform.generation.protocol import SamplingParams
 from revmix.platform.models import load_model
 from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine
 from revmix.platform.rollout.step import pack, ppo_step
-from revmix.platform.train import StepContext
+from revmix.platform.step import StepContext
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,6 +62,9 @@ class Scripted:
     def generate(self, policy, prompt_ids, params):
         self.calls.append(params)
         return [[list(self.by_prompt[tuple(p)]), list(self.wrong)][: params.n] for p in prompt_ids]
+
+    def close(self) -> None:
+        pass
 
 
 def test_pack_right_pads_and_labels_the_response():
@@ -188,7 +191,7 @@ def test_ppo_step_errors(tiny):
     with pytest.raises(ValueError, match="ctx.ref is None"):
         ppo_step(ctx, rows[:2], 0)
     ctx.objective = build_objective({"name": "sft"})
-    with pytest.raises(TypeError, match="needs the 'ppo' objective"):
+    with pytest.raises(TypeError, match="ppo_step: objective SFT does not implement RolloutObjective"):
         ppo_step(ctx, rows[:2], 0)
     bad = make_ctx(model, tok, build_objective({"name": "ppo", "reward": "accuracy"}))
     with pytest.raises(ValueError, match="unknown reward 'accuracy'; valid rewards: correct"):

@@ -63,8 +63,13 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     over = [*SHORT, "stages.0.steps=6", "stages.0.checkpoint_every=2", "model.lora.enabled=true"]
     cfg = load_config(SFT, over)
     run_experiment(cfg, tmp_path / "full", evaluate=False)
+
+    def interrupt_after_step_3(record: dict) -> None:
+        if record["step"] == 3:
+            raise SystemExit("simulated interruption")
+
     with pytest.raises(SystemExit, match="simulated interruption"):
-        run_experiment(cfg, tmp_path / "cut", evaluate=False, stop_after_steps=3)
+        run_experiment(cfg, tmp_path / "cut", evaluate=False, on_report=interrupt_after_step_3)
     # Step 3 ran but its checkpoint (every 2) did not: resume restarts from step 2, replaying step 3.
     run_experiment(cfg, tmp_path / "cut", evaluate=False, resume=True)
     full = _records(tmp_path / "full")

@@ -47,8 +47,10 @@ def test_measured_margins_map_trials_to_paper_conditions(tmp_path):
     assert m["mixed → mixed"] == [0.01, 0.03] and m["mixed, then DPO"] == [0.08]
     verdicts = {f.split(" ")[0]: h for f, _, h in findings(m)}
     assert verdicts == {"Same-direction": True, "Cross-direction": True, "Mixing": True, "DPO": True}
-    md, page = paper_section(pd.DataFrame(rows), tmp_path)
-    assert "| forward → forward | paper | +0.323" in md and "<table>" in page
+    section = paper_section(pd.DataFrame(rows), tmp_path)
+    assert section.rows[0][:3] == ["forward → forward", "paper", "+0.323"]
+    assert section.rows[1] == ["", "measured", "+0.100", "+0.400", "—", "—", "—", "—"]
+    assert ("holds", "Same-direction margins are positive and grow with training") == section.findings[0][:2]
 
 
 def test_findings_can_fail():

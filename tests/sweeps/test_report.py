@@ -114,9 +114,13 @@ def test_report_has_every_plot_and_is_self_contained(tmp_path: Path):
     page = html_path.read_text()
     assert page.count('src="data:image/png;base64,') == 5
     assert not re.search(r'src="(?!data:)', page)  # nothing external: the file travels alone
-    assert "RuntimeError: worker died" in page
+    assert "<li><code>t_99999</code>: RuntimeError: worker died</li>" in page
+    assert "<td>forward → forward</td><td>paper</td><td>+0.323</td>" in page  # the paper's table
+    assert "<li><b>holds</b> — Same-direction margins" in page
     md = (out / "report.md").read_text()
     assert md.count("](plots/") == 5 and "skipped" not in md
+    assert "| forward → forward | paper | +0.323 |" in md and "- **holds** — Same-direction margins" in md
+    assert "| t_99999 | ERROR | 0.5 | sft | 2 | — |" in md  # a metric the failed trial never reported
 
 
 def test_cross_direction_table_values(tmp_path: Path):
@@ -143,7 +147,12 @@ def test_cross_direction_table_values(tmp_path: Path):
 
 def test_report_without_r_axis_or_eval_skips_with_reasons(tmp_path: Path):
     raw = sweep_raw(
-        metric="loss", mode="min", space={"stages.0.lr": {"grid": [0.001, 0.01]}}, seeds=[0], eval=False
+        metric="loss",
+        mode="min",
+        space={"stages.0.lr": {"grid": [0.001, 0.01]}},
+        seeds=[0],
+        eval=False,
+        description="lr <sweep> & co",
     )
     spec = parse_sweep(raw, tmp_path / "sweep.yaml", base_raw=BASE_RAW)
     rows = []
@@ -168,6 +177,7 @@ def test_report_without_r_axis_or_eval_skips_with_reasons(tmp_path: Path):
         )
     table = res.build_table(rows, list(spec.space))
     write_report(tmp_path, spec=spec, table=table)
+    assert "<p>lr &lt;sweep&gt; &amp; co</p>" in (tmp_path / "report.html").read_text()  # text, escaped
     md = (tmp_path / "report.md").read_text()
     assert "accuracy vs reverse fraction: skipped (the trials do not vary the reverse fraction)" in md
     assert "ALP margin over training: skipped" in md

@@ -39,7 +39,7 @@ def test_valid_sweep_parses_with_defaults():
         # values the typed config rejects: every grid value is checked, not just the first
         (
             {"space": {"stages.0.mix.reverse_fraction": {"grid": [0.0, 1.5]}}},
-            "expected a value in [0, 1], got 1.5",
+            "space: stages.0.mix.reverse_fraction: expected a number in [0, 1], got 1.5",
         ),
         ({"space": {"model.scale": {"grid": ["tiny", "huge"]}}}, "'huge' is not one of tiny, small, base"),
         (
@@ -51,13 +51,19 @@ def test_valid_sweep_parses_with_defaults():
         ),
         ({"space": {"stages.0.objective.name": {"grid": ["sft", "dpoo"]}}}, "stages.0.objective.name"),
         # unknown keys at every level
-        ({"spcae": {}}, "spcae: unknown top-level key (did you mean 'space'?)"),
+        (
+            {"spcae": {}},
+            "spcae: unknown key 'spcae' at the top level (did you mean 'space'?); valid keys: name,",
+        ),
         ({"search": {"name": "optuna", "num_samples": 2, "sed": 1}}, "search.sed: unknown key"),
-        ({"scheduler": {"name": "asha", "grace": 1}}, "scheduler.grace: unknown key for scheduler 'asha'"),
+        (
+            {"scheduler": {"name": "asha", "grace": 1}},
+            "scheduler.grace: unknown key 'grace' for scheduler 'asha'; valid keys: grace_period,",
+        ),
         ({"tracking": {"tensorbord": True}}, "did you mean 'tensorboard'"),
         ({"resources": {"CPUs": 1}}, "resources.CPUs: unknown key"),
         ({"search": "bayes"}, "search.name: 'bayes' is not one of grid, random, optuna"),
-        ({"mode": "maximize"}, "mode: expected min or max"),
+        ({"mode": "maximize"}, "mode: 'maximize' is not one of min, max"),
         ({"metric": None}, "metric: required key missing"),
         ({"seeds": [0, 0]}, "seeds: duplicate seeds"),
         ({"seeds": []}, "seeds: expected a non-empty list of integers"),
@@ -109,7 +115,7 @@ def test_malformed_distributions(value, message):
             "space.stages.0.mix.reverse_fraction: optuna cannot run a grid",
         ),
         ({"space": {"stages.0.lr": {"uniform": [0.001, 0.01]}}}, "uniform needs search random or optuna"),
-        ({"search": {"name": "optuna"}}, "search.num_samples: required for 'optuna'"),
+        ({"search": {"name": "optuna"}}, "search.num_samples: required key missing for search 'optuna'"),
         (
             {
                 "search": {"name": "optuna", "num_samples": 2},
@@ -285,3 +291,48 @@ SHIPPED = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 def test_every_shipped_sweep_file_validates(path):
     spec = load_sweep(path)
     assert spec.num_trials() >= 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"search": {"name": "grid", "num_samples": 3}},
+            "search.num_samples: unknown key 'num_samples' for search 'grid'",
+        ),
+        ({"overrides": ["stages.0.lr=1e-3", 5]}, "overrides: list items must be 'path=value' strings, got 5"),
+        ({"overrides": ["stages.0.lr"]}, "overrides: override 'stages.0.lr': expected PATH=VALUE"),
+        (
+            {"tracking": {"mlflow": {"tracking_url": "x"}}},
+            "tracking.mlflow.tracking_url: unknown key 'tracking_url'",
+        ),
+        (
+            {"scheduler": {"name": "asha", "reduction_factor": 1}},
+            "scheduler.reduction_factor: expected a number > 1, got 1",
+        ),
+        ({"name": "a b"}, "name: expected a non-empty string without '/', '\\' or spaces, got 'a b'"),
+        (
+            {"overrides": {"stages.0.objective.name": "dpo", "stages.0.objective.beta": -1}},
+            "stages.0.objective.beta: expected a number > 0, got -1",
+        ),
+    ],
+)
+def test_the_sweep_models_name_the_key(changes, message):
+    with pytest.raises(SweepError) as err:
+        parse(**changes)
+    assert str(err.value).startswith("s.yaml: ") and message in str(err.value)
+
+
+def test_null_keys_take_their_defaults_and_mlflow_takes_options():
+    raw = {
+        **sweep_raw(tracking={"mlflow": {"tracking_uri": "http://mlflow:5000"}}),
+        "seeds": None,
+        "search": None,
+    }
+    spec = parse_sweep(raw, "s.yaml", base_raw=BASE_RAW)
+    assert spec.seeds == [0] and spec.search.name == "grid" and spec.search.num_samples == 1
+    assert spec.tracking.mlflow and spec.tracking.mlflow_tracking_uri == "http://mlflow:5000"
+    assert spec.tracking.mlflow_experiment is None
+    stored = spec.to_dict()
+    assert stored["space"] == {"stages.0.mix.reverse_fraction": {"grid": [0.0, 0.5, 1.0]}}
+    assert stored["base_raw"] == BASE_RAW and stored["search"] == {"name": "grid"}

@@ -1,10 +1,11 @@
-"""How many sweep trials run at once on a given cluster.
+"""How many sweep trials run at once on a given cluster: the one implementation of that count.
 
-A revmix trial is a small Tune driver plus the Ray Train workers it starts (the V2 pattern, see
-RAY_NOTES.md), so its footprint is ``driver_cpus + num_workers * cpus_per_worker`` CPUs and
+A revmix trial is a small Tune driver plus the Ray Train workers it starts (the Train V2 pattern, see
+docs/cluster.md), so its footprint is ``driver_cpus + num_workers * cpus_per_worker`` CPUs and
 ``num_workers * gpus_per_worker`` GPUs. The number of trials that fit is limited by whichever resource
-runs out first. This is the number to pass as ``TuneConfig(max_concurrent_trials=...)`` and the number the
-docs' "how many trials fit" table is computed from.
+runs out first. ``revmix sweep`` plans with it (:func:`revmix.sweeps.resources.plan_resources` passes the
+result to ``TuneConfig(max_concurrent_trials=...)``), and the docs' "how many trials fit" table is computed
+from it.
 
 Ray accounts fractional resources in units of 1e-4, so the arithmetic below rounds at that grain: 0.1 CPU
 times 10 is exactly one CPU here, as it is in Ray's scheduler (plain float division would give 9).

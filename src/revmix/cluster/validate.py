@@ -24,7 +24,6 @@ Every error names the file, the JSON path of the bad field and, when known, its 
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ import jsonschema
 import yaml
 
 from revmix.cluster.schemas.kuberay import API_VERSION, SCHEMAS
+from revmix.validation import did_you_mean
 
 PathKey = tuple[str | int, ...]
 
@@ -160,9 +160,7 @@ def _schema_problems(instance: Any, schema: dict[str, Any], lines: dict[PathKey,
             for key in err.instance:
                 if key in known or any(re.search(p, key) for p in patterns):
                     continue
-                hint = difflib.get_close_matches(key, known, n=1)
-                msg = f"unknown key {key!r}"
-                msg += f" (did you mean {hint[0]!r}?)" if hint else ""
+                msg = f"unknown key {key!r}{did_you_mean(key, known, n=1)}"
                 msg += f"; valid keys: {sorted(known)}" if known else ""
                 problems.append(Problem(base + (key,), msg, _line_for(base + (key,), lines)))
         elif err.validator == "required":

@@ -1,4 +1,7 @@
-"""Training objectives (torch only — never imports ray or vllm)."""
+"""Training objectives (torch only — never imports ray or vllm).
+
+Importing the package registers the built-in objectives (:mod:`revmix.objectives.builtins`).
+"""
 
 from revmix.objectives.base import (
     Batch,
@@ -8,10 +11,13 @@ from revmix.objectives.base import (
     build_objective,
     objective_class,
     objective_names,
+    objective_union,
     register_objective,
 )
+from revmix.objectives.builtins import BUILTINS
 
 __all__ = [
+    "BUILTINS",
     "Batch",
     "LossOutput",
     "Objective",
@@ -19,5 +25,6 @@ __all__ = [
     "build_objective",
     "objective_class",
     "objective_names",
+    "objective_union",
     "register_objective",
 ]

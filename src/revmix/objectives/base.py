@@ -1,4 +1,4 @@
-"""The objective protocol, the batch it reads, and the registry (DESIGN §5).
+"""The objective base class, the batch it reads, and the registry.
 
 Objectives are torch-only: this package never imports ray or vllm, so every objective is testable in
 milliseconds with no Ray running.
@@ -14,15 +14,36 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Annotated, Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 import torch
+from pydantic import ConfigDict, Discriminator, Field
 from torch import Tensor
 
+from revmix.validation import Strict, did_you_mean, validate
+
 IGNORE_INDEX = -100
-DIRECTION_NAMES: tuple[str, str] = ("forward", "reverse")
+DirectionName = Literal["forward", "reverse"]
+DIRECTIONS: tuple[DirectionName, ...] = typing.get_args(DirectionName)
+"""The question directions, in the order of their codes in ``Batch.direction`` (0 forward, 1 reverse)."""
+
+
+@dataclass(frozen=True)
+class PolicyForward:
+    """What objectives may ask of the policy's forward pass; the training loop decides it once per stage
+    (objectives never inspect the model or its wrappers) and hands it over on every :class:`Batch`.
+
+    ``shared_prompt``: the policy takes a boolean 4-D attention mask with ``position_ids``, so DPO may
+    score each pair in one row behind one copy of the prompt (:mod:`revmix.objectives.prefix`).
+    ``length_groups``: forward calls one pass over such rows may be split into (1 under DDP, which
+    allows one forward per backward).
+    """
+
+    shared_prompt: bool = False
+    length_groups: int = 1
 
 
 @dataclass
@@ -47,18 +68,21 @@ class Batch:
     # Reference log-probs cached per example (summed over response tokens) — see ``dpo``.
     ref_chosen_logps: Tensor | None = None
     ref_rejected_logps: Tensor | None = None
+    # What the objective may ask of the policy's forward pass, decided by the training loop.
+    policy_forward: PolicyForward = field(default_factory=PolicyForward)
 
     @property
     def size(self) -> int:
         return int(self.input_ids.shape[0])
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {
-            f.name: (v.to(device) if isinstance(v, Tensor) else v)
+        moved: dict[str, Any] = {
+            f.name: v.to(device)
             for f in dataclasses.fields(self)
             for v in [getattr(self, f.name)]
+            if isinstance(v, Tensor)
         }
-        return Batch(**moved)
+        return dataclasses.replace(self, **moved)
 
     def select(self, index: Tensor) -> Batch:
         """The sub-batch at ``index`` (a 1-D long tensor of row positions)."""
@@ -88,19 +112,67 @@ class LossOutput:
 
 @runtime_checkable
 class Reference(Protocol):
-    """A frozen reference policy: logits with no gradient (adapter-disabled model, frozen copy, …)."""
+    """A frozen reference policy: logits with no gradient (adapter-disabled model, frozen copy, …).
 
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+    ``shared_prompt``: whether ``logits`` takes DPO's shared-prompt rows — a boolean 4-D attention mask
+    ``[B, 1, W, W]`` with ``position_ids`` (:mod:`revmix.objectives.prefix`); when False, objectives hand
+    it the concatenated pairs instead. ``length_groups``: how many forward calls one pass over such rows
+    may be split into (rows of similar length together, :mod:`revmix.objectives.buckets`).
+    """
+
+    shared_prompt: bool
+    length_groups: int
+
+    def logits(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    ) -> Tensor: ...
 
 
-class Objective(Protocol):
-    """What the training loop calls once per micro-batch."""
+class Objective(Strict):
+    """What the training loop calls once per micro-batch: a pydantic model whose fields are the
+    hyper-parameters, registered with :func:`register_objective`.
 
-    requires: ClassVar[frozenset[str]]
-    needs_reference: ClassVar[bool]
-    needs_rollouts: ClassVar[bool]
+    A subclass declares a discriminator ``name: Literal["<name>"] = "<name>"`` and one typed field per
+    hyper-parameter (``Field(default, gt=…, description="why")``; cross-field rules in a
+    ``model_validator``), so a bad value fails when the config is read, naming its dotted path
+    (``stages.0.objective.beta``). Instances are frozen; runtime state goes in ``PrivateAttr``.
 
-    def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None) -> LossOutput: ...
+    Required:
+
+    * ``__call__(policy, batch, ref) -> LossOutput`` — the loss of one micro-batch (the base raises
+      ``NotImplementedError``).
+    * Class attributes ``requires`` (the batch fields read: ``response``, ``other_response``),
+      ``needs_reference`` (the loop passes a :class:`Reference`) and ``needs_rollouts`` (the loop runs the
+      rollout step, which samples from the policy, instead of the supervised step). The base's values
+      are those of plain supervised training; an objective may answer them per instance.
+
+    Optional, with no-op defaults (override only what the objective needs):
+
+    * ``prepare_policy(policy) -> list[Parameter]`` — add what the objective trains alongside the policy
+      (PPO's value head) before the optimizer and DDP see its parameters; returns the parameters it
+      created. Default: adds nothing, returns ``[]``.
+    * ``release_policy(policy) -> Module | None`` — detach what ``prepare_policy`` added, before the
+      policy is saved; returns it. Default: nothing to detach, returns ``None``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="registered objective name (the discriminator of the config union)")
+
+    requires: ClassVar[frozenset[str]] = frozenset({"response"})
+    needs_reference: ClassVar[bool] = False
+    needs_rollouts: ClassVar[bool] = False
+
+    def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(policy, batch, ref)")
+
+    def prepare_policy(self, policy: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Optional hook: add trainable modules to ``policy``; returns the new parameters (none here)."""
+        return []
+
+    def release_policy(self, policy: torch.nn.Module) -> torch.nn.Module | None:
+        """Optional hook: detach what :meth:`prepare_policy` added (nothing here)."""
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,23 +180,43 @@ class Objective(Protocol):
 # --------------------------------------------------------------------------------------------------
 
 
+def logits_of(output: Any) -> Tensor:
+    """The logits of a causal LM's forward output: a module returns them as a tensor or as ``.logits``."""
+    return output if isinstance(output, Tensor) else output.logits
+
+
 def policy_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Tensor:
-    """Logits of a causal LM (any module returning ``.logits`` or a tensor); ``kwargs`` go to the model."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return out.logits if hasattr(out, "logits") else out
+    """Logits of a causal LM; ``kwargs`` go to the model."""
+    return logits_of(model(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
 
 
-def token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token log p(label) and the response mask, both ``[B, T-1]`` after the causal shift.
+def shifted_log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """float32 log-probs over the vocabulary at positions ``0 … T-2``, each predicting the next token
+    (``[B, T-1, V]``); the logits are divided by a sampling ``temperature`` other than 1 first."""
+    logits = logits[:, :-1, :].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def gather_logps(logp_all: Tensor, targets: Tensor) -> Tensor:
+    """The log-prob of each target token: ``logp_all[..., targets]``, shaped like ``targets``."""
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def label_logps(logp_all: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token log p(label) from :func:`shifted_log_softmax` output and the response mask, ``[B, T-1]``.
 
     Masked positions get log-prob 0 so that sums over a row equal the sum over its response tokens.
     """
-    logits = logits[:, :-1, :].float()
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    safe = targets.masked_fill(~mask, 0)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask
+    return gather_logps(logp_all, targets.masked_fill(~mask, 0)) * mask, mask
+
+
+def token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token log p(label) and the response mask, both ``[B, T-1]`` after the causal shift."""
+    return label_logps(shifted_log_softmax(logits), labels)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, average: bool = False) -> Tensor:
@@ -140,7 +232,7 @@ def per_direction(values: Tensor, direction: Tensor, name: str) -> dict[str, flo
     """Mean of ``values`` ([B]) overall and per direction present in the batch."""
     values = values.detach().float()
     out = {name: float(values.mean())}
-    for code, label in enumerate(DIRECTION_NAMES):
+    for code, label in enumerate(DIRECTIONS):
         sel = direction == code
         if bool(sel.any()):
             out[f"{name}/{label}"] = float(values[sel].mean())
@@ -151,65 +243,41 @@ def per_direction(values: Tensor, direction: Tensor, name: str) -> dict[str, flo
 # Registry
 # --------------------------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, type[Objective]] = {}
 
 
-def register_objective(name: str) -> Callable[[type], type]:
-    """Register a frozen dataclass (its fields are the hyper-parameters) under ``name``."""
-
-    def deco(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"objective {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        if not dataclasses.is_dataclass(cls):
-            raise TypeError(f"objective {name!r} must be a dataclass, got {cls!r}")
-        for attr in ("requires", "needs_reference", "needs_rollouts"):
-            if not hasattr(cls, attr):
-                raise TypeError(f"objective {name!r} must define class attribute {attr!r}")
-        cls.name = name  # type: ignore[attr-defined]
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _ensure_builtins() -> None:
-    # Import for the side effect of registration; kept lazy to avoid import cycles.
-    from revmix.objectives import builtins  # noqa: F401
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: register an :class:`Objective` under its ``name`` literal (one class per name)."""
+    if not issubclass(cls, Objective):
+        raise TypeError(f"{cls.__qualname__} must subclass revmix.objectives.base.Objective")
+    name = cls.model_fields["name"].default
+    if not isinstance(name, str) or typing.get_args(cls.model_fields["name"].annotation) != (name,):
+        raise TypeError(f'{cls.__qualname__} must declare its name as name: Literal["x"] = "x"')
+    if name in _REGISTRY:
+        raise ValueError(f"objective {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
 
 
 def objective_names() -> list[str]:
-    _ensure_builtins()
     return sorted(_REGISTRY)
 
 
-def objective_class(name: str) -> type:
-    _ensure_builtins()
+def objective_class(name: str) -> type[Objective]:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown objective {name!r}; valid objectives: {', '.join(sorted(_REGISTRY))}")
+        raise KeyError(
+            f"unknown objective {name!r}{did_you_mean(name, _REGISTRY)}; valid objectives: {', '.join(sorted(_REGISTRY))}"
+        )
     return _REGISTRY[name]
 
 
-def objective_fields(name: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(objective_class(name))}
+def objective_union() -> Any:
+    """Every registered objective as one type, told apart by ``name`` (the config's ``objective`` field)."""
+    members = tuple(_REGISTRY[n] for n in sorted(_REGISTRY))
+    return Annotated[Union[members], Discriminator("name")]  # noqa: UP007 - built from a runtime tuple
 
 
-def build_objective(spec: dict[str, Any], path: str = "objective") -> Objective:
-    """Build from ``{"name": ..., **hyperparams}``; unknown keys are errors naming ``path``."""
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"{path}: expected a mapping with a 'name' key, got {spec!r}")
-    params = {k: v for k, v in spec.items() if k != "name"}
-    try:
-        cls = objective_class(spec["name"])
-    except KeyError as e:
-        raise ValueError(f"{path}.name: {e.args[0]}") from None
-    valid = objective_fields(spec["name"])
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown key(s) {unknown} for objective {spec['name']!r}; valid keys: "
-            f"{', '.join(sorted(valid)) or '(none)'}"
-        )
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+def build_objective(spec: Mapping[str, Any], path: str = "objective") -> Objective:
+    """Build from ``{"name": ..., **hyperparams}``; a bad name, key or value is a :class:`ConfigError`
+    naming its dotted path under ``path``."""
+    return validate(objective_union(), dict(spec), path)

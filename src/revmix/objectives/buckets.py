@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from revmix.objectives.base import policy_logits
+
 
 def length_buckets(lengths: list[int], k: int) -> list[list[int]]:
     """Row indices in at most ``k`` groups of similar length, minimising Σ_group |group| × max length.
@@ -72,22 +74,18 @@ def bucketed_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, bucke
     Positions past a row's length hold zeros or the logits of padding, which no objective reads.
     """
 
-    def run(ids: Tensor, mask: Tensor) -> Tensor:
-        out = model(input_ids=ids, attention_mask=mask)
-        return out.logits if hasattr(out, "logits") else out
-
     b, t = input_ids.shape
     if buckets <= 1 or b <= 1 or not is_right_padded(attention_mask):
-        return run(input_ids, attention_mask)
+        return policy_logits(model, input_ids, attention_mask)
     lengths = attention_mask.sum(-1).tolist()
     groups = length_buckets([max(1, int(n)) for n in lengths], buckets)
     if len(groups) == 1 and max(lengths) == t:
-        return run(input_ids, attention_mask)
+        return policy_logits(model, input_ids, attention_mask)
     parts, rows = [], []
     for g in groups:
         idx = torch.tensor(g, device=input_ids.device)
         w = max(1, max(int(lengths[i]) for i in g))
-        logits = run(input_ids[idx, :w], attention_mask[idx, :w])
+        logits = policy_logits(model, input_ids[idx, :w], attention_mask[idx, :w])
         parts.append(torch.nn.functional.pad(logits, (0, 0, 0, t - w)))
         rows.append(idx)
     stacked = torch.cat(parts)

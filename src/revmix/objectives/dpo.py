@@ -23,52 +23,35 @@ for every length); ``average_log_prob`` is then redundant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from revmix.objectives.base import (
     Batch,
     LossOutput,
+    Objective,
     Reference,
     per_direction,
     policy_logits,
     register_objective,
     token_logps,
 )
-from revmix.objectives.buckets import LengthBucketedLM
 from revmix.objectives.prefix import (
     SharedPromptPairs,
     pack_shared_prompt,
     shared_prompt_logps,
-    supports_shared_prompt,
 )
 from revmix.objectives.reference import concatenated_inputs, reference_logps
-
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
-
-
-def _groups(policy: torch.nn.Module) -> int:
-    """Length groups for the policy's passes: the loop's setting, but one call under DDP (DDP allows one
-    forward per backward)."""
-    if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
-        return 1
-    return policy.buckets if isinstance(policy, LengthBucketedLM) else 1
+from revmix.validation import validate
 
 
 def check_hyperparams(beta: float, loss_type: str, label_smoothing: float) -> None:
-    """Loud errors for values the maths does not allow (named as the config keys)."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"dpo loss_type {loss_type!r} is not supported; valid: {', '.join(LOSS_TYPES)}")
-    if not beta > 0:
-        raise ValueError(f"dpo beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"dpo label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type == "ipo" and label_smoothing:
-        raise ValueError("dpo label_smoothing applies to loss_type='sigmoid' only; set it to 0 for 'ipo'")
+    """Loud errors for values the maths does not allow: the :class:`DPO` fields' own checks."""
+    validate(DPO, {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}, "dpo")
 
 
 def dpo_loss(
@@ -99,40 +82,41 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-@register_objective("dpo")
-@dataclass(frozen=True)
-class DPO:
-    """DPO/IPO with y+ chosen and y− rejected; reference log-probs from the batch cache or ``ref``.
+@register_objective
+class DPO(Objective):
+    """DPO/IPO with y+ chosen and y− rejected; reference log-probs from the batch cache or ``ref``."""
 
-    ``beta`` — strength of the implicit KL to π_ref (IPO's τ); ``loss_type`` — ``sigmoid`` | ``ipo``;
-    ``label_smoothing`` — cDPO's ε (sigmoid only); ``average_log_prob`` — mean instead of summed
-    response log-probs; ``shared_prompt`` — score y+ and y− in one row behind one copy of the prompt
-    (``revmix.objectives.prefix``: same log-probs, fewer tokens), where the model's attention allows it.
-    """
-
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    average_log_prob: bool = False
-    shared_prompt: bool = True
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0, description="strength of the implicit KL to the reference (IPO's tau)")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid (DPO) or ipo (squared loss)")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="cDPO's epsilon: assumed rate of flipped preferences (sigmoid only)"
+    )
+    average_log_prob: bool = Field(False, description="mean instead of summed response log-probs")
+    shared_prompt: bool = Field(
+        True, description="score y+ and y- in one row behind one copy of the prompt, where attention allows"
+    )
 
     requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
     needs_reference: ClassVar[bool] = True
     needs_rollouts: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        # Validate once at build time (errors then name the config path via build_objective).
-        check_hyperparams(self.beta, self.loss_type, self.label_smoothing)
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> DPO:
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ValueError("label_smoothing applies to loss_type='sigmoid' only; set it to 0 for 'ipo'")
+        return self
 
     @property
     def length_normalised(self) -> bool:
         return self.average_log_prob or self.loss_type == "ipo"
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
-        packed = pack_shared_prompt(batch) if self.shared_prompt and supports_shared_prompt(policy) else None
+        allowed = batch.policy_forward  # what the training loop allows of the policy's forward pass
+        packed = pack_shared_prompt(batch) if self.shared_prompt and allowed.shared_prompt else None
         if packed is not None:
             forward = lambda i, m, p: policy_logits(policy, i, m, position_ids=p)  # noqa: E731
-            chosen, rejected, n_c, n_r = shared_prompt_logps(forward, packed, _groups(policy))
+            chosen, rejected, n_c, n_r = shared_prompt_logps(forward, packed, allowed.length_groups)
         else:
             ids, mask, labels = concatenated_inputs(batch)
             logp, tok_mask = token_logps(policy_logits(policy, ids, mask), labels)
@@ -166,21 +150,22 @@ class DPO:
     ) -> tuple[Tensor, Tensor]:
         """Summed reference log-probs: the batch's cached values when present, else one ``ref`` pass
         (over the shared-prompt rows when the reference takes position ids)."""
-        cached = (batch.ref_chosen_logps, batch.ref_rejected_logps)
-        if (cached[0] is None) != (cached[1] is None):
+        cached_chosen, cached_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
+        if cached_chosen is not None and cached_rejected is not None:
+            device = batch.input_ids.device
+            return cached_chosen.to(device).float(), cached_rejected.to(device).float()
+        if (cached_chosen is None) != (cached_rejected is None):
             raise ValueError(
                 "batch.ref_chosen_logps and batch.ref_rejected_logps must be both set or both None"
             )
-        if cached[0] is not None:
-            return cached[0].to(batch.input_ids.device).float(), cached[1].to(batch.input_ids.device).float()
         if ref is None:
             raise ValueError(
                 "dpo needs reference log-probs: pass a Reference (AdapterDisabledReference, "
                 "FrozenCopyReference) or attach cached ones (ReferenceLogpCache.attach)"
             )
-        if packed is not None and getattr(ref, "takes_position_ids", False):
+        if packed is not None and ref.shared_prompt:
             with torch.no_grad():
                 forward = lambda i, m, p: ref.logits(i, m, position_ids=p)  # noqa: E731
-                chosen, rejected, _, _ = shared_prompt_logps(forward, packed, getattr(ref, "buckets", 1))
+                chosen, rejected, _, _ = shared_prompt_logps(forward, packed, ref.length_groups)
             return chosen.float(), rejected.float()
         return reference_logps(ref, batch)

@@ -28,30 +28,32 @@ default routes, for code that only has the class.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
+from pydantic import ConfigDict, Field, PrivateAttr
 from torch import Tensor
 
 from revmix.objectives.base import (
-    DIRECTION_NAMES,
+    DIRECTIONS,
     Batch,
+    DirectionName,
     LossOutput,
     Objective,
     Reference,
-    build_objective,
     register_objective,
 )
 from revmix.objectives.surgery import flat_grad, pcgrad, trainable_parameters
+from revmix.validation import Strict
 
-SURGERY_CHOICES: tuple[str, ...] = ("none", "pcgrad")
-ROUTE_KEYS: tuple[str, ...] = ("objective", "direction", "task", "weight")
+if TYPE_CHECKING:  # at run time: the union of every registered objective, set by `type_routes`
+    ObjectiveSpec = Objective
 
-DEFAULT_ROUTES: tuple[Mapping[str, Any], ...] = (
-    {"objective": {"name": "sft"}, "direction": "forward", "task": None, "weight": 1.0},
-    {"objective": {"name": "unlikelihood"}, "direction": "reverse", "task": None, "weight": 1.0},
+DEFAULT_ROUTES: tuple[dict[str, Any], ...] = (
+    {"objective": {"name": "sft"}, "direction": "forward"},
+    {"objective": {"name": "unlikelihood"}, "direction": "reverse"},
 )
 
 T = TypeVar("T")
@@ -93,81 +95,79 @@ class Route:
         return torch.nonzero(keep, as_tuple=False).flatten()
 
 
-def parse_routes(routes: Sequence[Mapping[str, Any]]) -> tuple[Route, ...]:
-    """Validate route specs (errors name ``routes[i].<key>``) and build their sub-objectives."""
-    if isinstance(routes, Mapping) or not isinstance(routes, Sequence) or not routes:
-        raise ValueError(f"routes: expected a non-empty list of route mappings, got {routes!r}")
-    parsed: list[Route] = []
-    names = []
-    for i, spec in enumerate(routes):
-        where = f"routes[{i}]"
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}: expected a mapping with keys {', '.join(ROUTE_KEYS)}, got {spec!r}")
-        unknown = sorted(set(spec) - set(ROUTE_KEYS))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(ROUTE_KEYS)}")
-        if "objective" not in spec:
-            raise ValueError(f"{where}.objective: missing (a mapping like {{name: sft}})")
-        objective = build_objective(dict(spec["objective"]), path=f"{where}.objective")
-        direction = spec.get("direction")
-        if direction is not None and direction not in DIRECTION_NAMES:
-            raise ValueError(
-                f"{where}.direction: {direction!r} is not valid; valid: {', '.join(DIRECTION_NAMES)}, null"
-            )
-        task = spec.get("task")
-        if task is not None and not isinstance(task, str):
-            raise ValueError(f"{where}.task: expected a task-name prefix string or null, got {task!r}")
-        weight = spec.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight < float("inf"):
-            raise ValueError(f"{where}.weight: expected a finite number >= 0, got {weight!r}")
-        names.append(type(objective).name)  # type: ignore[attr-defined]
-        parsed.append(
-            Route(
-                objective=objective,
-                label="",
-                direction=None if direction is None else DIRECTION_NAMES.index(direction),
-                task=task,
-                weight=float(weight),
-            )
+class RouteSpec(Strict):
+    """One route of the config: which rows go to which objective, with what weight."""
+
+    model_config = ConfigDict(frozen=True)
+
+    objective: ObjectiveSpec = Field(description="the sub-objective (any registered objective)")
+    direction: DirectionName | None = Field(None, description="rows of this direction only (null: both)")
+    task: str | None = Field(None, description="rows whose task starts with this prefix only (null: any)")
+    weight: float = Field(1.0, ge=0.0, description="weight of this route's loss in the sum")
+
+
+def parse_routes(routes: Sequence[RouteSpec]) -> tuple[Route, ...]:
+    """The runtime routes: direction codes, and metric labels (a repeated objective name gets its index)."""
+    names = [r.objective.name for r in routes]
+    return tuple(
+        Route(
+            objective=r.objective,
+            label=name if names.count(name) == 1 else f"{name}{i}",
+            direction=None if r.direction is None else DIRECTIONS.index(r.direction),
+            task=r.task,
+            weight=r.weight,
         )
-    labels = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
-    return tuple(Route(r.objective, label, r.direction, r.task, r.weight) for r, label in zip(parsed, labels))
+        for i, (r, name) in enumerate(zip(routes, names))
+    )
+
+
+def type_routes(objective_spec: Any) -> None:
+    """Type a route's ``objective`` as ``objective_spec`` (the union of every registered objective); called
+    once all built-ins are registered, since a route may hold any of them — multitask included."""
+    global ObjectiveSpec
+    ObjectiveSpec = objective_spec
+    RouteSpec.model_rebuild(force=True)
+    MultiTask.model_rebuild(force=True)
 
 
 def _with_direction(metrics: dict[str, float], direction: str) -> dict[str, float]:
     """Tag direction-free keys of a single-direction group's metrics with that direction."""
-    suffixes = tuple(f"/{d}" for d in DIRECTION_NAMES)
+    suffixes = tuple(f"/{d}" for d in DIRECTIONS)
     return {(k if k.endswith(suffixes) else f"{k}/{direction}"): v for k, v in metrics.items()}
 
 
-@register_objective("multitask")
-@dataclass(frozen=True)
-class MultiTask:
+@register_objective
+class MultiTask(Objective):
     """Weighted, routed sum of sub-objectives; ``gradient_surgery``: ``none`` | ``pcgrad``."""
 
-    routes: tuple[Mapping[str, Any], ...] = DEFAULT_ROUTES
-    gradient_surgery: str = "none"
-    surgery_seed: int = 0
-
-    requires = _derived(
-        frozenset({"response", "other_response"}),
-        lambda self: frozenset().union(*(r.objective.requires for r in self._routes)),
+    name: Literal["multitask"] = "multitask"
+    routes: tuple[RouteSpec, ...] = Field(
+        DEFAULT_ROUTES, min_length=1, validate_default=True, description="sub-objectives and their rows"
     )
-    needs_reference = _derived(False, lambda self: any(r.objective.needs_reference for r in self._routes))
-    needs_rollouts = _derived(False, lambda self: any(r.objective.needs_rollouts for r in self._routes))
+    gradient_surgery: Literal["none", "pcgrad"] = Field(
+        "none", description="pcgrad: project conflicting forward/reverse gradients (Yu et al. 2020)"
+    )
+    surgery_seed: int = Field(0, description="seed of PCGrad's visiting order (mixed with the batch)")
 
-    def __post_init__(self) -> None:
-        if self.gradient_surgery not in SURGERY_CHOICES:
-            raise ValueError(
-                f"gradient_surgery: {self.gradient_surgery!r} is not valid; valid: {', '.join(SURGERY_CHOICES)}"
-            )
-        routes = tuple(dict(r) if isinstance(r, Mapping) else r for r in self.routes)
-        object.__setattr__(self, "_routes", parse_routes(routes))
-        object.__setattr__(self, "routes", routes)
+    requires: ClassVar = _derived(
+        frozenset({"response", "other_response"}),
+        lambda self: frozenset().union(*(r.objective.requires for r in self.routes)),
+    )
+    needs_reference: ClassVar = _derived(
+        False, lambda self: any(r.objective.needs_reference for r in self.routes)
+    )
+    needs_rollouts: ClassVar = _derived(
+        False, lambda self: any(r.objective.needs_rollouts for r in self.routes)
+    )
+
+    _routes: tuple[Route, ...] = PrivateAttr(default=())
+
+    def model_post_init(self, context: Any) -> None:
+        self._routes = parse_routes(self.routes)
 
     @property
     def parsed_routes(self) -> tuple[Route, ...]:
-        return self._routes  # type: ignore[attr-defined]
+        return self._routes
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         if self.gradient_surgery == "none":
@@ -211,7 +211,7 @@ class MultiTask:
         used = [False] * len(params)  # params no group reaches keep .grad None, as after backward()
         total = torch.zeros((), device=batch.input_ids.device)
         metrics: dict[str, float] = {}
-        for code, name in enumerate(DIRECTION_NAMES):
+        for code, name in enumerate(DIRECTIONS):
             idx = torch.nonzero(batch.direction == code, as_tuple=False).flatten()
             if idx.numel() == 0:
                 continue

@@ -31,7 +31,7 @@ ratio compares the distribution that actually sampled the tokens (as TRL does).
 What runs where: this module is torch only — pure functions (:func:`gae`, :func:`whiten`,
 :func:`kl_penalty`, :func:`clipped_policy_loss`, :func:`clipped_value_loss`, :func:`group_advantages`),
 the value head, and the :class:`PPO` objective whose :meth:`PPO.make_rollout` / :meth:`PPO.loss` the
-platform's rollout step (``revmix.platform.rollout.ppo_step``) drives; generation and reward checking live
+platform's rollout step (``revmix.platform.rollout.step.ppo_step``) drives; generation and reward checking live
 there. Called like any other objective on a plain :class:`Batch` (the contract suite, a supervised loop),
 PPO treats each row's y+ as a rollout with score 1 — reference solutions are correct by construction — and
 returns the loss of the first optimisation pass over it (ratio 1, so the policy term is the plain
@@ -42,23 +42,27 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from revmix.objectives.base import (
     Batch,
     LossOutput,
+    Objective,
     Reference,
+    label_logps,
+    logits_of,
     per_direction,
     register_objective,
+    shifted_log_softmax,
 )
 
-BASELINES: tuple[str, ...] = ("critic", "group")
 VALUE_HEAD_ATTR = "v_head"
 """Name of the value head submodule on the policy (TRL's ``AutoModelForCausalLMWithValueHead`` name)."""
-ROLLOUT_BACKENDS: tuple[str, ...] = ("auto", "hf", "vllm")
+VLLM_PLACEMENTS: tuple[str, ...] = ("auto", "local", "actor")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,59 +206,41 @@ class ValueHead(torch.nn.Module):
             return self.summary(hidden.float()).squeeze(-1)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (the model itself otherwise)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+def get_value_head(model: torch.nn.Module) -> ValueHead | None:
+    """The value head in ``model``'s module tree, if any: on the policy, or on the policy inside whatever
+    module the training loop forwards through (a DDP wrapper)."""
+    return next((m for m in model.modules() if isinstance(m, ValueHead)), None)
 
 
-def get_value_head(policy: torch.nn.Module) -> ValueHead | None:
-    """The value head registered on ``policy`` (or inside its DDP wrapper), if any."""
-    head = unwrap(policy)._modules.get(VALUE_HEAD_ATTR)
-    return head if isinstance(head, ValueHead) else None
-
-
-def _hidden_size(model: torch.nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    size = getattr(cfg, "hidden_size", None)
-    if isinstance(size, int):
-        return size
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is None:
-        raise TypeError(
-            f"cannot size a value head for {type(model).__name__}: no config.hidden_size and no "
-            "get_input_embeddings()"
-        )
-    return int(emb.embedding_dim)
-
-
-def attach_value_head(policy: torch.nn.Module) -> tuple[ValueHead, bool]:
+def attach_value_head(policy: Any) -> tuple[ValueHead, bool]:
     """Register a :class:`ValueHead` as ``policy.v_head`` unless one is there; returns ``(head, created)``.
 
-    As a registered submodule the head is in ``policy.parameters()`` — so an optimizer built *after* this
-    call trains it, DDP syncs it, and a full fine-tune's checkpoint (every trainable parameter) holds it.
-    With a PEFT model it sits on the ``PeftModel`` wrapper: ``merge_and_unload`` drops it, so the merged
-    stage model saved for the next stage stays a clean causal LM.
+    ``policy`` is the Hugging Face or PEFT causal LM itself (before any DDP wrapper). As a registered
+    submodule the head is in ``policy.parameters()`` — so an optimizer built *after* this call trains it,
+    DDP syncs it, and a full fine-tune's checkpoint (every trainable parameter) holds it. With a PEFT model
+    it sits on the ``PeftModel`` wrapper: ``merge_and_unload`` drops it, so the merged stage model saved
+    for the next stage stays a clean causal LM.
     """
-    model = unwrap(policy)
-    head = get_value_head(model)
+    head = get_value_head(policy)
     if head is not None:
         return head, False
-    if VALUE_HEAD_ATTR in model._modules:
+    if VALUE_HEAD_ATTR in policy._modules:
         raise TypeError(
-            f"{type(model).__name__}.{VALUE_HEAD_ATTR} exists and is not a revmix ValueHead; cannot attach one"
+            f"{type(policy).__name__}.{VALUE_HEAD_ATTR} exists and is not a revmix ValueHead; cannot attach one"
         )
-    ref = next(model.parameters())
-    head = ValueHead(_hidden_size(model)).to(ref.device)
-    model.add_module(VALUE_HEAD_ATTR, head)
+    ref = next(policy.parameters())
+    head = ValueHead(int(policy.config.hidden_size)).to(ref.device)
+    policy.add_module(VALUE_HEAD_ATTR, head)
     return head, True
 
 
 def detach_value_head(policy: torch.nn.Module) -> ValueHead | None:
-    """Remove and return the value head, so ``save_pretrained`` writes a plain causal LM (full fine-tune)."""
-    model = unwrap(policy)
-    head = get_value_head(model)
-    if head is not None:
-        del model._modules[VALUE_HEAD_ATTR]
+    """Remove and return the value head of the policy itself, so ``save_pretrained`` writes a plain
+    causal LM (full fine-tune)."""
+    head = policy._modules.get(VALUE_HEAD_ATTR)
+    if not isinstance(head, ValueHead):
+        return None
+    del policy._modules[VALUE_HEAD_ATTR]
     return head
 
 
@@ -305,128 +291,69 @@ class Rollout:
         return Rollout(**out)
 
 
-def _log_softmax_logits(logits: Tensor, temperature: float) -> Tensor:
-    logits = logits[:, :-1, :].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
-
-
-def _gather(logp_all: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    targets = labels[:, 1:]
-    mask = targets != -100
-    safe = targets.masked_fill(~mask, 0)
-    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask
-
-
 # --------------------------------------------------------------------------------------------------
 # The objective
 # --------------------------------------------------------------------------------------------------
 
 
-@register_objective("ppo")
-@dataclass(frozen=True)
-class PPO:
+@register_objective
+class PPO(Objective):
     """PPO / GRPO hyper-parameters (TRL's defaults where TRL has them). See the module docstring.
 
-    ``baseline`` — ``critic`` (value head + GAE) | ``group`` (GRPO, no value head);
-    ``group_size`` — responses sampled per prompt (default 1 for ``critic``, 4 for ``group``);
-    ``kl_coef`` — β of the KL to the reference; ``gamma``/``lam`` — GAE's γ/λ; ``clip_eps`` — ε;
-    ``value_clip_eps`` — ε_v; ``vf_coef`` — c_v; ``entropy_coef`` — c_H; ``ppo_epochs`` — passes per
-    rollout batch; ``num_mini_batches`` — optimizer steps per pass; ``whiten_advantages`` (critic only);
-    ``scale_rewards`` — divide group advantages by the group std (group only); ``temperature``/``top_p``/
-    ``max_new_tokens`` — rollout sampling; ``reward`` — reward spec (a name, or a mapping such as
-    ``{name: sum, terms: [{name: correct, weight: 1}, {name: format, weight: 0.1}]}``), built and
-    validated by ``revmix.platform.rollout.rewards.build_reward``; ``rollout_backend`` — who samples the rollouts:
-    ``hf`` (``model.generate`` in the training process), ``vllm`` (a vLLM engine that receives the
-    policy's weights before every rollout batch, ``revmix.platform.rollout.vllm_engine``) or ``auto`` (vllm on a
-    GPU where vLLM is installed, else hf); ``vllm_engine`` — vLLM options: ``placement``
-    (auto | local | actor), ``num_cpus``/``num_gpus`` of an actor engine, and any ``vllm.LLM``
-    argument, e.g. ``gpu_memory_utilization``.
+    ``reward`` is a reward spec (a name, or a mapping such as ``{name: sum, terms: [{name: correct, weight:
+    1}, {name: format, weight: 0.1}]}``), built and validated by ``revmix.platform.rollout.rewards``.
+    ``rollout_backend``: ``hf`` (``model.generate`` in the training process), ``vllm`` (a vLLM engine that
+    receives the policy's weights before every rollout batch) or ``auto`` (vllm on a GPU where vLLM is
+    installed, else hf). ``vllm_engine``: ``placement`` (auto | local | actor), ``num_cpus``/``num_gpus``
+    of an actor engine, and any ``vllm.LLM`` argument, e.g. ``gpu_memory_utilization``.
     """
 
-    baseline: str = "critic"
-    group_size: int | None = None
-    kl_coef: float = 0.05
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    ppo_epochs: int = 4
-    num_mini_batches: int = 1
-    whiten_advantages: bool = True
-    scale_rewards: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    reward: str | dict = "correct"
-    rollout_backend: str = "auto"
-    vllm_engine: dict | None = None
+    name: Literal["ppo"] = "ppo"
+    baseline: Literal["critic", "group"] = Field(
+        "critic", description="critic: value head + GAE; group: GRPO's group-mean baseline, no value head"
+    )
+    group_size: int | None = Field(
+        None, ge=1, description="responses sampled per prompt (null: 1 for critic, 4 for group)"
+    )
+    kl_coef: float = Field(0.05, ge=0.0, description="beta of the KL to the reference")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda")
+    clip_eps: float = Field(0.2, gt=0.0, description="clip range of the policy ratio")
+    value_clip_eps: float = Field(0.2, gt=0.0, description="clip range of the value update")
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the value loss")
+    entropy_coef: float = Field(0.0, ge=0.0, description="weight of the entropy bonus")
+    ppo_epochs: int = Field(4, ge=1, description="optimisation passes per rollout batch")
+    num_mini_batches: int = Field(1, ge=1, description="optimizer steps per pass")
+    whiten_advantages: bool = Field(True, description="critic: normalise advantages over the batch")
+    scale_rewards: bool = Field(True, description="group: divide group advantages by the group std")
+    temperature: float = Field(
+        1.0, gt=0.0, description="rollout sampling temperature (greedy rollouts give PPO nothing to compare)"
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="rollout nucleus sampling")
+    max_new_tokens: int = Field(64, ge=1, description="rollout response length cap")
+    reward: str | dict[str, Any] = Field("correct", description="reward name or spec mapping (see class doc)")
+    rollout_backend: Literal["auto", "hf", "vllm"] = Field("auto", description="who samples the rollouts")
+    vllm_engine: dict[str, Any] | None = Field(None, description="vLLM engine options (see class doc)")
 
     requires: ClassVar[frozenset[str]] = frozenset({"response"})
     needs_reference: ClassVar[bool] = True
     needs_rollouts: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        if self.baseline not in BASELINES:
-            raise ValueError(
-                f"ppo baseline {self.baseline!r} is not supported; valid: {', '.join(BASELINES)}"
-            )
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"ppo group_size must be >= 1, got {self.group_size}")
+    @field_validator("vllm_engine")
+    @classmethod
+    def _known_placement(cls, engine: dict[str, Any] | None) -> dict[str, Any] | None:
+        placement = (engine or {}).get("placement", "auto")
+        if placement not in VLLM_PLACEMENTS:
+            raise ValueError(f"placement {placement!r} is not one of {', '.join(VLLM_PLACEMENTS)}")
+        return engine
+
+    @model_validator(mode="after")
+    def _group_needs_a_group(self) -> PPO:
         if self.baseline == "group" and self.samples_per_prompt < 2:
             raise ValueError(
-                f"ppo baseline 'group' needs group_size >= 2 (the baseline is the group mean), got "
-                f"{self.group_size}"
+                f"baseline 'group' needs group_size >= 2 (the baseline is the group mean), got {self.group_size}"
             )
-        checks = {
-            "kl_coef": self.kl_coef >= 0,
-            "gamma": 0 <= self.gamma <= 1,
-            "lam": 0 <= self.lam <= 1,
-            "clip_eps": self.clip_eps > 0,
-            "value_clip_eps": self.value_clip_eps > 0,
-            "vf_coef": self.vf_coef >= 0,
-            "entropy_coef": self.entropy_coef >= 0,
-            "ppo_epochs": self.ppo_epochs >= 1,
-            "num_mini_batches": self.num_mini_batches >= 1,
-            "temperature": self.temperature > 0,
-            "top_p": 0 < self.top_p <= 1,
-            "max_new_tokens": self.max_new_tokens >= 1,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            ranges = {
-                "kl_coef": ">= 0",
-                "gamma": "in [0, 1]",
-                "lam": "in [0, 1]",
-                "clip_eps": "> 0",
-                "value_clip_eps": "> 0",
-                "vf_coef": ">= 0",
-                "entropy_coef": ">= 0",
-                "ppo_epochs": ">= 1",
-                "num_mini_batches": ">= 1",
-                "temperature": "> 0 (rollouts sample; greedy rollouts give PPO nothing to compare)",
-                "top_p": "in (0, 1]",
-                "max_new_tokens": ">= 1",
-            }
-            raise ValueError("; ".join(f"ppo {k} must be {ranges[k]}, got {getattr(self, k)!r}" for k in bad))
-        if self.rollout_backend not in ROLLOUT_BACKENDS:
-            raise ValueError(
-                f"ppo rollout_backend {self.rollout_backend!r} is not supported; valid: "
-                f"{', '.join(ROLLOUT_BACKENDS)}"
-            )
-        engine = self.vllm_engine or {}
-        if not isinstance(engine, dict):
-            raise ValueError(f"ppo vllm_engine must be a mapping of vLLM options, got {engine!r}")
-        if engine.get("placement", "auto") not in ("auto", "local", "actor"):
-            raise ValueError(
-                f"ppo vllm_engine.placement {engine['placement']!r} is not supported; valid: auto, local, actor"
-            )
-        if not isinstance(self.reward, str | dict):
-            raise ValueError(f"ppo reward must be a name or a mapping with 'name', got {self.reward!r}")
+        return self
 
     # ------------------------------------------------------------------ setup
 
@@ -468,7 +395,7 @@ class PPO:
                 "before building the optimizer"
             )
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=head is not None)
-        logits = out.logits if hasattr(out, "logits") else out
+        logits = logits_of(out)
         values = head(out.hidden_states[-1][:, :-1]) if head is not None else None
         return logits, values
 
@@ -476,7 +403,7 @@ class PPO:
     def make_rollout(
         self,
         policy: torch.nn.Module,
-        ref: Reference,
+        ref: Reference | None,
         input_ids: Tensor,
         attention_mask: Tensor,
         labels: Tensor,
@@ -496,21 +423,21 @@ class PPO:
             group = torch.arange(input_ids.shape[0], device=input_ids.device)
         scores = scores.to(input_ids.device).float()
         logits, values = self._forward(policy, input_ids, attention_mask)
-        old_logps, mask = _gather(_log_softmax_logits(logits, self.temperature), labels)
+        old_logps, mask = label_logps(shifted_log_softmax(logits, self.temperature), labels)
         del logits
-        ref_logps, _ = _gather(
-            _log_softmax_logits(ref.logits(input_ids, attention_mask), self.temperature), labels
+        ref_logps, _ = label_logps(
+            shifted_log_softmax(ref.logits(input_ids, attention_mask), self.temperature), labels
         )
         kl = kl_penalty(old_logps, ref_logps) * mask
         lengths = mask.sum(-1)
         token_rewards = None
         returns = None
         if self.uses_critic:
+            assert values is not None  # _forward returns the value head's output with the critic
             token_rewards = -self.kl_coef * kl
             width = mask.shape[1]
-            idx = (width - 1 - mask.flip(-1).float().argmax(-1)).unsqueeze(
-                -1
-            )  # each row's last response token
+            last = width - 1 - mask.flip(-1).float().argmax(-1)  # each row's last response token
+            idx = last.unsqueeze(-1)
             has = (lengths > 0).float().unsqueeze(-1)
             token_rewards = token_rewards.scatter_add(1, idx, scores.unsqueeze(-1) * has)
             values = values * mask
@@ -548,8 +475,8 @@ class PPO:
     def loss(self, policy: torch.nn.Module, rb: Rollout) -> LossOutput:
         """The PPO (or GRPO) loss of one mini-batch under the current policy; metrics per direction."""
         logits, values = self._forward(policy, rb.input_ids, rb.attention_mask)
-        logp_all = _log_softmax_logits(logits, self.temperature)
-        logp, _ = _gather(logp_all, rb.labels)
+        logp_all = shifted_log_softmax(logits, self.temperature)
+        logp, _ = label_logps(logp_all, rb.labels)
         mask = rb.mask
         with torch.set_grad_enabled(bool(self.entropy_coef) and torch.is_grad_enabled()):
             entropy = -(logp_all.exp() * logp_all).sum(-1)  # in the graph only when it is in the loss

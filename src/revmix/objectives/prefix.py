@@ -8,12 +8,13 @@ exactly the logits it would get in its own sequence. Per pair that is |x| + |y+|
 2|x| + |y+| + |y−|: 21% fewer on ``dpo_tiny``'s synthetic twins (affine_mod, arith_chain, string_ops).
 
 The first token of y+ and of y− are both predicted from the last prompt position; every later token from
-the position before it in its own block. Rows are forwarded in up to ``buckets`` groups of similar length
+the position before it in its own block. Rows are forwarded in up to ``length_groups`` groups of similar length
 (:func:`revmix.objectives.buckets.length_buckets`), like every other forward pass.
 
 The mask needs an attention implementation that honours a custom 4-D mask (``sdpa``, ``eager``);
-:func:`supports_shared_prompt` says whether a model does, and callers fall back to the concatenated batch
-when it does not, or when a pair's two rows do not share their prompt.
+:func:`supports_shared_prompt` says whether a model does. The training loop asks it once, of the model
+itself, and hands the answer to objectives (``Batch.policy_forward``, ``Reference.shared_prompt``); they
+score the concatenated batch when the answer is no, or when a pair's two rows do not share their prompt.
 """
 
 from __future__ import annotations
@@ -24,22 +25,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from revmix.objectives.base import IGNORE_INDEX, Batch
+from revmix.objectives.base import IGNORE_INDEX, Batch, gather_logps
 from revmix.objectives.buckets import length_buckets
 
 MASK_AWARE_ATTENTION = ("sdpa", "eager")
 
 
 def supports_shared_prompt(model: Any) -> bool:
-    """True when ``model`` (or the module inside its wrappers) attends with a custom 4-D mask."""
-    seen = 0
-    while seen < 8 and not hasattr(model, "config"):
-        inner = getattr(model, "module", None) or getattr(model, "model", None)
-        if inner is None:
-            return False
-        model, seen = inner, seen + 1
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return impl in MASK_AWARE_ATTENTION
+    """True when ``model`` — a Hugging Face or PEFT causal LM itself, not a wrapper around one — attends
+    with a custom 4-D mask."""
+    return model.config._attn_implementation in MASK_AWARE_ATTENTION
 
 
 @dataclass
@@ -116,21 +111,21 @@ def pack_shared_prompt(batch: Batch) -> SharedPromptPairs | None:
 
 
 def shared_prompt_logps(
-    forward: Any, packed: SharedPromptPairs, buckets: int = 1
+    forward: Any, packed: SharedPromptPairs, length_groups: int = 1
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Summed log-probs of y+ and y− per pair and their token counts: ``(chosen, rejected, n_c, n_r)``.
 
     ``forward(input_ids, attention_mask, position_ids)`` returns logits; it is called once per length
-    group (pass ``buckets=1`` where a single call is required, e.g. under DDP).
+    group (``length_groups=1`` where a single call is required, e.g. under DDP).
     """
     logps = torch.zeros(packed.target.shape, device=packed.input_ids.device)
-    for group in length_buckets(packed.lengths, max(1, buckets)):
+    for group in length_buckets(packed.lengths, max(1, length_groups)):
         idx = torch.tensor(group, device=packed.input_ids.device)
         w = max(packed.lengths[i] for i in group)
         mask = packed.allowed[idx, :w, :w].unsqueeze(1)
         logits = forward(packed.input_ids[idx, :w], mask, packed.position_ids[idx, :w])
         rows = logits.gather(1, packed.predictor[idx].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        lp = torch.log_softmax(rows.float(), dim=-1).gather(-1, packed.target[idx].unsqueeze(-1)).squeeze(-1)
+        lp = gather_logps(torch.log_softmax(rows.float(), dim=-1), packed.target[idx])
         logps = logps.index_put((idx,), lp * packed.valid[idx])
     chosen_sel = packed.valid & ~packed.is_rejected
     rejected_sel = packed.valid & packed.is_rejected

@@ -1,4 +1,4 @@
-"""Reference policies and the on-disk cache of their log-probs (DESIGN §4, §5).
+"""Reference policies and the on-disk cache of their log-probs.
 
 DPO (and PPO's KL term) compare the policy with a frozen reference π_ref. Three interchangeable ways to
 get π_ref's log-probs, all giving the same numbers:
@@ -18,18 +18,20 @@ concatenated forward pass (:func:`concatenated_inputs`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from revmix.objectives.base import (
-    DIRECTION_NAMES,
+    DIRECTIONS,
     IGNORE_INDEX,
     Batch,
     Reference,
@@ -37,6 +39,7 @@ from revmix.objectives.base import (
     token_logps,
 )
 from revmix.objectives.buckets import bucketed_logits
+from revmix.objectives.prefix import supports_shared_prompt
 
 CACHE_FORMAT_VERSION = 1
 
@@ -86,56 +89,70 @@ def response_token_counts(batch: Batch) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off inside the block (deterministic passes); every submodule's previous mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _reference_logits(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor | None,
+    groups: int,
+) -> Tensor:
+    """Shared-prompt rows (a 4-D mask with ``position_ids``) in one call; plain rows per length group."""
+    if position_ids is not None:
+        return policy_logits(model, input_ids, attention_mask, position_ids=position_ids)
+    return bucketed_logits(model, input_ids, attention_mask, groups)
+
+
 class AdapterDisabledReference:
     """The policy with its PEFT adapter(s) disabled: the base model, with no extra memory.
 
     Runs under ``torch.no_grad()`` and in eval mode (no dropout: the reference must be deterministic);
-    every submodule's previous train/eval mode is restored afterwards.
+    every submodule's previous train/eval mode is restored afterwards. ``length_groups`` and
+    ``shared_prompt`` are the :class:`~revmix.objectives.base.Reference` contract.
     """
 
-    def __init__(self, peft_model: torch.nn.Module, buckets: int = 1) -> None:
+    def __init__(self, peft_model: torch.nn.Module, length_groups: int = 1) -> None:
         if not hasattr(peft_model, "disable_adapter"):
             raise TypeError(
                 f"AdapterDisabledReference needs a peft.PeftModel (with .disable_adapter()), got "
                 f"{type(peft_model).__name__}; use FrozenCopyReference for a full fine-tune"
             )
-        self.model = peft_model
-        self.buckets = buckets  # length groups per forward pass (objectives.buckets)
-
-    takes_position_ids = True  # DPO's shared-prompt rows pass a 4-D mask and position ids
+        self.model: Any = peft_model
+        self.length_groups = length_groups
+        self.shared_prompt = supports_shared_prompt(peft_model)
 
     @torch.no_grad()
     def logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                if position_ids is not None:
-                    return policy_logits(self.model, input_ids, attention_mask, position_ids=position_ids)
-                return bucketed_logits(self.model, input_ids, attention_mask, self.buckets)
-        finally:
-            for m, training in modes:
-                m.training = training
+        with eval_mode(self.model), self.model.disable_adapter():
+            return _reference_logits(self.model, input_ids, attention_mask, position_ids, self.length_groups)
 
 
 class FrozenCopyReference:
-    """A deep copy of ``model`` in eval mode with every parameter frozen."""
+    """A deep copy of ``model`` in eval mode with every parameter frozen (the ``Reference`` contract)."""
 
-    def __init__(self, model: torch.nn.Module, buckets: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, length_groups: int = 1) -> None:
         import copy
 
-        self.buckets = buckets  # length groups per forward pass (objectives.buckets)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-
-    takes_position_ids = True  # DPO's shared-prompt rows pass a 4-D mask and position ids
+        self.length_groups = length_groups
+        self.shared_prompt = supports_shared_prompt(model)
 
     @torch.no_grad()
     def logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        if position_ids is not None:
-            return policy_logits(self.model, input_ids, attention_mask, position_ids=position_ids)
-        return bucketed_logits(self.model, input_ids, attention_mask, self.buckets)
+        return _reference_logits(self.model, input_ids, attention_mask, position_ids, self.length_groups)
 
 
 @torch.no_grad()
@@ -184,13 +201,13 @@ def cache_key(model_identity: str, tokenizer_identity: str, rows: Iterable[tuple
 
 def _direction_name(direction: int | str) -> str:
     if isinstance(direction, str):
-        if direction not in DIRECTION_NAMES:
-            raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTION_NAMES)}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
         return direction
     code = int(direction)
     if code not in (0, 1):
         raise ValueError(f"unknown direction code {code}; valid: 0 (forward), 1 (reverse)")
-    return DIRECTION_NAMES[code]
+    return DIRECTIONS[code]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +231,7 @@ class ReferenceLogpCache:
         self.cache_dir = Path(cache_dir)
         self.key = key
         self.path = self.cache_dir / f"ref_logps-{key}.json"
-        self._entries: dict[str, dict[str, list[float]]] = {name: {} for name in DIRECTION_NAMES}
+        self._entries: dict[str, dict[str, list[float]]] = {name: {} for name in DIRECTIONS}
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._entries.values())
@@ -310,10 +327,8 @@ class ReferenceLogpCache:
                 f"expected version {CACHE_FORMAT_VERSION} / key {self.key!r}; delete the file to rebuild it"
             )
         entries = payload["entries"]
-        unknown = sorted(set(entries) - set(DIRECTION_NAMES))
+        unknown = sorted(set(entries) - set(DIRECTIONS))
         if unknown:
-            raise ValueError(
-                f"{self.path}: unknown direction(s) {unknown}; valid: {', '.join(DIRECTION_NAMES)}"
-            )
-        self._entries = {name: dict(entries.get(name, {})) for name in DIRECTION_NAMES}
+            raise ValueError(f"{self.path}: unknown direction(s) {unknown}; valid: {', '.join(DIRECTIONS)}")
+        self._entries = {name: dict(entries.get(name, {})) for name in DIRECTIONS}
         return True

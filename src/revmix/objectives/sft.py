@@ -8,44 +8,43 @@ mixed SFT runs of "When Inverse Data Outperforms" (arXiv 2509.13079, §3).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from revmix.objectives.base import (
     Batch,
     LossOutput,
+    Objective,
     Reference,
+    label_logps,
     per_direction,
     policy_logits,
     register_objective,
-    token_logps,
+    shifted_log_softmax,
 )
 
 
-@register_objective("sft")
-@dataclass(frozen=True)
-class SFT:
+@register_objective
+class SFT(Objective):
     """Cross-entropy on y+ tokens; ``label_smoothing`` as in ``torch.nn.functional.cross_entropy``."""
 
-    label_smoothing: float = 0.0
+    name: Literal["sft"] = "sft"
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="mass spread uniformly over the vocabulary (0: plain cross-entropy)"
+    )
 
     requires: ClassVar[frozenset[str]] = frozenset({"response"})
     needs_reference: ClassVar[bool] = False
     needs_rollouts: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
-        logits = policy_logits(policy, batch.input_ids, batch.attention_mask)
-        logp, mask = token_logps(logits, batch.labels)
+        logp_all = shifted_log_softmax(policy_logits(policy, batch.input_ids, batch.attention_mask))
+        logp, mask = label_logps(logp_all, batch.labels)
         n_tok = mask.sum().clamp(min=1)
         if self.label_smoothing:
-            lp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            smooth = -(lp_all.mean(-1) * mask).sum() / n_tok
+            smooth = -(logp_all.mean(-1) * mask).sum() / n_tok
             loss = (1 - self.label_smoothing) * (-logp.sum() / n_tok) + self.label_smoothing * smooth
         else:
             loss = -logp.sum() / n_tok

@@ -26,16 +26,17 @@ insertions/deletions: after the first differing-length edit, later tokens count 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from revmix.objectives.base import (
     IGNORE_INDEX,
     Batch,
     LossOutput,
+    Objective,
     Reference,
     per_direction,
     policy_logits,
@@ -116,24 +117,20 @@ def unlikelihood_loss(
     return UnlikelihoodTerms(nll + alpha * penalty, nll, penalty, row_nll, row_penalty, n_neg)
 
 
-@register_objective("unlikelihood")
-@dataclass(frozen=True)
-class Unlikelihood:
+@register_objective
+class Unlikelihood(Objective):
     """Likelihood on y+ plus α · unlikelihood on y− (only where y− differs from y+, by default)."""
 
-    alpha: float = 1.0
-    only_differing: bool = True
-    eps: float = 1e-6
+    name: Literal["unlikelihood"] = "unlikelihood"
+    alpha: float = Field(1.0, ge=0.0, description="weight of the unlikelihood term on y- tokens")
+    only_differing: bool = Field(
+        True, description="penalise only y- tokens that differ from y+ at the same response position"
+    )
+    eps: float = Field(1e-6, gt=0.0, lt=1.0, description="floor of 1 - p, so the loss stays finite as p -> 1")
 
     requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
     needs_reference: ClassVar[bool] = False
     needs_rollouts: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        if not self.alpha >= 0:
-            raise ValueError(f"unlikelihood alpha must be >= 0, got {self.alpha}")
-        if not 0 < self.eps < 1:
-            raise ValueError(f"unlikelihood eps must be in (0, 1), got {self.eps}")
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         ids, mask, labels = concatenated_inputs(batch)

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import peft
 import torch
@@ -41,22 +42,33 @@ from transformers import (
 # Scales
 # --------------------------------------------------------------------------------------------------
 
-SCALES: dict[str, dict] = {
-    "tiny": dict(
+
+class Scale(TypedDict):
+    """A Qwen2 shape: the ``Qwen2Config`` fields a scale sets."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(
         hidden_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=512,
     ),
-    "small": dict(
+    "small": Scale(
         hidden_size=256,
         num_hidden_layers=6,
         num_attention_heads=8,
         num_key_value_heads=4,
         intermediate_size=1024,
     ),
-    "base": dict(
+    "base": Scale(
         hidden_size=512,
         num_hidden_layers=8,
         num_attention_heads=8,
@@ -246,7 +258,7 @@ def tokenizer_hash(vocab_size: int = 512) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_scale(scale: str) -> dict:
+def _check_scale(scale: str) -> Scale:
     if scale not in SCALES:
         raise ValueError(f"unknown model scale {scale!r}; valid scales: {sorted(SCALES)}")
     return SCALES[scale]
@@ -390,7 +402,8 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     if dtype not in DTYPES:
         raise ValueError(f"load_model: unknown dtype {dtype!r}; valid: {list(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
-    return model.to(device)
+    # transformers declares .to through functools.wraps(nn.Module.to), which mypy reads as unbound.
+    return model.to(device)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,7 +494,8 @@ def load_trainable_state_dict(
             for k, v in extra.items():
                 params[k].copy_(v)
         result = peft.set_peft_model_state_dict(model, {k: v for k, v in state.items() if k not in extra})
-        unexpected = list(result.unexpected_keys)
+        # peft annotates the result as a bare ``namedtuple``; it is torch's (missing, unexpected) keys.
+        unexpected = list(result.unexpected_keys)  # type: ignore[attr-defined]
     else:
         result = model.load_state_dict(state, strict=False)
         unexpected = list(result.unexpected_keys)

@@ -2,6 +2,9 @@
 
 The whole sweep file is validated before Ray starts (a typo in a swept path fails in milliseconds, naming
 the path and its close matches); ``--dry-run`` stops there and prints the trial list.
+
+Exit status: 0 every trial finished; 1 some trial ended in ERROR (each listed on stderr with its error
+file; the others' results and the report are written all the same); 2 a bad sweep file or ``--out``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,8 +67,24 @@ def run(args: argparse.Namespace) -> int:
     except SweepExistsError as e:
         print(f"revmix sweep: {e}", file=sys.stderr)
         return 2
-    failed = int((outcome.table["status"] == "ERROR").sum()) if len(outcome.table) else 0
-    return 1 if len(outcome.table) and failed == len(outcome.table) else 0
+    return _report_failures(outcome.table, outcome.out_dir)
+
+
+def _report_failures(table: Any, out_dir: Path) -> int:
+    """Exit status 1, with each failed trial and its error file on stderr, when any trial ended in ERROR.
+
+    A sweep with a failed trial is not a success even if the others finished: scripts and CI must see it.
+    """
+    from revmix.sweeps.results import failed_trials
+
+    failed = failed_trials(table, out_dir)
+    if not failed:
+        return 0
+    errors = dict(zip(table["trial_id"].astype(str), table["error"])) if "error" in table.columns else {}
+    print(f"revmix sweep: {len(failed)} of {len(table)} trial(s) ended in ERROR:", file=sys.stderr)
+    for trial_id, error_file in failed:
+        print(f"  {trial_id}: {errors.get(trial_id)}\n    traceback: {error_file}", file=sys.stderr)
+    return 1
 
 
 def _local_gpus() -> int:

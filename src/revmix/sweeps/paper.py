@@ -8,13 +8,14 @@ Margins come from the per-epoch ALP records in each trial's ``metrics.jsonl`` (`
 
 from __future__ import annotations
 
-import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from revmix.assets import asset_path
 from revmix.sweeps.plots import read_metrics
+from revmix.sweeps.results import MISSING
 
 CONDITIONS = (
     "forward → forward",
@@ -24,6 +25,21 @@ CONDITIONS = (
     "mixed → mixed",
     "mixed, then DPO",
 )
+INTRO = (
+    "ALP margin (nats/token, ALP(y+) − ALP(y−)) after each epoch: the paper's figure (model size not "
+    "stated, probably 7B, real reasoning traces) beside this sweep (tiny model, synthetic twins). Absolute "
+    "values are not comparable across scales; the question is which qualitative findings carry over."
+)
+
+
+@dataclass(frozen=True)
+class PaperComparison:
+    """The paper's margins beside the measured ones, and a verdict per qualitative finding."""
+
+    intro: str
+    header: list[str]
+    rows: list[list[str]]
+    findings: list[tuple[str, str, str]]  # (holds | does not hold | not measured, finding, what was measured)
 
 
 def paper_margins() -> dict[str, list[float]]:
@@ -96,8 +112,8 @@ def findings(m: dict[str, list[float]]) -> list[tuple[str, str, bool | None]]:
                 fr < 0 and rf < 0,
             )
         )
-    if mixed is not None and ff is not None and rr is not None:
-        same = (ff + rr) / 2
+    same = (ff + rr) / 2 if ff is not None and rr is not None else None  # same-direction mean
+    if mixed is not None and same is not None:
         out.append(
             (
                 "Mixing both directions collapses the margin (paper: ≈0.08 vs ≈1.3, under 10%)",
@@ -108,7 +124,6 @@ def findings(m: dict[str, list[float]]) -> list[tuple[str, str, bool | None]]:
             )
         )
     if dpo is not None and mixed is not None:
-        same = (ff + rr) / 2 if ff is not None and rr is not None else None
         partial = dpo > mixed and (same is None or dpo < 0.5 * same)
         out.append(
             (
@@ -129,35 +144,16 @@ def _table_rows(measured: dict[str, list[float]]) -> tuple[list[str], list[list[
     for c in CONDITIONS:
         rows.append([c, "paper"] + [f"{v:+.3f}" for v in paper[c]] + [""] * (n - 6))
         got = measured.get(c, [])
-        rows.append(["", "measured"] + [f"{v:+.3f}" for v in got] + ["—"] * (n - len(got)))
+        rows.append(["", "measured"] + [f"{v:+.3f}" for v in got] + [MISSING] * (n - len(got)))
     return header, rows
 
 
-def paper_section(table: Any, out_dir: Path) -> tuple[str, str] | None:
-    """(markdown, html) of the comparison, or None when no paper condition was measured."""
+def paper_section(table: Any, out_dir: Path) -> PaperComparison | None:
+    """The comparison as data for the report's templates, or None when no paper condition was measured."""
     measured = measured_margins(table, out_dir)
     if not measured:
         return None
     header, rows = _table_rows(measured)
-    verdicts = findings(measured)
     word = {True: "holds", False: "does not hold", None: "not measured"}
-    intro = (
-        "ALP margin (nats/token, ALP(y+) − ALP(y−)) after each epoch: the paper's figure (model size not "
-        "stated, probably 7B, real reasoning traces) beside this sweep (tiny model, synthetic twins). Absolute "
-        "values are not comparable across scales; the question is which qualitative findings carry over."
-    )
-    md = [intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "Findings:"] + [f"- **{word[h]}** — {f}: {w}" for f, w, h in verdicts]
-    h = [
-        f"<p>{html.escape(intro)}</p><table><tr>"
-        + "".join(f"<th>{html.escape(x)}</th>" for x in header)
-        + "</tr>"
-    ]
-    h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in rows]
-    h += (
-        ["</table><ul>"]
-        + [f"<li><b>{word[v]}</b> — {html.escape(f)}: {html.escape(w)}</li>" for f, w, v in verdicts]
-        + ["</ul>"]
-    )
-    return "\n".join(md), "".join(h)
+    verdicts = [(word[h], f, w) for f, w, h in findings(measured)]
+    return PaperComparison(INTRO, header, rows, verdicts)

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from revmix.sweeps.spec import Distribution, SweepSpec
+from revmix.sweeps.space import Distribution
+from revmix.sweeps.spec import SweepSpec
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Turn a sweep directory into ``report.md`` and a self-contained ``report.html`` (DESIGN §8).
+"""Turn a sweep directory into ``report.md`` and a self-contained ``report.html``.
 
 Plots (matplotlib, Agg; PNGs under ``DIR/plots/``, embedded as base64 in the HTML):
 
@@ -12,17 +12,24 @@ Plots (matplotlib, Agg; PNGs under ``DIR/plots/``, embedded as base64 in the HTM
 
 Every plot is skipped, with a line saying why, when the sweep lacks what it needs (no reverse-fraction
 axis, no evaluation, no ALP records), so a learning-rate sweep still gets a sensible report.
+
+The report is built once as data (:class:`Report`) and rendered twice by Jinja2 templates shipped in
+``revmix/assets/templates/``: ``report.md.j2`` and ``report.html.j2``.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import math
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
+from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
+from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
     DIRS,
     alp_cross_table,
@@ -33,166 +40,173 @@ from revmix.sweeps.plots import (
     plot_metric_vs_paths,
     read_metrics,
 )
-from revmix.sweeps.spec import ALP_PARTS, SweepSpec
+from revmix.sweeps.spec import ALP_PARTS, SweepSpec, parse_sweep
 
-__all__ = ["read_metrics", "alp_cross_table", "write_report"]
+__all__ = ["read_metrics", "alp_cross_table", "write_report", "load_spec_for_dir"]
 
-
-# --------------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------------
+CROSS_TEXT = "ALP in nats/token over held-out rows (mean over seeds); margin = ALP(y+) − ALP(y−)."
+CROSS_SKIPPED = "skipped (needs finished trials at r=0 and r=1 with ALP evaluation)"
 
 
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+@dataclass(frozen=True)
+class Table:
+    """A table whose cells are already text (``results.format_cell``)."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    @classmethod
+    def of(cls, header: list[str], rows: list[list[Any]]) -> Table:
+        return cls(list(header), [[res.format_cell(v) for v in r] for r in rows])
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-    esc = [h.replace("|", "\\|") for h in header]
-    lines = ["| " + " | ".join(esc) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+@dataclass
+class Section:
+    """One ``##`` section: an optional paragraph, table and list of findings, then figures and notes."""
+
+    title: str
+    figures: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    text: str = ""
+    table: Table | None = None
+    findings: list[tuple[str, str, str]] = field(default_factory=list)  # (verdict, finding, measured)
 
 
-def _html_table(header: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass
+class Report:
+    """Everything both templates show."""
+
+    name: str
+    base: str
+    description: str
+    trial_count: str
+    metric: str
+    mode: str
+    search: str
+    scheduler: str
+    seeds: str
+    swept: list[tuple[str, str]]
+    sections: list[Section]
+    trials: Table
+    errors: list[tuple[str, str]]
+
+
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("revmix.assets", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["md_cell"] = lambda v: str(v).replace("|", "\\|")
+    env.filters["png_base64"] = lambda p: base64.b64encode(Path(p).read_bytes()).decode()
+    return env
 
 
 def write_report(out_dir: str | Path, spec: SweepSpec | None = None, table: Any = None) -> Path:
-    """Write ``report.md``, ``report.html`` and ``plots/*.png`` into a sweep directory; return the html."""
+    """Write ``report.md``, ``report.html`` (each atomically) and ``plots/*.png`` into a sweep directory;
+    return the html. Without ``table``, the table is rebuilt from the trial folders."""
     out_dir = Path(out_dir)
-    if spec is None:
-        from revmix.sweeps.runner import load_spec_for_dir
-
-        spec = load_spec_for_dir(out_dir)
+    spec = spec if spec is not None else load_spec_for_dir(out_dir)
     if table is None:
-        try:
-            table = res.read_table(out_dir)
-        except FileNotFoundError:
-            table = res.build_table(res.rows_from_trial_dirs(spec, out_dir), list(spec.space))
+        table = res.load_table(spec, out_dir)
     plots = out_dir / "plots"
     plots.mkdir(exist_ok=True)
+    report = _report(spec, table, _sections(spec, table, out_dir, plots))
+    env = _templates()
+    atomic_write(out_dir / "report.md", env.get_template("report.md.j2").render(r=report))
+    return atomic_write(out_dir / "report.html", env.get_template("report.html.j2").render(r=report))
+
+
+def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[Section]:
+    """The plot sections, in report order; each skipped plot leaves a note saying why."""
     paths = list(spec.space)
     ok = table[table["status"] == res.STATUS_OK] if "status" in table.columns else table
-
-    sections: list[tuple[str, list[Path], list[str], str]] = []  # title, pngs, notes, text
-
-    figs, notes = plot_accuracy_vs_r(ok, paths, plots)
-    sections.append(("Accuracy vs reverse fraction", figs, notes, ""))
-    figs, notes = plot_alp_curves(table, paths, out_dir, plots)
-    sections.append(("ALP margin over training", figs, notes, ""))
-    rows = alp_cross_table(ok)
-    cross_png = plot_alp_cross(rows, plots) if rows else None
-    sections.append(
-        (
-            "Cross-direction ALP (train × test direction)",
-            [cross_png] if cross_png else [],
-            [] if rows else ["skipped (needs finished trials at r=0 and r=1 with ALP evaluation)"],
-            "cross",
-        )
-    )
-    from revmix.sweeps.paper import paper_section
-
+    sections = [
+        Section("Accuracy vs reverse fraction", *plot_accuracy_vs_r(ok, paths, plots)),
+        Section("ALP margin over training", *plot_alp_curves(table, paths, out_dir, plots)),
+        _cross_section(alp_cross_table(ok), plots),
+    ]
     paper = paper_section(table, out_dir)
     if paper:
-        sections.append(("The paper's ALP figure beside this sweep", [], [], "paper"))
-    figs, notes = plot_metric_vs_paths(ok, spec, plots)
-    sections.append((f"{spec.metric} by swept value", figs, notes, ""))
-    figs, notes = plot_loss_curves(table, paths, out_dir, plots)
-    sections.append(("Training loss", figs, notes, ""))
+        sections.append(
+            Section(
+                "The paper's ALP figure beside this sweep",
+                text=paper.intro,
+                table=Table(paper.header, paper.rows),
+                findings=paper.findings,
+            )
+        )
+    sections.append(Section(f"{spec.metric} by swept value", *plot_metric_vs_paths(ok, spec, plots)))
+    sections.append(Section("Training loss", *plot_loss_curves(table, paths, out_dir, plots)))
+    return sections
 
-    # The best trials.
-    best = res.best_rows(table, spec.metric, spec.mode).head(15)
-    cols = ["trial_id", "status", *[p for p in paths if p in best.columns], "seed"]
+
+def _cross_section(rows: list[dict[str, Any]], plots: Path) -> Section:
+    """The train × test direction ALP table and its heat map (a condition column only when one varies)."""
+    title = "Cross-direction ALP (train × test direction)"
+    if not rows:
+        return Section(title, notes=[CROSS_SKIPPED])
+    header = ["condition", "train", "n"] + [f"{d}/{p}" for d in DIRS for p in ALP_PARTS]
+    cells = [[r.get(h) for h in header] for r in rows]
+    if not any(r["condition"] for r in rows):
+        header, cells = header[1:], [c[1:] for c in cells]
+    png = plot_alp_cross(rows, plots)
+    return Section(title, [png] if png else [], text=CROSS_TEXT, table=Table.of(header, cells))
+
+
+def _report(spec: SweepSpec, table: Any, sections: list[Section]) -> Report:
+    """The header facts, the best trials and the errors around ``sections``."""
+    has_status = "status" in table.columns
+    counts = table["status"].value_counts().to_dict() if has_status else {}
+    errors = table[table["status"] == res.STATUS_ERROR] if has_status else table.iloc[0:0]
+    return Report(
+        name=spec.name,
+        base=str(spec.base),
+        description=spec.description,
+        trial_count=f"{len(table)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        metric=spec.metric,
+        mode=spec.mode,
+        search=spec.search.name,
+        scheduler=spec.scheduler.name,
+        seeds=str(spec.seeds),
+        swept=[(p, d.describe()) for p, d in spec.space.items()],
+        sections=sections,
+        trials=_best_trials(spec, table),
+        errors=[(str(r.trial_id), str(r.error)) for r in errors.itertuples()],
+    )
+
+
+def _best_trials(spec: SweepSpec, table: Any, limit: int = 15) -> Table:
+    """The best ``limit`` trials: swept values, seed, the metric and a few key metrics."""
+    best = res.best_rows(table, spec.metric, spec.mode).head(limit)
+    cols = ["trial_id", "status", *[p for p in spec.space if p in best.columns], "seed"]
     cols += [c for c in (spec.metric,) if c in best.columns]
     cols += [c for c in best.columns if c.startswith("eval/accuracy/") and c not in cols][:6]
-    cols += [
-        c for c in ("eval/alp/forward/margin", "eval/alp/reverse/margin", "final/loss", "wall_s") if c in best
-    ]
-    trial_rows = [[r[c] for c in cols] for _, r in best.iterrows()]
-    cross_header = ["condition", "train", "n"] + [f"{d}/{p}" for d in DIRS for p in ALP_PARTS]
-    cross_rows = [[r.get(h) for h in cross_header] for r in rows]
-    if rows and not any(r["condition"] for r in rows):
-        cross_header, cross_rows = cross_header[1:], [r[1:] for r in cross_rows]
-    counts = table["status"].value_counts().to_dict() if "status" in table.columns else {}
-    errors = table[table["status"] == res.STATUS_ERROR] if "status" in table.columns else table.iloc[0:0]
-
-    head = [
-        f"Sweep **{spec.name}** — base `{spec.base}`",
-        f"{len(table)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
-        f"metric `{spec.metric}` ({spec.mode}); search {spec.search.name}; scheduler {spec.scheduler.name}; "
-        f"seeds {spec.seeds}",
-        "swept: " + ", ".join(f"`{p}` {d.describe()}" for p, d in spec.space.items()),
-    ]
-    if spec.description:
-        head.insert(1, spec.description)
-
-    # Markdown
-    md = [f"# Sweep report: {spec.name}", "", *[h + "  " for h in head], ""]
-    for title, figs, notes, kind in sections:
-        md += [f"## {title}", ""]
-        if kind == "cross" and rows:
-            md += ["ALP in nats/token over held-out rows (mean over seeds); margin = ALP(y+) − ALP(y−).", ""]
-            md += [_md_table(cross_header, cross_rows), ""]
-        if kind == "paper" and paper:
-            md += [paper[0], ""]
-        md += [f"![{title}](plots/{f.name})" for f in figs] + [f"_{n}_" for n in notes] + [""]
-    md += ["## Trials (best first)", "", _md_table(cols, trial_rows), ""]
-    if len(errors):
-        md += ["## Errors", ""] + [f"- `{r.trial_id}`: {r.error}" for r in errors.itertuples()] + [""]
-    md += ["Full table: `results.csv` / `results.parquet`.", ""]
-    (out_dir / "report.md").write_text("\n".join(md))
-
-    # HTML (self-contained: images inline)
-    def img(p: Path) -> str:
-        data = base64.b64encode(p.read_bytes()).decode()
-        return f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">'
-
-    body = [f"<h1>Sweep report: {html.escape(spec.name)}</h1>"]
-    body += [f"<p>{_inline_md(h)}</p>" for h in head]
-    for title, figs, notes, kind in sections:
-        body.append(f"<h2>{html.escape(title)}</h2>")
-        if kind == "cross" and rows:
-            body.append("<p>ALP in nats/token (mean over seeds); margin = ALP(y+) − ALP(y−).</p>")
-            body.append(_html_table(cross_header, cross_rows))
-        if kind == "paper" and paper:
-            body.append(paper[1])
-        body += [img(f) for f in figs] + [f'<p class="note">{html.escape(n)}</p>' for n in notes]
-    body += ["<h2>Trials (best first)</h2>", _html_table(cols, trial_rows)]
-    if len(errors):
-        body.append("<h2>Errors</h2><ul>")
-        body += [
-            f"<li><code>{html.escape(str(r.trial_id))}</code>: {html.escape(str(r.error))}</li>"
-            for r in errors.itertuples()
-        ]
-        body.append("</ul>")
-    css = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-        "text-align:right}th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}"
-        ".note{color:#777;font-style:italic}code{background:#f3f3f3;padding:0 3px}"
-    )
-    page = (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(spec.name)} sweep report</title>'
-        f"<style>{css}</style></head><body>{''.join(body)}</body></html>"
-    )
-    (out_dir / "report.html").write_text(page)
-    return out_dir / "report.html"
+    key = ("eval/alp/forward/margin", "eval/alp/reverse/margin", "final/loss", "wall_s")
+    cols += [c for c in key if c in best]
+    return Table.of(cols, [[r[c] for c in cols] for _, r in best.iterrows()])
 
 
-def _inline_md(text: str) -> str:
-    """The few inline markdown bits the header uses (**bold**, `code`) as HTML."""
-    out, parts = [], html.escape(text).split("`")
-    for i, p in enumerate(parts):
-        if i % 2:
-            out.append(f"<code>{p}</code>")
-        else:
-            bits = p.split("**")
-            out.append("".join(f"<b>{b}</b>" if j % 2 else b for j, b in enumerate(bits)))
-    return "".join(out)
+def load_spec_for_dir(out_dir: str | Path) -> SweepSpec:
+    """The spec stored in a sweep dir (for ``revmix report`` without the original file)."""
+    out_dir = Path(out_dir)
+    stored = json.loads((out_dir / "spec.json").read_text())
+    raw = {
+        "name": stored["name"],
+        "description": stored.get("description", ""),
+        "base": stored["base"],
+        "overrides": stored["overrides"],
+        "metric": stored["metric"],
+        "mode": stored["mode"],
+        "search": {k: v for k, v in stored["search"].items() if v is not None}
+        if stored["search"]["name"] != "grid"
+        else "grid",
+        "scheduler": "fifo",  # only the space, metric and configs matter for a report
+        "seeds": stored["seeds"],
+        "space": stored["space"],
+        "eval": stored["eval"],
+    }
+    return parse_sweep(raw, out_dir / "sweep.yaml", base_raw=stored["base_raw"])

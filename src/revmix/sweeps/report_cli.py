@@ -1,7 +1,9 @@
-"""``revmix report DIR``: (re)write ``report.md`` and ``report.html`` for a sweep directory.
+"""``revmix report DIR``: rebuild ``results.parquet``/``results.csv`` and (re)write ``report.md`` and
+``report.html`` for a sweep directory.
 
-Works on a finished sweep (reads ``results.parquet``) and on a killed one (rebuilds the rows from
-``trials/*/``), so partial results can be looked at before ``revmix sweep --resume``.
+The table is rebuilt from ``trials/*/`` — the same table ``revmix sweep`` wrote, so lost or damaged
+``results.*`` files come back — and on a killed sweep it shows the partial results before
+``revmix sweep --resume``. A directory holding only ``results.*`` (no trial folders) is reported from them.
 """
 
 from __future__ import annotations
@@ -16,12 +18,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from revmix.sweeps.report import write_report
+    from revmix.sweeps import results as res
+    from revmix.sweeps.report import load_spec_for_dir, write_report
 
     out = Path(args.dir)
     if not (out / "spec.json").exists():
         print(f"revmix report: {out} is not a sweep directory (no spec.json)", file=sys.stderr)
         return 2
-    path = write_report(out)
-    print(f"report: {path}\n        {out / 'report.md'}")
+    spec = load_spec_for_dir(out)
+    if res.has_trial_folders(out):
+        table = res.rebuild_table(spec, out)
+        res.write_table(table, out)
+    else:
+        try:
+            table = res.read_table(out)
+        except FileNotFoundError as e:
+            print(
+                f"revmix report: {e}; it has no trial folders (trials/*/trial.json) either", file=sys.stderr
+            )
+            return 2
+    path = write_report(out, spec=spec, table=table)
+    print(f"results: {out / 'results.csv'}\nreport: {path}\n        {out / 'report.md'}")
     return 0

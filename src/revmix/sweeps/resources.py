@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from revmix.cluster.resources import plan_trials, trial_footprint
 from revmix.sweeps.spec import SweepSpec
 
 
@@ -33,6 +33,7 @@ def plan_resources(
     trials`` CPUs (at least 1, at most one node) and as many torch threads — 2 trials on 2 cores get 1 CPU
     and 1 thread each. With workers the trial is only a driver (0.1 CPU) and its Train workers are
     scheduled outside Tune's bundle, so concurrency is capped by ``0.1 + workers × cpus_per_worker``.
+    The footprint and the count use :mod:`revmix.cluster.resources` (Ray's fixed-point arithmetic).
     """
     cfgs = spec.probe_configs("runtime.")
     cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
@@ -41,7 +42,7 @@ def plan_resources(
     wants_gpu = any(c.runtime.use_gpu is True or (c.runtime.use_gpu is None and gpus > 0) for c in cfgs)
     n_trials = spec.num_trials()
     caps = [n_trials] + [c for c in (spec.max_concurrent_trials, max_concurrent) if c]
-    if workers == 0:
+    if workers == 0:  # the trial trains in its own process: its bundle is all it takes
         if spec.resources.cpu is not None:
             cpu = float(spec.resources.cpu)
         elif cpus >= 1:
@@ -52,19 +53,19 @@ def plan_resources(
         else:
             cpu = 1.0
         gpu = spec.resources.gpu if spec.resources.gpu is not None else (1.0 if wants_gpu else 0.0)
-        cpu_fp, gpu_fp = cpu, gpu
         threads = max(1, int(cpu))
-    else:
+    else:  # a thin driver; its Train workers are scheduled outside Tune's bundle
         cpu = float(spec.resources.cpu) if spec.resources.cpu is not None else 0.1
         gpu = float(spec.resources.gpu or 0.0)
-        cpu_fp = cpu + workers * cpw
-        gpu_fp = gpu + (workers if wants_gpu else 0)
         threads = max(1, int(cpw))
+    cpu_fp, worker_gpus = trial_footprint(cpu, workers, cpw, 1.0 if wants_gpu else 0.0)
+    gpu_fp = gpu + worker_gpus
+    # Each resource caps concurrency on its own; an empty (autoscaling) cluster caps nothing yet.
     limits = list(caps)
     if cpus > 0:
-        limits.append(max(1, int(math.floor(cpus / cpu_fp + 1e-9))))
+        limits.append(max(1, plan_trials(cpus, 0.0, cpu_fp, 0.0)))
     if gpu_fp > 0 and gpus > 0:
-        limits.append(max(1, int(math.floor(gpus / gpu_fp + 1e-9))))
+        limits.append(max(1, plan_trials(0.0, gpus, 0.0, gpu_fp)))
     concurrency = max(1, min(limits))
     bundle = {"CPU": cpu} | ({"GPU": gpu} if gpu else {})
     what = "in-process training" if workers == 0 else f"driver + {workers} worker(s) × {cpw:g} CPU"

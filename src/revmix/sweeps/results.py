@@ -1,10 +1,11 @@
-"""The results table of a sweep: one row per trial (DESIGN §8).
+"""The results table of a sweep: one row per trial.
 
 A row holds the trial id and status, the value of every swept path plus the seed, a few descriptors
 derived from the trial's full config (model, objective chain, reverse fraction, schedule — so the report
 can group trials even when those were not swept), the final metrics flattened to flat names, wall time
 and the error of a failed trial. It lands as ``DIR/results.parquet`` (typed, for pandas) and
-``DIR/results.csv`` (for eyes and spreadsheets).
+``DIR/results.csv`` (for eyes and spreadsheets), both written atomically. Every cell comes from the trial
+folders, so the two files can always be rebuilt from them (:func:`rebuild_table`; ``revmix report DIR``).
 
 Flat metric names (also what a trial reports to Tune at its end, so ``metric:`` can name any of them)::
 
@@ -21,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from revmix.atomic import atomic_target
 from revmix.sweeps.plan import format_value
 from revmix.sweeps.spec import ALP_PARTS, SweepSpec
 
@@ -30,8 +32,23 @@ STATUS_OK = "TERMINATED"
 STATUS_ERROR = "ERROR"
 STATUS_STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA)
 STATUS_INCOMPLETE = "INCOMPLETE"  # the sweep ended (or was killed) before this trial finished
+# A trial folder DIR/trials/<id>/ holds: trial.json (point, seed, attempts, node, wall time), final.json
+# (final metrics), error.txt (each failed attempt's traceback), status.json (Tune's verdict, at the end).
+TRIAL_META, ERROR_FILE, STATUS_FILE = "trial.json", "error.txt", "status.json"
 FINAL_MARKER = "final/done"
 DESCRIPTORS = ("model", "objective", "mix", "reverse_fraction", "schedule")
+
+
+MISSING = "—"  # a table cell with no value: a metric the trial never reported, NaN
+
+
+def format_cell(v: Any) -> str:
+    """One cell of a results table as text (terminal summary and report alike): floats to 4 digits."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return MISSING
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 def as_float(v: Any) -> float | None:
@@ -131,7 +148,7 @@ def describe_config(cfg: Any, spec: SweepSpec | None = None) -> dict[str, Any]:
     schedules = [st.mix.schedule.kind for st in stages]
     return {
         "model": model,
-        "objective": "→".join(str(st.objective.get("name")) for st in stages),
+        "objective": "→".join(st.objective.name for st in stages),
         "mix": mix.mode,
         "reverse_fraction": float(r),
         "schedule": "→".join(schedules) if len(set(schedules)) > 1 else schedules[0],
@@ -210,7 +227,8 @@ def build_table(rows: list[dict[str, Any]], spec_paths: list[str]):
 
 
 def write_table(df, out_dir: str | Path) -> tuple[Path, Path]:
-    """``results.parquet`` + ``results.csv`` in ``out_dir``; object columns with mixed types become text."""
+    """``results.parquet`` + ``results.csv`` in ``out_dir``, each written atomically (a reader sees the old
+    file or the new one, never half of one); object columns with mixed types become text."""
     out_dir = Path(out_dir)
     df = df.copy()
     for c in df.columns:
@@ -219,8 +237,10 @@ def write_table(df, out_dir: str | Path) -> tuple[Path, Path]:
             if len(kinds) > 1:
                 df[c] = df[c].map(lambda v: None if v is None else str(v))
     pq, csv = out_dir / "results.parquet", out_dir / "results.csv"
-    df.to_parquet(pq, index=False)
-    df.to_csv(csv, index=False)
+    with atomic_target(pq) as tmp:
+        df.to_parquet(tmp, index=False)
+    with atomic_target(csv) as tmp:
+        df.to_csv(tmp, index=False)
     return pq, csv
 
 
@@ -235,33 +255,68 @@ def read_table(out_dir: str | Path):
     raise FileNotFoundError(f"{out_dir}: no results.parquet or results.csv (is this a sweep directory?)")
 
 
-def rows_from_trial_dirs(spec: SweepSpec, out_dir: str | Path) -> list[dict[str, Any]]:
-    """Rebuild rows from ``DIR/trials/<id>/`` alone (a killed sweep; ``revmix report`` without a table).
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
 
-    Status is inferred: a final result → TERMINATED; an error file → ERROR; otherwise INCOMPLETE.
+
+def trial_row(spec: SweepSpec, out_dir: Path, tdir: Path) -> dict[str, Any]:
+    """The results row of one trial folder (``trials/<id>/``): everything a row needs is kept there.
+
+    Status: the one Tune gave (``status.json``, written when the sweep ends); for a sweep killed before
+    that, inferred: a final result → TERMINATED, an error file → ERROR, otherwise INCOMPLETE. A trial the
+    scheduler stopped early has no final result: its last logged step stands in for it.
     """
+    meta = json.loads((tdir / TRIAL_META).read_text())
+    final = _read_json(tdir / "final.json")
+    err_path = tdir / ERROR_FILE
+    err = err_path.read_text() if err_path.exists() else None
+    verdict = _read_json(tdir / STATUS_FILE) or {}
+    status = verdict.get("status") or (STATUS_OK if final else (STATUS_ERROR if err else STATUS_INCOMPLETE))
+    if status == STATUS_STOPPED and final is None:
+        final = last_step_metrics(tdir / "run" / "metrics.jsonl")
+    return make_row(
+        spec,
+        meta["trial_id"],
+        meta["point"],
+        meta["seed"],
+        final=final,
+        status=status,
+        error=short_error(err) if status == STATUS_ERROR else None,
+        wall_s=meta.get("elapsed_s"),
+        run_dir=str(tdir.relative_to(out_dir) / "run"),
+        node_id=meta.get("node_id"),
+    )
+
+
+def rows_from_trial_dirs(spec: SweepSpec, out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every trial's row, rebuilt from ``DIR/trials/<id>/`` alone (see :func:`trial_row`)."""
     out_dir = Path(out_dir)
-    rows = []
-    for tdir in sorted((out_dir / "trials").glob("*/trial.json")):
-        meta = json.loads(tdir.read_text())
-        d = tdir.parent
-        final = json.loads((d / "final.json").read_text()) if (d / "final.json").exists() else None
-        err = (d / "error.txt").read_text() if (d / "error.txt").exists() else None
-        status = STATUS_OK if final else (STATUS_ERROR if err else STATUS_INCOMPLETE)
-        rows.append(
-            make_row(
-                spec,
-                meta["trial_id"],
-                meta["point"],
-                meta["seed"],
-                final=final,
-                status=status,
-                error=short_error(err) if status == STATUS_ERROR else None,
-                wall_s=meta.get("elapsed_s"),
-                run_dir=str(d.relative_to(out_dir) / "run"),
-            )
-        )
-    return rows
+    return [
+        trial_row(spec, out_dir, meta.parent) for meta in sorted((out_dir / "trials").glob(f"*/{TRIAL_META}"))
+    ]
+
+
+def rebuild_table(spec: SweepSpec, out_dir: str | Path):
+    """The results table from the trial folders: what ``revmix sweep`` wrote, after any loss of results.*."""
+    return build_table(rows_from_trial_dirs(spec, out_dir), list(spec.space))
+
+
+def has_trial_folders(out_dir: str | Path) -> bool:
+    return any((Path(out_dir) / "trials").glob(f"*/{TRIAL_META}"))
+
+
+def load_table(spec: SweepSpec, out_dir: str | Path):
+    """A sweep directory's table: rebuilt from its trial folders (the record), or read from ``results.*``
+    when there are none (a directory holding only the table)."""
+    return rebuild_table(spec, out_dir) if has_trial_folders(out_dir) else read_table(out_dir)
+
+
+def failed_trials(df, out_dir: str | Path) -> list[tuple[str, Path]]:
+    """``(trial id, its error file)`` for every trial that ended in ERROR, in table order."""
+    if "status" not in df.columns:
+        return []
+    ids = [str(t) for t in df.loc[df["status"] == STATUS_ERROR, "trial_id"]]
+    return [(t, Path(out_dir) / "trials" / t / ERROR_FILE) for t in ids]
 
 
 def summary_text(df, metric: str, mode: str, max_rows: int = 20, paths: list[str] | None = None) -> str:
@@ -286,15 +341,8 @@ def summary_text(df, metric: str, mode: str, max_rows: int = 20, paths: list[str
     def short(c: str) -> str:
         return c.replace("stages.", "s.").replace("eval/accuracy/", "acc/").replace("eval/alp/", "alp/")
 
-    def fmt(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
     header = [short(c) for c in view.columns]
-    body = [[fmt(v) for v in r] for r in view.itertuples(index=False)]
+    body = [[format_cell(v) for v in r] for r in view.itertuples(index=False)]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]

@@ -1,4 +1,4 @@
-"""Run a sweep on Ray Tune with the Train V2 pattern (DESIGN §8; RAY_NOTES "Tune").
+"""Run a sweep on Ray Tune with the Train V2 pattern (docs/ray.md, "Ray Tune").
 
 Each Tune trial is a small driver, :func:`trial_fn`: it builds its ExperimentConfig (base + overrides +
 its point + its seed) and calls :func:`revmix.platform.train.run_experiment`, which fits one
@@ -11,9 +11,9 @@ Sweep directory layout (``--out DIR``)::
     DIR/sweep.yaml, spec.json      the sweep file as given, and its validated form (``--resume`` checks it)
     DIR/tune/                      Tune's experiment state; DIR/tune/<trial_id>/ its per-trial logs
     DIR/trials/<trial_id>/         trial.json (point, seed, time), run/ (the experiment), final.json,
-                                   error.txt (every failed attempt's traceback)
-    DIR/results.parquet, .csv      one row per trial (see results.py)
-    DIR/report.md, report.html     see report.py
+                                   error.txt (every failed attempt's traceback), status.json (Tune's verdict)
+    DIR/results.parquet, .csv      one row per trial (see results.py), rebuilt from DIR/trials/ alone
+    DIR/report.md, report.html     see report.py; results and reports are replaced atomically
     DIR/mlruns/                    MLflow file store, when tracking.mlflow is on
 
 On a multi-node cluster DIR must be shared storage (NFS…): trials write their run there.
@@ -37,9 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
 from revmix.sweeps.resources import TrialResources, plan_resources
-from revmix.sweeps.spec import SweepSpec, _plain
+from revmix.sweeps.space import plain_value as _plain
+from revmix.sweeps.spec import SweepSpec
+from revmix.validation import did_you_mean
 
 TUNE_DIR = "tune"
 TRIAL_INDEX = "__trial_index__"  # set by ray.tune.search.Repeater (optuna × seeds)
@@ -55,9 +58,7 @@ class SweepExistsError(RuntimeError):
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=str))
 
 
 @contextlib.contextmanager
@@ -88,91 +89,126 @@ def trial_seed(spec: SweepSpec, config: dict) -> int:
     return int(spec.seeds[int(config.get(TRIAL_INDEX, 0))])
 
 
+class TrialMeta:
+    """``trial.json``: the trial's point, seed, attempts, last node, and wall time summed over attempts.
+
+    A retried or resumed trial keeps counting from the time its earlier attempts recorded.
+    """
+
+    def __init__(self, tdir: Path, trial_id: str, point: dict[str, Any], seed: int) -> None:
+        import ray
+
+        self.path = tdir / res.TRIAL_META
+        self.data = (
+            json.loads(self.path.read_text()) if self.path.exists() else {"elapsed_s": 0.0, "attempts": 0}
+        )
+        self.prior_s = float(self.data.get("elapsed_s") or 0.0)
+        self.started = self.last_save = time.time()
+        self.data.update(
+            {
+                "trial_id": trial_id,
+                "point": point,
+                "seed": seed,
+                "attempts": self.data["attempts"] + 1,
+                "node_id": ray.get_runtime_context().get_node_id(),  # which node ran the (last) attempt
+            }
+        )
+        _write_json(self.path, self.data)
+
+    @property
+    def attempt(self) -> int:
+        return int(self.data["attempts"])
+
+    @property
+    def elapsed_s(self) -> float:
+        return float(self.data["elapsed_s"])
+
+    def save(self, force: bool = False) -> None:
+        """Record the elapsed time: at most every 5 s while training, always at the end (``force``)."""
+        if force or time.time() - self.last_save > 5.0:
+            self.data["elapsed_s"] = self.prior_s + time.time() - self.started
+            _write_json(self.path, self.data)
+            self.last_save = time.time()
+
+
 def trial_fn(config: dict, ctx: dict) -> None:
     """One Tune trial: build the config, run (or resume) the experiment, report final metrics."""
-    import torch
     from ray import tune
-
-    from revmix.platform.train import run_experiment
 
     logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
     spec: SweepSpec = ctx["spec"]
-    t_start = time.time()
     trial_id = tune.get_context().get_trial_id()
     tdir = Path(ctx["out_dir"]) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
     point = {p: _plain(v) for p, v in dict(config["point"]).items()}
     seed = trial_seed(spec, config)
-    meta_path = tdir / "trial.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"elapsed_s": 0.0, "attempts": 0}
-    prior = float(meta.get("elapsed_s") or 0.0)
-    import ray
-
-    meta.update(
-        {
-            "trial_id": trial_id,
-            "point": point,
-            "seed": seed,
-            "attempts": meta["attempts"] + 1,
-            "node_id": ray.get_runtime_context().get_node_id(),  # which node ran the (last) attempt
-        }
-    )
-    _write_json(meta_path, meta)
-
+    meta = TrialMeta(tdir, trial_id, point, seed)
+    (tdir / res.STATUS_FILE).unlink(missing_ok=True)  # a verdict belongs to a trial that has ended
     if (tdir / "final.json").exists():  # finished before the driver died; Tune had not recorded it yet
-        final = json.loads((tdir / "final.json").read_text())
-        _report_final(spec, final, tdir)
+        _report_final(spec, json.loads((tdir / "final.json").read_text()), tdir)
         return
+    cfg = _trial_config(spec, point, seed, trial_id, int(ctx["torch_threads"]))
+    summary = _run_trial(spec, cfg, tdir, meta)
+    final = res.flatten_summary(summary)
+    final[res.FINAL_MARKER] = 1.0
+    meta.save(force=True)
+    final["wall_s"] = meta.elapsed_s
+    _write_json(tdir / "final.json", final)
+    _report_final(spec, final, tdir)
 
-    threads = int(ctx["torch_threads"])
+
+def _trial_config(spec: SweepSpec, point: dict[str, Any], seed: int, trial_id: str, threads: int) -> Any:
+    """The trial's ExperimentConfig; torch gets the trial's CPUs as threads unless the config fixes them."""
+    import torch
+
     torch.set_num_threads(threads)
     cfg = spec.trial_config(point, seed, name=f"{spec.name}-{trial_id}")
     if cfg.runtime.torch_threads == 0:
         cfg.runtime.torch_threads = threads
-    run_dir = tdir / "run"
-    resume = (run_dir / "config.yaml").exists()
-    last_save = [time.time()]
+    return cfg
 
-    def save_elapsed(force: bool = False) -> None:
-        if force or time.time() - last_save[0] > 5.0:
-            meta["elapsed_s"] = prior + time.time() - t_start
-            _write_json(meta_path, meta)
-            last_save[0] = time.time()
+
+def _run_trial(spec: SweepSpec, cfg: Any, tdir: Path, meta: TrialMeta) -> dict:
+    """``run_experiment`` in ``tdir/run`` (resumed when a config is there); every failure lands in error.txt.
+
+    Step metrics reach Tune as they happen: through ``on_report`` in-process, through
+    ``TuneReportCallback`` from Ray Train workers.
+    """
+    from ray import tune
+
+    from revmix.platform.train import run_experiment
 
     def on_report(record: dict) -> None:
         tune.report({k: float(v) for k, v in record.items() if res.as_float(v) is not None})
-        save_elapsed()
+        meta.save()
 
-    callbacks, guard = None, _local_train_inside_tune()
-    if cfg.runtime.num_workers > 0:
+    in_process = cfg.runtime.num_workers == 0
+    callbacks = None
+    guard: contextlib.AbstractContextManager[None] = _local_train_inside_tune()
+    if not in_process:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks, guard = [TuneReportCallback()], contextlib.nullcontext()
+    run_dir = tdir / "run"
     try:
         with guard:
-            summary = run_experiment(
+            return run_experiment(
                 cfg,
                 run_dir,
-                resume=resume,
+                resume=(run_dir / "config.yaml").exists(),
                 evaluate=spec.eval,
-                on_report=on_report if cfg.runtime.num_workers == 0 else None,
+                on_report=on_report if in_process else None,
                 callbacks=callbacks,
             )
     except SystemExit as e:  # Tune stopping the trial (a scheduler decision) exits with code 0
         if e.code not in (0, None):
-            _record_error(tdir, meta["attempts"])
-        save_elapsed(force=True)
+            _record_error(tdir, meta.attempt)
+        meta.save(force=True)
         raise
     except BaseException:
-        _record_error(tdir, meta["attempts"])
-        save_elapsed(force=True)
+        _record_error(tdir, meta.attempt)
+        meta.save(force=True)
         raise
-    final = res.flatten_summary(summary)
-    final[res.FINAL_MARKER] = 1.0
-    save_elapsed(force=True)
-    final["wall_s"] = meta["elapsed_s"]
-    _write_json(tdir / "final.json", final)
-    _report_final(spec, final, tdir)
 
 
 def _report_final(spec: SweepSpec, final: dict, tdir: Path) -> None:
@@ -194,7 +230,7 @@ def _report_final(spec: SweepSpec, final: dict, tdir: Path) -> None:
 
 
 def _record_error(tdir: Path, attempt: int) -> None:
-    with open(tdir / "error.txt", "a") as f:
+    with open(tdir / res.ERROR_FILE, "a") as f:
         f.write(f"--- attempt {attempt} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         f.write(traceback.format_exc())
 
@@ -315,19 +351,37 @@ def run_sweep(
     verbose: int = 1,
 ) -> SweepOutcome:
     """Run (or resume) ``spec`` into ``out_dir``; write the results table and the report."""
-    import ray
-    from ray import tune
-
     from revmix.platform.runtime import ensure_ray
-    from revmix.sweeps.tracking import tracking_callbacks, tracking_env
 
     out_dir = Path(out_dir).expanduser().absolute()
     _prepare_dir(spec, out_dir, resume)
     ensure_ray()
+    plan = _plan_on_cluster(spec, max_concurrent)
+    print(f"revmix sweep {spec.name}: {spec.num_trials()} trial(s) → {out_dir}\n  {plan.note}", flush=True)
+    grid = _fit(spec, out_dir, plan, resume=resume, verbose=verbose)
+    table = collect_results(spec, out_dir, grid)
+    res.write_table(table, out_dir)
+    print(res.summary_text(table, spec.metric, spec.mode, paths=list(spec.space)), flush=True)
+    _warn_if_metric_missing(spec, table)
+    report = _report_or_none(out_dir, spec, table) if write_report else None
+    print(f"results: {out_dir / 'results.csv'}" + (f"\nreport: {report}" if report else ""), flush=True)
+    return SweepOutcome(out_dir, table, report, plan)
+
+
+def _plan_on_cluster(spec: SweepSpec, max_concurrent: int | None) -> TrialResources:
+    """Per-trial resources from the running cluster; one trial never asks for more CPUs than a node has."""
+    import ray
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     node_cpus = max((n.get("Resources", {}).get("CPU", 0.0) for n in nodes), default=None)
-    plan = plan_resources(spec, ray.cluster_resources(), max_concurrent=max_concurrent, node_cpus=node_cpus)
-    print(f"revmix sweep {spec.name}: {spec.num_trials()} trial(s) → {out_dir}\n  {plan.note}", flush=True)
+    return plan_resources(spec, ray.cluster_resources(), max_concurrent=max_concurrent, node_cpus=node_cpus)
+
+
+def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, verbose: int) -> Any:
+    """Build (or restore) the Tuner and run it to the end; returns Tune's ResultGrid."""
+    from ray import tune
+
+    from revmix.sweeps.tracking import tracking_callbacks, tracking_env
 
     ctx = {"spec": spec, "out_dir": str(out_dir), "torch_threads": plan.torch_threads}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), plan.bundle)
@@ -366,91 +420,60 @@ def run_sweep(
                     verbose=verbose,
                 ),
             )
-        grid = tuner.fit()
-    table = collect_results(spec, out_dir, grid)
-    res.write_table(table, out_dir)
-    print(res.summary_text(table, spec.metric, spec.mode, paths=list(spec.space)), flush=True)
-    if res.metric_column(spec.metric, list(table.columns)) not in table.columns and len(table):
-        import difflib
+        return tuner.fit()
 
-        close = difflib.get_close_matches(spec.metric, [c for c in table.columns if "/" in c], n=3)
+
+def _warn_if_metric_missing(spec: SweepSpec, table: Any) -> None:
+    """A metric no trial reported is usually a typo: say so, with the reported names closest to it."""
+    if res.metric_column(spec.metric, list(table.columns)) not in table.columns and len(table):
+        columns = [c for c in table.columns if "/" in c]
         print(
-            f"WARNING: no trial reported metric {spec.metric!r}"
-            + (f" (did you mean {', '.join(close)}?)" if close else ""),
+            f"WARNING: no trial reported metric {spec.metric!r}{did_you_mean(spec.metric, columns)}",
             flush=True,
         )
-    report = None
-    if write_report:
-        from revmix.sweeps.report import write_report as _write_report
 
-        try:
-            report = _write_report(out_dir, spec=spec, table=table)
-        except Exception as e:  # the table is written; a plotting failure must not hide it
-            print(f"revmix sweep: report failed: {type(e).__name__}: {e}", flush=True)
-    print(f"results: {out_dir / 'results.csv'}" + (f"\nreport: {report}" if report else ""), flush=True)
-    return SweepOutcome(out_dir, table, report, plan)
+
+def _report_or_none(out_dir: Path, spec: SweepSpec, table: Any) -> Path | None:
+    """The report, or None with a line saying why: the table is written; a plotting failure must not hide it."""
+    from revmix.sweeps.report import write_report
+
+    try:
+        return write_report(out_dir, spec=spec, table=table)
+    except Exception as e:
+        print(f"revmix sweep: report failed: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 def collect_results(spec: SweepSpec, out_dir: Path, grid: Any) -> Any:
-    """One row per Tune trial: status and error from Tune, metrics and timing from the trial dir."""
-    rows = []
+    """One row per Tune trial, built from the trial folders once Tune's verdicts are saved in them.
+
+    The folders are thereby the whole record of the sweep: ``revmix report DIR`` rebuilds the same table
+    from them when ``results.*`` are lost.
+    """
     for r in grid:
-        trial_id = Path(r.path).name
-        tdir = out_dir / "trials" / trial_id
-        config = r.config or {}
-        meta = json.loads((tdir / "trial.json").read_text()) if (tdir / "trial.json").exists() else {}
-        point = meta.get("point") or {p: _plain(v) for p, v in dict(config.get("point") or {}).items()}
-        seed = meta.get("seed", trial_seed(spec, config) if config else spec.seeds[0])
-        final = json.loads((tdir / "final.json").read_text()) if (tdir / "final.json").exists() else None
-        if r.error is not None:
-            status, error = res.STATUS_ERROR, res.short_error(_error_text(r.error, tdir))
-        elif final is not None:
-            status, error = res.STATUS_OK, None
-        else:  # stopped early by the scheduler: its last logged step stands in for the final metrics
-            status, error = res.STATUS_STOPPED, None
-            final = res.last_step_metrics(tdir / "run" / "metrics.jsonl")
-        rows.append(
-            res.make_row(
-                spec,
-                trial_id,
-                point,
-                seed,
-                final=final,
-                status=status,
-                error=error,
-                wall_s=meta.get("elapsed_s"),
-                run_dir=str(Path("trials") / trial_id / "run"),
-                node_id=meta.get("node_id"),
-            )
-        )
-    return res.build_table(rows, list(spec.space))
+        _save_verdict(spec, out_dir / "trials" / Path(r.path).name, r)
+    return res.rebuild_table(spec, out_dir)
 
 
-def _error_text(error: BaseException, tdir: Path) -> str:
-    if (tdir / "error.txt").exists():
-        return (tdir / "error.txt").read_text()
-    return "".join(traceback.format_exception_only(type(error), error))
+def _save_verdict(spec: SweepSpec, tdir: Path, result: Any) -> None:
+    """Tune's status of one trial into ``tdir``, with a ``trial.json`` and an error file where it has none.
 
-
-def load_spec_for_dir(out_dir: str | Path) -> SweepSpec:
-    """The spec stored in a sweep dir (for ``revmix report`` without the original file)."""
-    from revmix.sweeps.spec import parse_sweep
-
-    out_dir = Path(out_dir)
-    stored = json.loads((out_dir / "spec.json").read_text())
-    raw = {
-        "name": stored["name"],
-        "description": stored.get("description", ""),
-        "base": stored["base"],
-        "overrides": stored["overrides"],
-        "metric": stored["metric"],
-        "mode": stored["mode"],
-        "search": {k: v for k, v in stored["search"].items() if v is not None}
-        if stored["search"]["name"] != "grid"
-        else "grid",
-        "scheduler": "fifo",  # only the space, metric and configs matter for a report
-        "seeds": stored["seeds"],
-        "space": stored["space"],
-        "eval": stored["eval"],
-    }
-    return parse_sweep(raw, out_dir / "sweep.yaml", base_raw=stored["base_raw"])
+    TERMINATED needs a final result; a trial Tune ended without one was stopped early by the scheduler.
+    A trial that failed before its driver ran (nothing in ``tdir``) gets its point from Tune's config and
+    its error from Tune.
+    """
+    tdir.mkdir(parents=True, exist_ok=True)
+    if not (tdir / res.TRIAL_META).exists():
+        config = result.config or {}
+        point = {p: _plain(v) for p, v in dict(config.get("point") or {}).items()}
+        seed = trial_seed(spec, config) if config else spec.seeds[0]
+        meta = {"trial_id": tdir.name, "point": point, "seed": seed, "attempts": 0, "elapsed_s": None}
+        _write_json(tdir / res.TRIAL_META, meta)
+    if result.error is not None:
+        status = res.STATUS_ERROR
+        if not (tdir / res.ERROR_FILE).exists():
+            text = "".join(traceback.format_exception_only(type(result.error), result.error))
+            atomic_write(tdir / res.ERROR_FILE, text)
+    else:
+        status = res.STATUS_OK if (tdir / "final.json").exists() else res.STATUS_STOPPED
+    _write_json(tdir / res.STATUS_FILE, {"status": status})

@@ -1,188 +1,159 @@
-"""Sweep files: parse, validate completely before Ray starts, expand into trials (DESIGN §8).
+"""Sweep files: parse, validate completely before Ray starts, expand into trials.
 
 A sweep file names a base experiment and a space over dotted config paths — exactly the paths
-``revmix train CONFIG a.b=c`` accepts::
+``revmix train CONFIG a.b=c`` accepts (:class:`SweepSpec` describes every key)::
 
     base: ../runs/sft_tiny.yaml           # relative to this file
     overrides: {stages.0.steps: 40}       # fixed for every trial (mapping, or a list of "a.b=c")
     metric: eval/accuracy/synthetic
     mode: max
     search: grid                          # grid | random | {name: optuna, num_samples: 8, seed: 0}
-    scheduler: fifo                       # fifo | {name: asha, grace_period: 5, max_t: 40}
     seeds: [0, 1]                         # every point runs once per seed (experiment `seed` only)
-    space:
+    space:                                # see revmix.sweeps.space
       stages.0.mix.reverse_fraction: {grid: [0.0, 0.5, 1.0], link: [stages.1.mix.reverse_fraction]}
       stages.0.lr: {loguniform: [1.0e-4, 1.0e-2]}
-    resources: {cpu: 1}                   # optional: the trial driver's bundle
-    max_concurrent_trials: 2              # optional: default from the cluster's CPUs/GPUs
-    tracking: {tensorboard: true, mlflow: false}
-    eval: true
 
-Why validate everything up front: a typo found after Ray has started (or, worse, after the first trial
-has trained for an hour) wastes the sweep. Every swept path is pushed through ``build_config`` with each
-of its grid/choice values and both ends of its range, so the error names the path and suggests close
-matches exactly as ``revmix train`` would.
-
-Seeds: a trial's seed goes to the experiment's ``seed`` (mixer, data order, dropout) and nothing else;
-``data.seed`` stays fixed so all trials see the same data split and held-out set.
-
-``randint: [a, b]`` includes both ends (Tune's own ``randint`` excludes the upper one). ``link: [paths]``
-gives other paths the same value as the swept one (SFT and DPO stages at the same reverse fraction);
-the results table has one column per swept path, not per link.
+Then the cross-key rules run: every override and swept value (both ends of a range) goes through
+``build_config``, so a typo fails before Ray starts exactly as ``revmix train`` reports it.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
+from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, field_validator, model_validator
 
-from revmix.config import ConfigError, ExperimentConfig, build_config, load_raw, parse_override
+from revmix.config import ExperimentConfig, build_config, load_raw, parse_override
+from revmix.objectives.base import DIRECTIONS
+from revmix.sweeps.space import Distribution, parse_distribution, plain_value
+from revmix.validation import ConfigError, Strict, SweepError, validate
 
-TOP_LEVEL_KEYS: tuple[str, ...] = (
-    "name",
-    "description",
-    "base",
-    "overrides",
-    "metric",
-    "mode",
-    "search",
-    "scheduler",
-    "seeds",
-    "space",
-    "resources",
-    "max_concurrent_trials",
-    "tracking",
-    "eval",
-)
-DISTRIBUTIONS: tuple[str, ...] = ("grid", "choice", "uniform", "loguniform", "randint")
-SEARCHES: tuple[str, ...] = ("grid", "random", "optuna")
-SCHEDULERS: tuple[str, ...] = ("fifo", "asha")
-ASHA_TIME_ATTRS: tuple[str, ...] = ("training_iteration", "time_total_s")  # one iteration = one step
 ALP_PARTS: tuple[str, ...] = ("chosen", "rejected", "margin")
 
 
-class SweepError(ConfigError):
-    """A sweep-file problem; the message names the file and the offending key or path."""
+class GridSearch(Strict):
+    name: Literal["grid"] = "grid"
+    num_samples: ClassVar[int] = 1  # a grid runs every point once
+    seed: ClassVar[int | None] = None
 
 
-def _suggest(key: str, valid: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=3)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+class SampledSearch(Strict):
+    name: Literal["random", "optuna"]
+    num_samples: int = Field(ge=1, description="how many points to sample")
+    seed: int | None = Field(None, description="seed of the sampler (random search: default 0)")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+class FifoScheduler(Strict):
+    name: Literal["fifo"] = "fifo"
 
 
-# --------------------------------------------------------------------------------------------------
-# The pieces of a sweep
-# --------------------------------------------------------------------------------------------------
+class AshaScheduler(Strict):
+    name: Literal["asha"]
+    grace_period: int = Field(1, ge=1, description="steps every trial runs before it may be stopped")
+    max_t: int | None = Field(None, ge=1, description="the longest a trial runs (default: its total steps)")
+    reduction_factor: float = Field(2.0, gt=1.0, description="1/fraction of trials kept at each rung")
+    time_attr: Literal["training_iteration", "time_total_s"] = Field(
+        "training_iteration", description="what max_t counts (one iteration = one step)"
+    )
+
+    @model_validator(mode="after")
+    def _grace_within_max_t(self) -> AshaScheduler:
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period {self.grace_period} > max_t {self.max_t}")
+        return self
 
 
-@dataclass(frozen=True)
-class Distribution:
-    """One swept path: ``grid``/``choice`` hold values; the others a ``(low, high)`` range."""
+SearchSpec = Annotated[GridSearch | SampledSearch, Discriminator("name")]
+SchedulerSpec = Annotated[FifoScheduler | AshaScheduler, Discriminator("name")]
 
-    kind: str
-    values: tuple[Any, ...]
-    links: tuple[str, ...] = ()  # more paths that take the same value (r of every stage, say)
+
+class MlflowSpec(Strict):
+    tracking_uri: str | None = Field(None, description="MLflow server (default: SQLite in the sweep dir)")
+    experiment_name: str | None = Field(None, description="MLflow experiment (default: the sweep name)")
+
+
+class TrackingSpec(Strict):
+    tensorboard: bool = Field(True, description="TensorBoard event files per trial")
+    mlflow: bool | MlflowSpec = Field(False, description="log trials to MLflow (true, or its options)")
 
     @property
-    def is_grid(self) -> bool:
-        return self.kind == "grid"
+    def mlflow_tracking_uri(self) -> str | None:
+        return self.mlflow.tracking_uri if isinstance(self.mlflow, MlflowSpec) else None
 
-    def probe_values(self) -> list[Any]:
-        """Values pushed through ``build_config`` at validation: every discrete value, both range ends."""
-        if self.kind in ("grid", "choice"):
-            return list(self.values)
-        return [self.values[0], self.values[1]]
-
-    def representative(self) -> Any:
-        return self.values[0]
-
-    def to_tune(self) -> Any:
-        """The Ray Tune search-space object (imported lazily: validation must not need Ray)."""
-        from ray import tune
-
-        if self.kind == "grid":
-            return tune.grid_search(list(self.values))
-        if self.kind == "choice":
-            return tune.choice(list(self.values))
-        low, high = self.values
-        if self.kind == "uniform":
-            return tune.uniform(low, high)
-        if self.kind == "loguniform":
-            return tune.loguniform(low, high)
-        return tune.randint(low, high + 1)  # ours is inclusive, Tune's upper bound is exclusive
-
-    def describe(self) -> str:
-        if self.kind in ("grid", "choice"):
-            text = f"{self.kind} " + json.dumps(list(self.values))
-        else:
-            text = f"{self.kind}[{self.values[0]}, {self.values[1]}]"
-        return text + (f" (also {', '.join(self.links)})" if self.links else "")
+    @property
+    def mlflow_experiment(self) -> str | None:
+        return self.mlflow.experiment_name if isinstance(self.mlflow, MlflowSpec) else None
 
 
-@dataclass(frozen=True)
-class SearchSpec:
-    name: str = "grid"
-    num_samples: int = 1
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    name: str = "fifo"
-    grace_period: int = 1
-    max_t: int | None = None
-    reduction_factor: float = 2.0
-    time_attr: str = "training_iteration"
-
-
-@dataclass(frozen=True)
-class TrackingSpec:
-    tensorboard: bool = True
-    mlflow: bool = False
-    mlflow_tracking_uri: str | None = None
-    mlflow_experiment: str | None = None
-
-
-@dataclass(frozen=True)
-class ResourceSpec:
+class ResourceSpec(Strict):
     """Override of the trial driver's resource bundle (default: derived from the experiment config)."""
 
-    cpu: float | None = None
-    gpu: float | None = None
+    cpu: float | None = Field(None, gt=0.0, description="CPUs of the trial driver (Ray rejects 0)")
+    gpu: float | None = Field(None, ge=0.0, description="GPUs of the trial driver")
 
 
-@dataclass
-class SweepSpec:
+class SweepSpec(Strict):
     """A validated sweep file; ``base_raw`` is the base experiment's raw YAML mapping."""
 
-    source: Path
-    name: str
-    description: str
-    base: Path
-    base_raw: dict
-    overrides: dict[str, Any]
-    metric: str
-    mode: str
-    search: SearchSpec
-    scheduler: SchedulerSpec
-    seeds: list[int]
-    space: dict[str, Distribution]
-    resources: ResourceSpec = field(default_factory=ResourceSpec)
-    max_concurrent_trials: int | None = None
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
-    eval: bool = True
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    name: str = Field(description="sweep label and directory name (default: the file's stem)")
+    description: str = Field("", description="one line for the report")
+    base: Path = Field(description="the base experiment YAML, relative to the sweep file")
+    overrides: dict[str, Any] = Field({}, description="config paths fixed for every trial")
+    metric: str = Field(min_length=1, description="metric to optimise, e.g. eval/accuracy/synthetic or loss")
+    mode: Literal["min", "max"] = Field(description="whether the metric is minimised or maximised")
+    search: SearchSpec = Field(default_factory=GridSearch, description="grid, random or optuna")
+    scheduler: SchedulerSpec = Field(default_factory=FifoScheduler, description="fifo or asha")
+    seeds: list[int] = Field(min_length=1, description="every point runs once per seed")
+    space: dict[str, Distribution] = Field(min_length=1, description="swept config paths")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="the trial driver's bundle")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: the cluster's CPUs/GPUs")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="TensorBoard and MLflow")
+    eval: bool = Field(True, description="evaluate every trial at its end")
+
+    _source: Path = PrivateAttr(Path("<sweep>"))
+    _base_raw: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("search", "scheduler", mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        """``search: grid`` is ``{name: grid}``."""
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _override_list(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if bad := [v for v in value if not isinstance(v, str)]:
+            raise ValueError(f"list items must be 'path=value' strings, got {bad[0]!r}")
+        return dict(parse_override(v) for v in value)
+
+    @field_validator("name")
+    @classmethod
+    def _usable_as_dir(cls, name: str) -> str:
+        if not name or any(c in name for c in "/\\ "):
+            raise ValueError(f"expected a non-empty string without '/', '\\' or spaces, got {name!r}")
+        return name
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"duplicate seeds in {seeds}")
+        return seeds
+
+    @property
+    def source(self) -> Path:
+        return self._source
+
+    @property
+    def base_raw(self) -> dict[str, Any]:
+        return self._base_raw
 
     @property
     def grid_paths(self) -> list[str]:
@@ -194,11 +165,10 @@ class SweepSpec:
 
     def num_points(self) -> int:
         """Distinct points (before seeds): grid product × num_samples."""
-        n = 1
+        n = self.search.num_samples
         for d in self.space.values():
-            if d.is_grid:
-                n *= len(d.values)
-        return n * self.search.num_samples
+            n *= len(d.values) if d.is_grid else 1
+        return n
 
     def num_trials(self) -> int:
         return self.num_points() * len(self.seeds)
@@ -207,16 +177,13 @@ class SweepSpec:
         """Config path → value for a point, linked paths included."""
         out: dict[str, Any] = {}
         for p, v in point.items():
-            v = _plain(v)
-            out[p] = v
-            for link in self.space[p].links if p in self.space else ():
-                out[link] = copy.deepcopy(v)
+            out[p] = v = plain_value(v)
+            out.update({link: copy.deepcopy(v) for link in (self.space[p].links if p in self.space else ())})
         return out
 
     def trial_config(self, point: dict[str, Any], seed: int, name: str | None = None) -> ExperimentConfig:
         """The experiment config of one trial: base + fixed overrides + the point + its seed."""
-        values: dict[str, Any] = {**self.overrides, **self.assignments(point)}
-        values["seed"] = int(_plain(seed))
+        values: dict[str, Any] = {**self.overrides, **self.assignments(point), "seed": int(plain_value(seed))}
         if name is not None:
             values["name"] = name
         return build_config(self.base_raw, values, source=str(self.base))
@@ -239,249 +206,34 @@ class SweepSpec:
         totals = []
         for cfg in self.probe_configs():
             steps = [st.steps for st in cfg.stages]
-            if any(s is None for s in steps):
+            if None in steps:
                 return None
-            totals.append(sum(steps))
+            totals.append(sum(s for s in steps if s is not None))
         return max(totals)
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical plain form (stored in the sweep dir; ``--resume`` compares against it)."""
-        d = dataclasses.asdict(self)
-        d["source"] = str(self.source)
-        d["base"] = str(self.base)
-        d["space"] = {
-            p: {dist.kind: list(dist.values), **({"link": list(dist.links)} if dist.links else {})}
-            for p, dist in self.space.items()
-        }
+        d = self.model_dump(mode="json", exclude={"space"})
+        d |= {"source": str(self.source), "base_raw": self.base_raw}
+        d["space"] = {p: dist.to_dict() for p, dist in self.space.items()}
         return json.loads(json.dumps(d, default=str))
 
 
-def _plain(v: Any) -> Any:
-    """numpy scalars (Tune samples them) → Python scalars, which the typed config accepts."""
-    if hasattr(v, "item") and callable(v.item) and not isinstance(v, (list, dict, str)):
-        try:
-            return v.item()
-        except (TypeError, ValueError):
-            return v
-    return v
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_distribution(path: str, value: Any, where: str) -> Distribution:
-    """``{grid: [...]}`` etc. → :class:`Distribution`; malformed ones raise naming ``where.path``."""
-    at = f"{where}: space.{path}"
-    links: Any = ()
-    if isinstance(value, dict) and "link" in value:
-        value = dict(value)
-        links = value.pop("link")
-        if isinstance(links, str):
-            links = [links]
-        if not isinstance(links, list) or not links or not all(isinstance(x, str) and x for x in links):
-            raise SweepError(f"{at}.link: expected a list of config paths that take the same value")
-        if path in links or len(set(links)) != len(links):
-            raise SweepError(f"{at}.link: repeats a path")
-    if not isinstance(value, dict) or len(value) != 1:
-        raise SweepError(
-            f"{at}: expected a mapping with exactly one of {', '.join(DISTRIBUTIONS)} (and optionally "
-            f"link: [paths]), e.g. {{grid: [0.0, 0.5, 1.0]}}; got {value!r}"
-        )
-    (kind, args), *_ = value.items()
-    if kind not in DISTRIBUTIONS:
-        raise SweepError(
-            f"{at}: unknown distribution {kind!r}{_suggest(str(kind), DISTRIBUTIONS)}; "
-            f"valid: {', '.join(DISTRIBUTIONS)}"
-        )
-    if kind in ("grid", "choice"):
-        if not isinstance(args, list) or not args:
-            raise SweepError(f"{at}.{kind}: expected a non-empty list of values, got {args!r}")
-        keys = [json.dumps(a, sort_keys=True, default=str) for a in args]
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        if dup:
-            raise SweepError(f"{at}.{kind}: duplicate value(s) {', '.join(dup)}")
-        return Distribution(kind, tuple(args), tuple(links))
-    if not isinstance(args, list) or len(args) != 2 or not all(_is_number(a) for a in args):
-        raise SweepError(f"{at}.{kind}: expected [low, high] (two numbers), got {args!r}")
-    low, high = args
-    if kind == "randint":
-        if not all(isinstance(a, int) or float(a).is_integer() for a in args):
-            raise SweepError(f"{at}.randint: expected two integers [low, high], got {args!r}")
-        low, high = int(low), int(high)
-        if low > high:
-            raise SweepError(f"{at}.randint: low {low} > high {high}")
-        return Distribution(kind, (low, high), tuple(links))
-    low, high = float(low), float(high)
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise SweepError(f"{at}.{kind}: bounds must be finite, got {args!r}")
-    if low >= high:
-        raise SweepError(f"{at}.{kind}: low {low:g} must be < high {high:g}")
-    if kind == "loguniform" and low <= 0:
-        raise SweepError(f"{at}.loguniform: bounds must be > 0 (log scale), got low {low:g}")
-    return Distribution(kind, (low, high), tuple(links))
-
-
-def _parse_search(value: Any, where: str) -> SearchSpec:
-    if value is None:
-        return SearchSpec()
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        raise SweepError(f"{where}: search: expected one of {', '.join(SEARCHES)} or {{name: ..., ...}}")
-    name = value["name"]
-    if name not in SEARCHES:
-        raise SweepError(
-            f"{where}: search.name: {name!r} is not one of {', '.join(SEARCHES)}{_suggest(str(name), SEARCHES)}"
-        )
-    allowed = ("name",) if name == "grid" else ("name", "num_samples", "seed")
-    unknown = [k for k in value if k not in allowed]
-    if unknown:
-        raise SweepError(
-            f"{where}: search.{unknown[0]}: unknown key for search {name!r}; valid keys: {', '.join(allowed)}"
-        )
-    num = value.get("num_samples", 1)
-    if name != "grid" and "num_samples" not in value:
-        raise SweepError(f"{where}: search.num_samples: required for {name!r} (how many points to sample)")
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise SweepError(f"{where}: search.num_samples: expected an integer >= 1, got {num!r}")
-    seed = value.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise SweepError(f"{where}: search.seed: expected an integer, got {seed!r}")
-    return SearchSpec(name=name, num_samples=num, seed=seed)
-
-
-def _parse_scheduler(value: Any, where: str) -> SchedulerSpec:
-    if value is None:
-        return SchedulerSpec()
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        raise SweepError(f"{where}: scheduler: expected fifo, asha or {{name: asha, ...}}")
-    name = value["name"]
-    if name not in SCHEDULERS:
-        raise SweepError(
-            f"{where}: scheduler.name: {name!r} is not one of {', '.join(SCHEDULERS)}"
-            f"{_suggest(str(name), SCHEDULERS)}"
-        )
-    fields_ = [f.name for f in dataclasses.fields(SchedulerSpec)]
-    allowed = ["name"] if name == "fifo" else fields_
-    unknown = [k for k in value if k not in allowed]
-    if unknown:
-        raise SweepError(
-            f"{where}: scheduler.{unknown[0]}: unknown key for scheduler {name!r}"
-            f"{_suggest(unknown[0], allowed)}; valid keys: {', '.join(allowed)}"
-        )
-    spec = SchedulerSpec(**value)
-    for key in ("grace_period", "max_t"):
-        v = getattr(spec, key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise SweepError(f"{where}: scheduler.{key}: expected an integer >= 1, got {v!r}")
-    if not _is_number(spec.reduction_factor) or spec.reduction_factor <= 1:
-        raise SweepError(
-            f"{where}: scheduler.reduction_factor: expected a number > 1, got {spec.reduction_factor!r}"
-        )
-    if spec.time_attr not in ASHA_TIME_ATTRS:
-        raise SweepError(
-            f"{where}: scheduler.time_attr: {spec.time_attr!r} is not one of {', '.join(ASHA_TIME_ATTRS)}"
-        )
-    if spec.max_t is not None and spec.grace_period > spec.max_t:
-        raise SweepError(f"{where}: scheduler: grace_period {spec.grace_period} > max_t {spec.max_t}")
-    return spec
-
-
-def _parse_tracking(value: Any, where: str) -> TrackingSpec:
-    if value is None:
-        return TrackingSpec()
-    if not isinstance(value, dict):
-        raise SweepError(
-            f"{where}: tracking: expected {{tensorboard: bool, mlflow: bool | {{tracking_uri}}}}"
-        )
-    unknown = [k for k in value if k not in ("tensorboard", "mlflow")]
-    if unknown:
-        raise SweepError(
-            f"{where}: tracking.{unknown[0]}: unknown key{_suggest(unknown[0], ('tensorboard', 'mlflow'))}; "
-            "valid keys: tensorboard, mlflow"
-        )
-    tb = value.get("tensorboard", True)
-    if not isinstance(tb, bool):
-        raise SweepError(f"{where}: tracking.tensorboard: expected true/false, got {tb!r}")
-    ml = value.get("mlflow", False)
-    uri = exp = None
-    if isinstance(ml, dict):
-        unknown = [k for k in ml if k not in ("tracking_uri", "experiment_name")]
-        if unknown:
-            raise SweepError(
-                f"{where}: tracking.mlflow.{unknown[0]}: unknown key; valid keys: tracking_uri, experiment_name"
-            )
-        uri, exp = ml.get("tracking_uri"), ml.get("experiment_name")
-        for k, v in (("tracking_uri", uri), ("experiment_name", exp)):
-            if v is not None and not isinstance(v, str):
-                raise SweepError(f"{where}: tracking.mlflow.{k}: expected a string, got {v!r}")
-        ml = True
-    elif not isinstance(ml, bool):
-        raise SweepError(
-            f"{where}: tracking.mlflow: expected true/false or {{tracking_uri: ...}}, got {ml!r}"
-        )
-    return TrackingSpec(tensorboard=tb, mlflow=ml, mlflow_tracking_uri=uri, mlflow_experiment=exp)
-
-
-def _parse_resources(value: Any, where: str) -> ResourceSpec:
-    if value is None:
-        return ResourceSpec()
-    if not isinstance(value, dict):
-        raise SweepError(f"{where}: resources: expected {{cpu: N, gpu: N}}, got {value!r}")
-    unknown = [k for k in value if k not in ("cpu", "gpu")]
-    if unknown:
-        raise SweepError(
-            f"{where}: resources.{unknown[0]}: unknown key{_suggest(unknown[0].lower(), ('cpu', 'gpu'))}; "
-            "valid keys: cpu, gpu (the trial driver's bundle)"
-        )
-    cpu, gpu = value.get("cpu"), value.get("gpu")
-    if cpu is not None and (not _is_number(cpu) or cpu <= 0):
-        raise SweepError(f"{where}: resources.cpu: expected a number > 0 (Ray rejects 0), got {cpu!r}")
-    if gpu is not None and (not _is_number(gpu) or gpu < 0):
-        raise SweepError(f"{where}: resources.gpu: expected a number >= 0, got {gpu!r}")
-    return ResourceSpec(cpu=cpu, gpu=gpu)
-
-
-def _parse_overrides(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if isinstance(value, list):
-        out = {}
-        for item in value:
-            if not isinstance(item, str):
-                raise SweepError(f"{where}: overrides: list items must be 'path=value' strings, got {item!r}")
-            try:
-                p, v = parse_override(item)
-            except ConfigError as e:
-                raise SweepError(f"{where}: overrides: {e}") from None
-            out[p] = v
-        return out
-    if isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
-    raise SweepError(f"{where}: overrides: expected a mapping {{path: value}} or a list of 'path=value'")
-
-
-def _resolve_base(base: Any, sweep_file: Path) -> Path:
+def _resolve_base(base: Any, sweep: Path) -> Path:
     if not isinstance(base, str) or not base:
-        raise SweepError(
-            f"{sweep_file}: base: expected the path of an experiment YAML (relative to this file)"
-        )
+        raise SweepError(f"{sweep}: base: expected the path of an experiment YAML (relative to this file)")
     p = Path(base).expanduser()
-    candidate = p if p.is_absolute() else (sweep_file.parent / p)
+    candidate = p if p.is_absolute() else (sweep.parent / p)
     if not candidate.exists():
         raise SweepError(
-            f"{sweep_file}: base: {base!r} not found (looked at {candidate.resolve()}; "
+            f"{sweep}: base: {base!r} not found (looked at {candidate.resolve()}; "
             "paths are relative to the sweep file)"
         )
     return candidate.resolve()
 
 
-def parse_sweep(raw: dict, source: str | Path = "<sweep>", base_raw: dict | None = None) -> SweepSpec:
-    """Validate a raw sweep mapping completely; raise :class:`SweepError` at the first problem.
+def parse_sweep(raw: Any, source: str | Path = "<sweep>", base_raw: dict | None = None) -> SweepSpec:
+    """Validate a raw sweep mapping completely; raise :class:`SweepError` naming the file and key.
 
     ``base_raw`` short-circuits reading ``base`` from disk (tests, resumed sweeps).
     """
@@ -489,85 +241,21 @@ def parse_sweep(raw: dict, source: str | Path = "<sweep>", base_raw: dict | None
     where = str(source)
     if not isinstance(raw, dict):
         raise SweepError(f"{where}: expected a mapping at the top level")
-    unknown = [k for k in raw if k not in TOP_LEVEL_KEYS]
-    if unknown:
-        k = str(unknown[0])
-        raise SweepError(
-            f"{where}: {k}: unknown top-level key{_suggest(k, TOP_LEVEL_KEYS)}; valid keys: {', '.join(TOP_LEVEL_KEYS)}"
-        )
-    for req in ("base", "metric", "mode", "space"):
-        if req not in raw:
-            raise SweepError(f"{where}: {req}: required key missing")
+    base = Path(raw.get("base") or "") if base_raw is not None else _resolve_base(raw.get("base"), source)
     if base_raw is None:
-        base = _resolve_base(raw["base"], source)
         try:
             base_raw = load_raw(base)
         except ConfigError as e:
             raise SweepError(f"{where}: base: {e}") from None
-    else:
-        base = Path(raw["base"])
-    name = raw.get("name", source.stem)
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
-        raise SweepError(
-            f"{where}: name: expected a non-empty string without '/', '\\' or spaces, got {name!r}"
-        )
-
-    metric, mode = raw["metric"], raw["mode"]
-    if not isinstance(metric, str) or not metric:
-        raise SweepError(f"{where}: metric: expected a metric name, e.g. eval/accuracy/synthetic or loss")
-    if mode not in ("min", "max"):
-        raise SweepError(f"{where}: mode: expected min or max, got {mode!r}")
-
-    search = _parse_search(raw.get("search"), where)
-    scheduler = _parse_scheduler(raw.get("scheduler"), where)
-    tracking = _parse_tracking(raw.get("tracking"), where)
-    resources = _parse_resources(raw.get("resources"), where)
-    overrides = _parse_overrides(raw.get("overrides"), where)
-
-    evaluate = raw.get("eval", True)
-    if not isinstance(evaluate, bool):
-        raise SweepError(f"{where}: eval: expected true/false, got {evaluate!r}")
-    mct = raw.get("max_concurrent_trials")
-    if mct is not None and (not isinstance(mct, int) or isinstance(mct, bool) or mct < 1):
-        raise SweepError(f"{where}: max_concurrent_trials: expected an integer >= 1, got {mct!r}")
-
-    seeds = raw.get("seeds")
-    if seeds is None:
-        seeds = [int(base_raw.get("seed", 0) or 0)]
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise SweepError(f"{where}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise SweepError(f"{where}: seeds: duplicate seeds in {seeds}")
-
-    space_raw = raw["space"]
-    if not isinstance(space_raw, dict) or not space_raw:
-        raise SweepError(f"{where}: space: expected a non-empty mapping {{dotted.path: {{grid: [...]}}}}")
-    space = {str(p): parse_distribution(str(p), v, where) for p, v in space_raw.items()}
-
-    spec = SweepSpec(
-        source=source,
-        name=name,
-        description=str(raw.get("description", "") or ""),
-        base=base,
-        base_raw=base_raw,
-        overrides=overrides,
-        metric=metric,
-        mode=mode,
-        search=search,
-        scheduler=scheduler,
-        seeds=list(seeds),
-        space=space,
-        resources=resources,
-        max_concurrent_trials=mct,
-        tracking=tracking,
-        eval=evaluate,
-    )
-    from revmix.sweeps.checks import check_combinations, check_metric, check_paths
-
+    given = {k: v for k, v in raw.items() if v is not None}  # null: the default
+    data = {"name": source.stem, "seeds": [int(base_raw.get("seed", 0) or 0)], **given, "base": base}
+    if isinstance(data.get("space"), dict):
+        data["space"] = {str(p): parse_distribution(str(p), v, where) for p, v in data["space"].items()}
+    try:
+        spec: SweepSpec = validate(SweepSpec, data)
+    except ConfigError as e:
+        raise SweepError(f"{where}: {e}") from None
+    spec._source, spec._base_raw = source, base_raw
     check_combinations(spec, where)
     check_paths(spec, where)
     check_metric(spec, where)
@@ -576,11 +264,115 @@ def parse_sweep(raw: dict, source: str | Path = "<sweep>", base_raw: dict | None
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep YAML file."""
-    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"{path}: no such sweep file") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: invalid YAML: {e}") from None
+        raw = load_raw(path, "sweep")
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
     return parse_sweep(raw, path)
+
+
+# Cross-key rules: what each search and scheduler can do, every override and probe value through the
+# typed config, and the metric names a trial reports at its end (eval/*, final/*).
+
+
+def check_combinations(spec: SweepSpec, where: str) -> None:
+    """What each search algorithm can do; a path is fixed, swept or linked — once."""
+    linked = [x for d in spec.space.values() for x in d.links]
+    if clash := [
+        x for x in linked if x in spec.space or linked.count(x) > 1 or x in spec.overrides or x == "seed"
+    ]:
+        raise SweepError(f"{where}: space: {clash[0]!r} is linked to a swept path and also set elsewhere")
+    if "seed" in spec.space:
+        raise SweepError(
+            f"{where}: space.seed: seeds are not a search dimension; list them in the top-level "
+            "`seeds: [0, 1, 2]` (every point runs once per seed)"
+        )
+    if fixed := [p for p in spec.space if p in spec.overrides]:
+        raise SweepError(
+            f"{where}: space.{fixed[0]}: also fixed in overrides; a path is either fixed or swept"
+        )
+    if "seed" in spec.overrides:
+        raise SweepError(f"{where}: overrides.seed: use the top-level `seeds: [...]` list instead")
+    search, sampled, grid = spec.search.name, spec.sampled_paths, spec.grid_paths
+    if search == "grid" and sampled:
+        raise SweepError(
+            f"{where}: space.{sampled[0]}: {spec.space[sampled[0]].kind} needs search random or optuna; "
+            "search grid takes only {grid: [...]} entries"
+        )
+    if search == "optuna" and grid:
+        raise SweepError(
+            f"{where}: space.{grid[0]}: optuna cannot run a grid; use {{choice: [...]}} (optuna samples it) "
+            "or search: grid"
+        )
+    scalar = (type(None), bool, int, float, str)
+    if search == "optuna" and (
+        bad := [p for p in sampled if not all(isinstance(v, scalar) for v in spec.space[p].values)]
+    ):
+        raise SweepError(
+            f"{where}: space.{bad[0]}.choice: optuna needs scalar choices (numbers, strings, bools); "
+            "sweep the inner keys instead, e.g. stages.1.objective.name"
+        )
+    if search == "random" and not sampled and spec.search.num_samples > 1:
+        raise SweepError(
+            f"{where}: search: random with num_samples {spec.search.num_samples} but nothing to sample "
+            "(only grid entries): every sample would repeat the grid; use search: grid"
+        )
+
+
+def check_paths(spec: SweepSpec, where: str) -> None:
+    """Push every override, seed and probe value through ``build_config`` (the typed schema)."""
+    for s in spec.seeds:
+        try:
+            build_config(spec.base_raw, {**spec.overrides, "seed": s})
+        except ConfigError as e:
+            key = "seeds" if s != spec.seeds[0] else f"overrides (on base {spec.base})"
+            raise SweepError(f"{where}: {key}: {e}") from None
+    rep = {p: d.representative() for p, d in spec.space.items()}
+    for path, dist in spec.space.items():
+        for value in dist.probe_values():
+            try:
+                build_config(spec.base_raw, {**spec.overrides, **spec.assignments({**rep, path: value})})
+            except ConfigError as e:
+                prefix = "space" if str(e).startswith((path, *dist.links)) else f"space.{path} = {value!r}"
+                raise SweepError(f"{where}: {prefix}: {e}") from None
+
+
+def check_metric(spec: SweepSpec, where: str) -> None:
+    """Metrics checked by name: the eval/* family a trial reports at its end; ASHA needs a step metric."""
+    m, parts, at = spec.metric, spec.metric.split("/"), f"{where}: metric: {spec.metric!r}"
+    if parts[0] == "eval" and not spec.eval:
+        raise SweepError(f"{at} needs evaluation, but the sweep sets eval: false")
+    if parts[:2] == ["eval", "accuracy"]:
+        benches = set(spec.representative_config().eval.benchmarks)
+        benches.update(
+            *(v for v in spec.space["eval.benchmarks"].values) if "eval.benchmarks" in spec.space else ()
+        )
+        if len(parts) < 3 or parts[2] not in benches:
+            raise SweepError(
+                f"{at}: benchmark not evaluated; this sweep evaluates {', '.join(sorted(benches)) or '(none)'} "
+                "(eval.benchmarks)"
+            )
+        if len(parts) > 4 or not set(parts[3:]) <= set(DIRECTIONS):
+            raise SweepError(f"{at}: direction must be one of {', '.join(DIRECTIONS)}")
+    elif parts[:2] == ["eval", "alp"]:
+        if len(parts) != 4 or parts[2] not in DIRECTIONS or parts[3] not in ALP_PARTS:
+            raise SweepError(f"{at}: expected eval/alp/<{'|'.join(DIRECTIONS)}>/<{'|'.join(ALP_PARTS)}>")
+    elif parts[0] == "eval":
+        raise SweepError(
+            f"{at}: eval metrics are eval/accuracy/<benchmark>[/<direction>] "
+            "or eval/alp/<direction>/<chosen|rejected|margin>"
+        )
+    if isinstance(spec.scheduler, AshaScheduler):
+        if parts[0] in ("eval", "final"):
+            raise SweepError(
+                f"{where}: scheduler: asha stops trials on a metric reported every step (e.g. loss, "
+                f"nll/forward); {m!r} is only known when a trial ends. Use scheduler: fifo"
+            )
+        steps = [st.steps for st in spec.representative_config().stages]
+        if spec.scheduler.max_t is None and (
+            None in steps or spec.scheduler.time_attr != "training_iteration"
+        ):
+            raise SweepError(
+                f"{where}: scheduler.max_t: required when stages are sized by epochs or time_attr is not "
+                "training_iteration (the default max_t is the total optimizer steps)"
+            )

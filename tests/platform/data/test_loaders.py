@@ -30,17 +30,12 @@ from revmix.platform.data.loaders import (
 from revmix.platform.data.schema import ALL_FIELDS, Row
 from tests.platform.data.test_validate import good, write_lines
 
-SHARED_R1K = Path("/work/shared/data/r1k_sample_pairs.jsonl")
-
 
 def r1k_path() -> Path:
-    """The vendored asset; the shared copy only while the asset is not vendored yet."""
+    """The paper's sample pairs, shipped in the package (revmix/assets/r1k_sample_pairs.jsonl)."""
     path = r1k_asset_path()
-    if path.is_file():
-        return path
-    if SHARED_R1K.is_file():
-        return SHARED_R1K
-    pytest.skip("r1k sample pairs not available")
+    assert path.is_file(), f"{path}: the packaged r1k sample pairs are missing"
+    return path
 
 
 ROWS = [

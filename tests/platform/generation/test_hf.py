@@ -64,10 +64,10 @@ def test_score_equals_direct_forward_pass(gen: HFGenerator, prompts: list[str]) 
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([p + c])).logits[0]
         expected = [torch.log_softmax(logits[len(p) - 1 + j], -1)[t].item() for j, t in enumerate(c)]
-        assert logps == pytest.approx(expected, abs=1e-5)
+        assert logps == pytest.approx(expected, rel=1e-5, abs=1e-5)
     # truncation: the first max_tokens log-probs, unchanged
     short = gen.score(prompts, completions, max_tokens=2)
-    assert short == [pytest.approx(full[:2], abs=1e-5) for full in got]
+    assert short == [pytest.approx(full[:2], rel=1e-5, abs=1e-5) for full in got]
 
 
 def test_score_ids_matches_score_and_rejects_empty_prompt(gen: HFGenerator) -> None:

@@ -84,10 +84,12 @@ def test_echo_scores_prompt_tokens(handler: OpenAIHandler, gen: HFGenerator) -> 
     ids = gen.encode([prompt + completion])[0]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(ids)
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
-    assert lp["token_logprobs"][1:] == pytest.approx(gen.score_ids([ids[:1]], [ids[1:]])[0], abs=1e-6)
+    assert lp["token_logprobs"][1:] == pytest.approx(
+        gen.score_ids([ids[:1]], [ids[1:]])[0], rel=1e-5, abs=1e-6
+    )
     # the completion's tokens are those at or after the prompt's length, and equal HFGenerator.score
     tail = [v for off, v in zip(lp["text_offset"], lp["token_logprobs"]) if off >= len(prompt)]
-    assert tail == pytest.approx(gen.score([prompt], [completion])[0], abs=1e-5)
+    assert tail == pytest.approx(gen.score([prompt], [completion])[0], rel=1e-5, abs=1e-5)
     assert "".join(lp["tokens"]) == prompt + completion
     assert all(len(t) == 1 for t in lp["top_logprobs"][1:])
 

@@ -1,5 +1,6 @@
-"""OpenAIGenerator against a scripted stdlib HTTP server on 127.0.0.1: retries, back-off, errors,
-concurrency bound and the echo-scoring fallback. (Against a real ``revmix serve``: test_serve.py.)"""
+"""OpenAIGenerator against a scripted stdlib HTTP server on 127.0.0.1: the client's retries and time-out as
+configured, errors that name the endpoint, concurrency bound and the echo-scoring fallback. (Against a real
+``revmix serve``: test_serve.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from revmix.platform.generation.openai_backend import EndpointError, OpenAIGenerator
 from revmix.platform.generation.protocol import SamplingParams
 
-Reply = tuple[int, dict[str, Any]]
+# (status, JSON body) or (status, JSON body, extra headers)
+Reply = tuple[int, dict[str, Any]] | tuple[int, dict[str, Any], dict[str, str]]
+RETRY_SOON = {"retry-after-ms": "50"}  # the client honours a server's Retry-After instead of its back-off
 
 
 class Script:
@@ -44,11 +47,13 @@ def server() -> Iterator[Callable[..., tuple[str, Script]]]:
                     script.inflight += 1
                     script.peak = max(script.peak, script.inflight)
                 time.sleep(script.delay)
-                status, payload = script.respond(self.path, body, index)
+                status, payload, *headers = script.respond(self.path, body, index)
                 with script.lock:
                     script.inflight -= 1
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                for key, value in (headers[0] if headers else {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -81,14 +86,16 @@ def chat_reply(text: str, n: int = 1) -> dict[str, Any]:
     }
 
 
-def test_retries_5xx_with_backoff_then_succeeds(server) -> None:
+def test_retries_5xx_as_the_server_asks_then_succeeds(server) -> None:
     url, script = server(
-        lambda path, body, i: (503, {"error": {"message": "busy"}}) if i < 2 else (200, chat_reply("ok", 2))
+        lambda path, body, i: (
+            (503, {"error": {"message": "busy"}}, RETRY_SOON) if i < 2 else (200, chat_reply("ok", 2))
+        )
     )
-    gen = OpenAIGenerator(url, model="m", max_retries=3, backoff=0.05)
+    gen = OpenAIGenerator(url, model="m", max_retries=3)
     start = time.monotonic()
     assert gen.generate(["q"], SamplingParams(n=2, max_new_tokens=5)) == [["ok0", "ok1"]]
-    assert time.monotonic() - start >= 0.05 + 0.1  # back-off 0.05 · 2^0 then 0.05 · 2^1
+    assert time.monotonic() - start >= 2 * 0.05  # waited as Retry-After said, twice
     assert len(script.calls) == 3
     path, body = script.calls[-1]
     assert path == "/v1/chat/completions"
@@ -97,11 +104,12 @@ def test_retries_5xx_with_backoff_then_succeeds(server) -> None:
 
 
 def test_gives_up_after_max_retries_and_names_the_endpoint(server) -> None:
-    url, script = server(lambda path, body, i: (500, {"error": {"message": "boom"}}))
-    gen = OpenAIGenerator(url, model="m", max_retries=2, backoff=0.0, chat=False)
+    url, script = server(lambda path, body, i: (500, {"error": {"message": "boom"}}, RETRY_SOON))
+    gen = OpenAIGenerator(url, model="m", max_retries=2, chat=False)
     with pytest.raises(
         EndpointError,
-        match=r"POST /completions on http://127.0.0.1:\d+/v1 \(model 'm'\) failed after 3 attempts",
+        match=r"POST /completions on http://127.0.0.1:\d+/v1 \(model 'm'\) failed after 3 attempts "
+        r"with HTTP 500: boom",
     ):
         gen.generate(["q"], SamplingParams())
     assert len(script.calls) == 3
@@ -109,8 +117,8 @@ def test_gives_up_after_max_retries_and_names_the_endpoint(server) -> None:
 
 def test_client_errors_are_not_retried(server) -> None:
     url, script = server(lambda path, body, i: (400, {"error": {"message": "max_tokens too large"}}))
-    gen = OpenAIGenerator(url, model="m", max_retries=3, backoff=0.0)
-    with pytest.raises(EndpointError, match="HTTP 400: max_tokens too large"):
+    gen = OpenAIGenerator(url, model="m", max_retries=3)
+    with pytest.raises(EndpointError, match=r"\(model 'm'\) failed with HTTP 400: max_tokens too large"):
         gen.generate(["q"], SamplingParams())
     assert len(script.calls) == 1
 
@@ -121,9 +129,23 @@ def test_connection_refused_is_retried_then_reported() -> None:
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff=0.0, timeout=2)
+    gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, timeout=2)
     with pytest.raises(EndpointError, match="failed after 2 attempts: APIConnectionError"):
         gen.generate(["q"], SamplingParams())
+
+
+def test_timeout_bounds_each_attempt(server) -> None:
+    url, script = server(lambda path, body, i: (200, chat_reply("late")), delay=2.0)
+    gen = OpenAIGenerator(url, model="m", max_retries=0, timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(EndpointError, match=r"/chat/completions .* failed after 1 attempt: APITimeoutError"):
+        gen.generate(["q"], SamplingParams())
+    assert time.monotonic() - start < 1.5 and len(script.calls) == 1
+
+
+def test_rejects_settings_the_client_cannot_use() -> None:
+    with pytest.raises(ValueError, match="max_retries >= 0, timeout > 0; got 8, -1, 60"):
+        OpenAIGenerator("http://127.0.0.1:9/v1", model="m", max_retries=-1)
 
 
 def test_concurrency_is_bounded_and_order_kept(server) -> None:
@@ -170,7 +192,7 @@ def test_score_by_token_ids_with_echo_fallback(server) -> None:
         }
 
     url, script = server(respond)
-    gen = OpenAIGenerator(url, model="m", chat=False, tokenizer=tok, backoff=0.0)
+    gen = OpenAIGenerator(url, model="m", chat=False, tokenizer=tok)
     assert gen.score([prompt], [completion]) == [[-float(t) for t in c_ids]]
     assert script.calls[0][1]["prompt"] == p_ids + c_ids and script.calls[0][1]["echo"] is True
     assert gen.score([prompt], [completion], max_tokens=2) == [[-float(t) for t in c_ids[:2]]]

@@ -91,9 +91,9 @@ def test_openai_generator_score_matches_hf(base_url: str, local: HFGenerator) ->
         QUESTIONS[:3], completions, max_tokens=3
     )
     for got, exp in zip(by_offset, expected):
-        assert got == pytest.approx(exp, abs=1e-5)
+        assert got == pytest.approx(exp, rel=1e-5, abs=1e-5)
     for got, exp in zip(by_ids, expected):
-        assert got == pytest.approx(exp[:3], abs=1e-5)
+        assert got == pytest.approx(exp[:3], rel=1e-5, abs=1e-5)
 
 
 def test_unknown_model_is_a_clear_error(base_url: str) -> None:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from revmix.platform.data.loaders import (
     SOURCE_FORMS,
@@ -28,7 +29,10 @@ SYNTHETIC_MODULE = "revmix.platform.data.synthetic"
 # It must expose ``add_arguments(parser)`` and ``run(args) -> int``; the subcommand is registered only
 # when the module exists. If it exists but fails to import, ``reverse`` still appears and reports why.
 REVERSE_MODULE = "revmix.platform.data.reverse_builder"
-WRITERS: dict[str, Callable] = {".jsonl": write_jsonl, ".parquet": write_parquet}
+WRITERS: dict[str, Callable[[list[dict[str, Any]], str], int]] = {
+    ".jsonl": write_jsonl,
+    ".parquet": write_parquet,
+}
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -84,7 +88,7 @@ def _write_report(report: LoadReport, out: str) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    kw: dict = {"skip_invalid": args.skip_invalid, "require_pairs": args.require_pairs}
+    kw: dict[str, Any] = {"skip_invalid": args.skip_invalid, "require_pairs": args.require_pairs}
     if args.source.startswith("hf:"):
         kw["split"] = args.split
         if args.field_map:
@@ -102,7 +106,7 @@ def _convert(args: argparse.Namespace) -> int:
     return _load_and_write("revmix data convert", args.source, kw, args.out)
 
 
-def _load_and_write(command: str, source: str, kw: dict, out: str) -> int:
+def _load_and_write(command: str, source: str, kw: dict[str, Any], out: str) -> int:
     """Exit 1 for bad rows (every problem printed), 2 for a bad source or option."""
     try:
         report = load_rows(source, **kw)
@@ -125,9 +129,10 @@ def _import_reverse() -> ModuleType:
     return importlib.import_module(REVERSE_MODULE)
 
 
-def _reverse_hook(sub: argparse._SubParsersAction) -> None:
+def _reverse_hook(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``reverse`` from :data:`REVERSE_MODULE` if it exists (see the HOOK note above)."""
     help_text = "build reverse twins of forward rows with a teacher model"
+    error: ImportError | None = None
     try:
         module = _import_reverse()
     except ModuleNotFoundError as err:

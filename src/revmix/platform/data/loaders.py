@@ -1,4 +1,4 @@
-"""Loaders: every source becomes canonical row dicts (DESIGN §3), and nothing is silently dropped.
+"""Loaders: every source becomes canonical row dicts, and nothing is silently dropped.
 
 Each loader reads ``(line, record)`` pairs, converts foreign layouts (r1k pairs, preference data, HF
 columns) to canonical fields, and runs the shared rules of :mod:`revmix.platform.data.validate`. Bad rows
@@ -115,7 +115,12 @@ def _finish(
     if problems and not skip_invalid:
         raise DataError(source, problems, len(records))
     bad = {p.line for p in problems}
-    rows = [{f: rec.get(f) for f in ALL_FIELDS} for line, rec in records if line not in bad]
+    # Records that failed to parse always carry a problem; the isinstance check says so to the type checker.
+    rows = [
+        {f: rec.get(f) for f in ALL_FIELDS}
+        for line, rec in records
+        if line not in bad and isinstance(rec, dict)
+    ]
     report = LoadReport(rows, problems, source, len(records), dict(result.ignored_fields))
     if problems:
         logger.warning(

@@ -1,4 +1,4 @@
-"""The Mixer: which direction each example of each step comes from (DESIGN §4).
+"""The Mixer: which direction each example of each step comes from.
 
 A pure function of (step, seed): a resumed run asks the same questions and gets the same answers, so its
 state in a checkpoint is just the step (plus the config that built it, stored for checking).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 FORWARD, REVERSE = 0, 1
 
@@ -107,7 +108,7 @@ class Mixer:
         n_rev = self._prefix[step]
         return step * self.batch_size - n_rev, n_rev
 
-    def state(self, step: int) -> dict:
+    def state(self, step: int) -> dict[str, Any]:
         """What a checkpoint stores: the next step and the mixer's identity (checked on resume)."""
         return {
             "step": step,
@@ -117,7 +118,7 @@ class Mixer:
             "schedule": asdict(self.schedule),
         }
 
-    def check_state(self, state: dict) -> int:
+    def check_state(self, state: dict[str, Any]) -> int:
         """Validate a checkpointed state against this mixer and return its step."""
         mine = self.state(state.get("step", 0))
         theirs = {

@@ -20,8 +20,8 @@ from revmix.platform.data.tokenize import fingerprint, tokenise_rows
 
 @dataclass
 class PreparedData:
-    train: dict[str, list[dict]]  # direction -> tokenised rows
-    test_rows: list[dict]  # canonical held-out rows (both directions)
+    train: dict[str, list[dict[str, Any]]]  # direction -> tokenised rows
+    test_rows: list[dict[str, Any]]  # canonical held-out rows (both directions)
     n_items: int  # training items (distinct item_id)
     truncated: int  # training rows whose response was truncated to max_length
     rejected: int = 0  # rows skipped as invalid (only with data.skip_invalid)
@@ -33,7 +33,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("REVMIX_CACHE", Path.home() / ".cache" / "revmix"))
 
 
-def load_canonical_rows(cfg: DataConfig) -> tuple[list[dict], int]:
+def load_canonical_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], int]:
     """All canonical rows of the configured source, and how many were rejected (skip_invalid only)."""
     if cfg.source == "synthetic":
         from revmix.platform.data.synthetic import generate_mix
@@ -46,7 +46,9 @@ def load_canonical_rows(cfg: DataConfig) -> tuple[list[dict], int]:
     return list(report.rows), len(report.rejected)
 
 
-def split_rows(rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
+def split_rows(
+    rows: list[dict[str, Any]], cfg: DataConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     from revmix.platform.data.synthetic import split_by_item
 
     return split_by_item(rows, cfg.test_fraction, seed=cfg.seed)
@@ -55,10 +57,10 @@ def split_rows(rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict
 def prepare_data(cfg: DataConfig, tokenizer: Any, tokenizer_id: str = "") -> PreparedData:
     rows, rejected = load_canonical_rows(cfg)
     train, test = split_rows(rows, cfg)
-    by_dir: dict[str, list[dict]] = {d: [] for d in DIRECTIONS}
+    by_dir: dict[str, list[dict[str, Any]]] = {d: [] for d in DIRECTIONS}
     for r in train:
         by_dir[Direction.parse(r["direction"]).label].append(r)
-    tokenised: dict[str, list[dict]] = {}
+    tokenised: dict[str, list[dict[str, Any]]] = {}
     truncated = 0
     start = 0
     for d in DIRECTIONS:

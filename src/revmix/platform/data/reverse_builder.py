@@ -121,7 +121,7 @@ def parse_reverse(text: str) -> ReverseDraft | None:
     q = _QUESTION.search(text)
     s = _SOLUTION.search(text, q.end()) if q else None
     answers = list(_ANSWER.finditer(text, s.end())) if s else []
-    if not answers:
+    if q is None or s is None or not answers:
         return None
     question = text[q.end() : s.start()].strip()
     solution = text[s.end() :].strip()

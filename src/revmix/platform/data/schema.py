@@ -1,4 +1,4 @@
-"""The canonical direction-tagged row (DESIGN §3).
+"""The canonical direction-tagged row.
 
 One row per item per question direction. A forward row and its reverse twin share ``item_id``; the
 DPO pair, the unlikelihood target and the ALP margin all come from a single row via ``other_response``.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from revmix.objectives.base import DIRECTIONS
 
 
 class Direction(enum.IntEnum):
@@ -29,12 +31,11 @@ class Direction(enum.IntEnum):
         if isinstance(value, int) and not isinstance(value, bool):
             if value in (0, 1):
                 return cls(value)
-        elif isinstance(value, str) and value.strip().lower() in ("forward", "reverse"):
+        elif isinstance(value, str) and value.strip().lower() in DIRECTIONS:
             return cls[value.strip().upper()]
-        raise ValueError(f"expected direction 'forward' or 'reverse', got {value!r}")
+        raise ValueError(f"expected direction {' or '.join(map(repr, DIRECTIONS))}, got {value!r}")
 
 
-DIRECTIONS: tuple[str, str] = ("forward", "reverse")
 REQUIRED_FIELDS: tuple[str, ...] = ("item_id", "direction", "task", "prompt", "response")
 OPTIONAL_FIELDS: tuple[str, ...] = ("other_response", "answer")
 ALL_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + OPTIONAL_FIELDS
@@ -45,7 +46,7 @@ class Row:
     """A canonical row. ``response`` is y+ (this direction's solution); ``other_response`` is y−."""
 
     item_id: str
-    direction: str  # "forward" | "reverse"
+    direction: str  # one of DIRECTIONS
     task: str
     prompt: str
     response: str

@@ -10,15 +10,16 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 
 class DirectionStream:
-    """Rows of one direction, cycled epoch after epoch in seeded order."""
+    """Rows of one direction, cycled epoch after epoch in seeded order.
+
+    A stream over no rows is valid until the mix asks it for an example.
+    """
 
     def __init__(self, rows: list[dict], seed: int, name: str) -> None:
-        if not rows:
-            raise ValueError(
-                f"no training rows for direction {name!r}: the mix asks for {name} examples but the data has none"
-            )
         self.rows = sorted(rows, key=lambda r: r["row_index"])  # shard order is not deterministic
         self.seed, self.name = seed, name
         self.position = 0  # examples yielded so far
@@ -39,6 +40,11 @@ class DirectionStream:
         return self
 
     def __next__(self) -> dict:
+        if not self.rows:
+            raise ValueError(
+                f"no training rows for direction {self.name!r}: the mix asks for {self.name} examples but "
+                "the data has none"
+            )
         self._ensure_epoch()
         row = self.rows[self._order[self.position % len(self.rows)]]
         self.position += 1
@@ -46,8 +52,8 @@ class DirectionStream:
 
 
 def rows_from_shard(shard: Any) -> list[dict]:
-    """Pull a (small, materialised) Ray Data shard into memory once."""
-    rows = []
-    for r in shard.iter_rows():
-        rows.append({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()})
-    return rows
+    """Pull a (small, materialised) Ray Data shard into memory once, as plain Python values."""
+    return [
+        {k: (v.tolist() if isinstance(v, np.ndarray | np.generic) else v) for k, v in r.items()}
+        for r in shard.iter_rows()
+    ]

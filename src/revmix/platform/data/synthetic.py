@@ -1,4 +1,4 @@
-"""Synthetic forward/reverse task families: the embedded default's workload (DESIGN §3, §10).
+"""Synthetic forward/reverse task families: the embedded default's workload.
 
 Each family is a bijection ``y = f_p(x)`` with parameters ``p`` and an exact inverse, so both directions
 have verifiable answers and no downloads are needed. As in "When Inverse Data Outperforms" (arXiv

@@ -38,8 +38,8 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def tokenise_rows(
-    rows: Sequence[dict], tokenizer: Any, max_length: int, start_index: int = 0
-) -> tuple[list[dict], int]:
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, start_index: int = 0
+) -> tuple[list[dict[str, Any]], int]:
     """Tokenise canonical rows; returns (tokenised rows, number of truncated rows)."""
     eos = tokenizer.eos_token_id
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
@@ -86,7 +86,7 @@ def _pad(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> tuple[to
     return ids, mask, labels
 
 
-def collate(rows: Sequence[dict], pad_id: int, with_other: bool = True) -> Batch:
+def collate(rows: Sequence[dict[str, Any]], pad_id: int, with_other: bool = True) -> Batch:
     """Right-padded :class:`Batch` of tokenised rows (y+ always; y− when every row has one)."""
     prompts = [list(r["prompt_ids"]) for r in rows]
     plens = [len(p) for p in prompts]
@@ -109,7 +109,7 @@ def collate(rows: Sequence[dict], pad_id: int, with_other: bool = True) -> Batch
     return batch
 
 
-def fingerprint(rows: Iterable[dict], *extra: Any) -> str:
+def fingerprint(rows: Iterable[dict[str, Any]], *extra: Any) -> str:
     """A stable hash of rows (and extra identity such as the tokenizer and max_length) for cache keys."""
     h = hashlib.sha256()
     for r in rows:

@@ -1,4 +1,4 @@
-"""Validation of canonical rows (DESIGN §3): every problem names its file, line and field.
+"""Validation of canonical rows: every problem names its file, line and field.
 
 Why a separate module: ``revmix data validate`` and every loader share one set of rules, so a file that
 validates clean is exactly a file that loads without ``skip_invalid``. Rules:
@@ -135,9 +135,9 @@ def check_rows(records: Iterable[Record], file: str, require_pairs: bool = False
         if not isinstance(rec, dict):
             problems.append(Problem(file, line, LINE, f"expected a JSON object, got {describe(rec)}"))
             continue
-        for key in rec:
-            if key not in ALL_FIELDS:
-                result.ignored_fields[key] += 1
+        for name in rec:
+            if name not in ALL_FIELDS:
+                result.ignored_fields[name] += 1
         found = [Problem(file, line, f, m) for f, m in _check_record(rec)]
         if not found:
             key = (rec["item_id"], rec["direction"])

@@ -1,4 +1,4 @@
-"""Final-answer extraction and equivalence checking for accuracy metrics (DESIGN §7).
+"""Final-answer extraction and equivalence checking for accuracy metrics.
 
 Accuracy is only as good as the checker: a model that writes ``\\dfrac{1}{2}`` for a gold ``0.5``, or
 ``Answer: 025`` for an AIME answer ``25``, is right. ``extract_answer`` pulls the final answer out of a
@@ -316,12 +316,12 @@ def is_equivalent(pred: str | None, gold: str, kind: str = "math") -> bool:
         if kind == "exact":
             return normalize_text(pred_s) == normalize_text(gold_s)
         if kind == "choice":
-            p, g = extract_choice(pred_s), extract_choice(gold_s)
-            return p is not None and p == g
+            pred_choice = extract_choice(pred_s)
+            return pred_choice is not None and pred_choice == extract_choice(gold_s)
         if kind == "integer":
-            p, g = _as_int(pred_s), _as_int(gold_s)
-            if p is not None and g is not None:
-                return p == g
+            pred_int, gold_int = _as_int(pred_s), _as_int(gold_s)
+            if pred_int is not None and gold_int is not None:
+                return pred_int == gold_int
             return _math_equal(pred_s, gold_s)
         return _math_equal(pred_s, gold_s)
     except Exception:

@@ -1,4 +1,4 @@
-"""Benchmark registry: every evaluation set as a list of ``EvalItem`` (DESIGN §7).
+"""Benchmark registry: every evaluation set as a list of ``EvalItem``.
 
 Shipped (``revmix.assets``, see its ``SOURCES.md``): ``math500``, ``aime2024``, ``aime2025``, ``gsm8k``.
 From a user-supplied file: ``gpqa`` (the official GPQA-Diamond CSV, never shipped because its authors ask
@@ -109,32 +109,27 @@ def _math_prompt(problem: str) -> str:
 # shipped benchmarks
 
 
-def _load_math500(**_: Any) -> list[EvalItem]:
-    path = asset_path("math500_test.jsonl")
+def _shipped_problems(filename: str, task: str, id_field: str, kind: str) -> list[EvalItem]:
+    """A shipped ``{id_field, problem, answer}`` file as items with ids ``task/<id>``."""
+    path = asset_path(filename)
     return [
         EvalItem(
-            id=f"math500/{_field(obj, 'unique_id', f'{path}:{n}')}",
+            id=f"{task}/{_field(obj, id_field, f'{path}:{n}')}",
             prompt=_math_prompt(_field(obj, "problem", f"{path}:{n}")),
             answer=_field(obj, "answer", f"{path}:{n}"),
-            kind="math",
-            task="math500",
+            kind=kind,
+            task=task,
         )
         for n, obj in _read_jsonl(path)
     ]
+
+
+def _load_math500(**_: Any) -> list[EvalItem]:
+    return _shipped_problems("math500_test.jsonl", "math500", "unique_id", "math")
 
 
 def _load_aime2024(**_: Any) -> list[EvalItem]:
-    path = asset_path("aime2024.jsonl")
-    return [
-        EvalItem(
-            id=f"aime2024/{_field(obj, 'id', f'{path}:{n}')}",
-            prompt=_math_prompt(_field(obj, "problem", f"{path}:{n}")),
-            answer=_field(obj, "answer", f"{path}:{n}"),
-            kind="integer",
-            task="aime2024",
-        )
-        for n, obj in _read_jsonl(path)
-    ]
+    return _shipped_problems("aime2024.jsonl", "aime2024", "id", "integer")
 
 
 def _load_aime2025(**_: Any) -> list[EvalItem]:
@@ -285,7 +280,7 @@ def _load_synthetic(
         raise ValueError(f"synthetic_test_fraction must be in (0, 1), got {synthetic_test_fraction}")
     families = list(synthetic_families) if synthetic_families is not None else synthetic.family_names()
     rows = synthetic.generate_mix(families, synthetic_n, seed)
-    _, test = synthetic.split_by_item(rows, synthetic_test_fraction, seed)
+    test = synthetic.split_by_item(rows, synthetic_test_fraction, seed)[1]
     items = []
     for i, row in enumerate(test):
         where = f"synthetic test row {i}"

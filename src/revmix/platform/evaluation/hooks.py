@@ -7,15 +7,16 @@ is synthetic and ``heldout`` otherwise; named benchmarks (``math500``, ``gsm8k``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from revmix.config import ExperimentConfig, build_config
+from revmix.config import ExperimentConfig
 from revmix.platform.evaluation.benchmarks import EvalItem
 
 SYNTHETIC_PREFIX = "synthetic/"
 
 
-def heldout_items(rows: list[dict]) -> list[EvalItem]:
+def heldout_items(rows: list[dict[str, Any]]) -> list[EvalItem]:
     """Canonical held-out rows as evaluation items (both directions, y+ and y− kept for ALP)."""
     return [
         EvalItem(
@@ -53,13 +54,14 @@ def flatten_alp(table: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def evaluate_policy(config: dict, policy: Any, tokenizer: Any, alp_only: bool) -> dict[str, Any]:
+def evaluate_policy(
+    cfg: ExperimentConfig, eval_rows: list[dict[str, Any]], policy: Any, tokenizer: Any, alp_only: bool
+) -> dict[str, Any]:
     """ALP metrics (``alp_only``) or the full evaluation dict for the stage summary."""
     from revmix.platform.evaluation.alp import alp_table
     from revmix.platform.evaluation.runner import evaluate
 
-    cfg: ExperimentConfig = build_config(config["experiment"])
-    items = heldout_items(config["eval_rows"])
+    items = heldout_items(eval_rows)
     was_training = policy.training
     policy.eval()
     try:
@@ -70,7 +72,7 @@ def evaluate_policy(config: dict, policy: Any, tokenizer: Any, alp_only: bool) -
             return flatten_alp(table)
         name = "synthetic" if cfg.data.source == "synthetic" else "heldout"
         per_dir = None if cfg.eval.limit is None else max(1, cfg.eval.limit // 2)
-        benches: dict[str, list] = {name: _balanced(items, per_dir)}
+        benches: dict[str, Sequence[Any]] = {name: _balanced(items, per_dir)}
         others = [b for b in cfg.eval.benchmarks if b not in ("synthetic", "heldout")]
         if others:
             from revmix.platform.evaluation.benchmarks import load_benchmark

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from revmix.platform.evaluation import alp as alp_mod
+from revmix.platform.evaluation.answers import score_completion
 from revmix.platform.generation.protocol import SamplingParams, make_generator, prepare_prompts
 
 Scorer = Callable[[str, str, str], bool]
@@ -73,7 +74,7 @@ def evaluate(
     sampling: SamplingParams | None = None,
     alp: bool = True,
     benchmark_kwargs: dict[str, dict[str, Any]] | None = None,
-    scorer: Scorer | None = None,
+    scorer: Scorer = score_completion,
     progress: bool = True,
     return_predictions: bool = False,
 ) -> dict[str, Any]:
@@ -89,8 +90,6 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    if scorer is None:
-        from revmix.platform.evaluation.answers import score_completion as scorer
     gen = build_generator(model_path_or_generator, generator, endpoint, tokenizer, batch_size)
     params = sampling or SamplingParams(max_new_tokens=max_new_tokens)
     chunk = max(1, batch_size) * 4  # progress granularity; each chunk is still decoded in batches

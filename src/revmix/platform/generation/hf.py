@@ -18,7 +18,7 @@ import contextlib
 import inspect
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,10 +101,11 @@ class HFGenerator:
             )
         if isinstance(self.tokenizer, (str, os.PathLike)):
             self.tokenizer = load_tokenizer(os.fspath(self.tokenizer))
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer, repr(self.name_or_path))
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         )
+        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)  # rows a token id may index
         fwd = inspect.signature(self.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in fwd or any(p.kind == p.VAR_KEYWORD for p in fwd.values())
         self._lock = threading.Lock()  # one forward at a time when shared by server threads
@@ -112,24 +113,17 @@ class HFGenerator:
 
     # ------------------------------------------------------------------ helpers
 
-    def _eos_ids(self) -> list[int]:
-        ids: list[int] = []
-        gen_cfg = getattr(self.model, "generation_config", None)
-        for source in (getattr(gen_cfg, "eos_token_id", None), self.tokenizer.eos_token_id):
-            for i in source if isinstance(source, (list, tuple)) else [source]:
-                if i is not None and int(i) not in ids:
-                    ids.append(int(i))
-        if not ids:
-            raise ValueError(
-                f"model/tokenizer {self.name_or_path!r} define no eos_token_id; cannot stop generation"
-            )
-        return ids
-
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, exactly as generation and scoring see them."""
         if not texts:
             return []
         return self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens)["input_ids"]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of one token sequence (the tokenizer's ``decode`` also takes batches, hence its wider type)."""
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        assert isinstance(text, str)  # one flat sequence decodes to one string
+        return text
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
@@ -141,6 +135,23 @@ class HFGenerator:
         finally:
             if was_training:
                 self.model.train()
+
+    def probe(self) -> bool:
+        """One forward pass of one token, to tell a working model from a broken one (the server's health check).
+
+        False when a generation holds the model (it is evidently in use; waiting behind it would make a health
+        check as slow as the longest request); True when the logits are finite; raises otherwise.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            with torch.inference_mode():
+                logits = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device)).logits
+        finally:
+            self._lock.release()
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError(f"model {self.name_or_path!r} gives non-finite logits for a one-token prompt")
+        return True
 
     def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
@@ -166,7 +177,7 @@ class HFGenerator:
             while n > 0 and tokens[n - 1] == self.pad_id:
                 n -= 1
         kept = tokens[: n - 1 if hit_eos else n]
-        text, hit_stop = truncate_at_stop(self.tokenizer.decode(kept, skip_special_tokens=True), params.stop)
+        text, hit_stop = truncate_at_stop(self.decode(kept, skip_special_tokens=True), params.stop)
         if hit_stop:
             kept = self.encode([text])[0] if text else []
         stopped = hit_eos or hit_stop or n < len(tokens) or n < params.max_new_tokens
@@ -185,9 +196,16 @@ class HFGenerator:
         return self.generate_ids(self.encode(prompts), params)
 
     def generate_ids(
-        self, prompt_ids: list[list[int]], params: SamplingParams | None = None
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Completion]]:
-        """``generate_detailed`` for already tokenised prompts (the server accepts token-id prompts)."""
+        """``generate_detailed`` for already tokenised prompts (the server accepts token-id prompts).
+
+        ``should_stop`` is polled once per decoding step; when it turns true, decoding ends there (the
+        server's requests were all cancelled) and the model is free for the next caller.
+        """
         params = params or SamplingParams()
         out: list[list[Completion]] = [[] for _ in prompt_ids]
         if not prompt_ids:
@@ -198,10 +216,13 @@ class HFGenerator:
             raise ValueError(
                 "HFGenerator.generate got an empty prompt (no tokens); give every prompt some text"
             )
+        check_token_ids(prompt_ids, self.vocab_size)
         ids = prompt_ids
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         cfg = self._generation_config(params)
-        gen_kwargs = {"tokenizer": self.tokenizer} if params.stop else {}
+        gen_kwargs: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
+        if should_stop is not None:
+            gen_kwargs["stopping_criteria"] = stop_when(should_stop)
         with self._inference():
             for b, start in enumerate(range(0, len(order), self.batch_size)):
                 chunk = order[start : start + self.batch_size]
@@ -242,6 +263,8 @@ class HFGenerator:
             raise ValueError(
                 "score: every prompt needs at least one token (the first completion token needs context)"
             )
+        check_token_ids(prefixes, self.vocab_size)
+        check_token_ids(targets, self.vocab_size)
         logps: list[list[float]] = [[] for _ in prefixes]
         tops: list[list[list[tuple[int, float]]]] = [[] for _ in prefixes]
         order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(targets[i]), reverse=True)
@@ -280,17 +303,35 @@ class HFGenerator:
         """
         return self.stream_ids(self.encode([prompt])[0], params)
 
-    def stream_ids(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[str]:
-        """``stream`` for an already tokenised prompt."""
-        from transformers import TextIteratorStreamer
-
+    def stream_ids(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
+        """``stream`` for an already tokenised prompt. Decoding stops at the next step once ``should_stop()``
+        is true or this iterator is closed (an abandoned stream must not keep the model busy)."""
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("HFGenerator.stream supports n=1 only")
         if not prompt_ids:
             raise ValueError("HFGenerator.stream got an empty prompt (no tokens)")
+        check_token_ids([prompt_ids], self.vocab_size)
         if params.max_new_tokens == 0:
             return
+        closed = threading.Event()
+        try:
+            yield from self._stream(
+                prompt_ids, params, lambda: closed.is_set() or bool(should_stop and should_stop())
+            )
+        finally:
+            closed.set()
+
+    def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, should_stop: Callable[[], bool]
+    ) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         input_ids, mask = self._left_pad([prompt_ids])
         cfg = self._generation_config(params)
@@ -305,6 +346,7 @@ class HFGenerator:
                         attention_mask=mask,
                         generation_config=cfg,
                         streamer=streamer,
+                        stopping_criteria=stop_when(should_stop),
                         **({"tokenizer": self.tokenizer} if params.stop else {}),
                     )
             except BaseException as e:  # surfaced in the consumer thread below
@@ -335,6 +377,45 @@ class HFGenerator:
         thread.join()
         if errors:
             raise errors[0]
+
+
+def check_token_ids(seqs: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Raise ValueError naming the first token id outside [0, vocab_size): an embedding lookup with one fails
+    every prompt batched with it, and on a GPU leaves the device unusable (a device-side assert)."""
+    for i, seq in enumerate(seqs):
+        if seq and (min(seq) < 0 or max(seq) >= vocab_size):
+            j, bad = next((j, t) for j, t in enumerate(seq) if not 0 <= t < vocab_size)
+            raise ValueError(
+                f"token id {bad} (prompt {i}, position {j}) is outside the vocabulary: valid ids are 0 to "
+                f"{vocab_size - 1}"
+            )
+
+
+def stop_when(should_stop: Callable[[], bool]) -> Any:
+    """A ``StoppingCriteriaList`` that ends ``model.generate`` at the next step once ``should_stop()``."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopWhen(StoppingCriteria):
+        def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+            stop = should_stop()
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+    return StoppingCriteriaList([_StopWhen()])
+
+
+def eos_token_ids(model: Any, tokenizer: Any, name: str = "model") -> list[int]:
+    """Every token id that ends a response: the model's generation config and the tokenizer's
+    (Qwen-style models list several)."""
+    ids: list[int] = []
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError(
+            f"{name}: the model and its tokenizer define no eos_token_id; generation could never stop"
+        )
+    return ids
 
 
 def exact_generation_config(params: SamplingParams, pad_id: int, eos_ids: Sequence[int]) -> Any:

@@ -2,44 +2,106 @@
 
 Pure Python (no Ray, no web framework) so the protocol is tested in milliseconds; ``serve.py`` wraps it
 in a Ray Serve FastAPI deployment. Generation goes through an injected async ``generate(ids, params)`` so
-the deployment can batch concurrent requests into one ``model.generate`` call (``serve.batch``).
+the deployment can batch concurrent requests into one ``model.generate`` call (``serve.batch``);
+``generate_isolated`` runs such a batch so that one failing request fails only itself.
 
 Routes covered: ``GET /v1/models``, ``POST /v1/completions`` (string / token-id / batched prompts, ``n``,
 ``stop``, ``seed``, ``logprobs``, ``echo`` — with ``max_tokens=0`` this scores a prompt, which is how
 ``OpenAIGenerator.score`` works), ``POST /v1/chat/completions`` (``logprobs`` / ``top_logprobs``), and
 ``stream=True`` on both (server-sent events, n=1).
+
+What a request may ask is bounded by ``ServerLimits`` (each a ``revmix serve`` flag, named in the 4xx error
+it causes); token-id prompts are checked against the vocabulary. Unexpected failures answer 500 with an
+error id and log the traceback under that id: the client never sees the server's internals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from revmix.platform.generation.hf import Completion, HFGenerator
 from revmix.platform.generation.protocol import SamplingParams
 
-GenerateFn = Callable[[list[int], SamplingParams], Awaitable[list[Completion]]]
+if TYPE_CHECKING:  # hf imports torch; `revmix serve` reads ServerLimits while it parses its arguments
+    from revmix.platform.generation.hf import Completion, HFGenerator
+
+GenerateFn = Callable[[list[int], SamplingParams], Awaitable[list["Completion"]]]
 MAX_LOGPROBS = 20
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of the server. Each field is the ``revmix serve`` flag of the same name
+    (``max_n`` is ``--max-n``), and the error a request over it gets names that flag."""
+
+    max_body_bytes: int = 4 * 2**20  # ~1M tokens as JSON; a long prompt as text is far smaller
+    max_prompts: int = 64  # per /v1/completions request
+    max_n: int = 16  # completions per prompt
+    max_tokens: int = 4096  # new tokens per completion (the context window may allow fewer)
+    request_timeout_s: float = 600.0  # generation time of one request, streams included
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{limit_flag(name)} must be a positive number, got {value!r}")
+
+
+def limit_flag(name: str) -> str:
+    """The ``revmix serve`` flag that sets ``ServerLimits.<name>``."""
+    return "--" + name.replace("_", "-")
+
+
+def limit_error(
+    status: int, what: str, name: str, limits: ServerLimits, param: str | None = None
+) -> APIError:
+    """A request over one of the server's limits: what it asked, the limit, and the flag that sets it."""
+    limit = asdict(limits)[name]
+    return APIError(
+        status, f"{what}; this server's limit is {limit:g} (revmix serve {limit_flag(name)})", param
+    )
 
 
 class APIError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` (plus ``id``
+    for an internal error, the key to its traceback in the server's log)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type_: str | None = None,
+        error_id: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.error_id = status, message, param, error_id
         self.type = type_ or ("invalid_request_error" if status < 500 else "internal_error")
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
-        }
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "param": self.param}
+        error["code"] = self.status
+        if self.error_id is not None:
+            error["id"] = self.error_id
+        return {"error": error}
+
+
+def internal_error(exc: BaseException, status: int = 500) -> APIError:
+    """An unexpected failure as the client sees it: a fresh error id, nothing of the exception. The
+    traceback is logged under that id, so whoever runs the server can find it from the client's report."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("error id %s: %s", error_id, type(exc).__name__, exc_info=exc)
+    message = f"internal server error (error id {error_id}; the server's log has the details)"
+    return APIError(status, message, error_id=error_id)
 
 
 def _int(body: dict[str, Any], key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
@@ -61,8 +123,11 @@ def _float(body: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
-def parse_sampling(body: dict[str, Any], max_tokens: int) -> SamplingParams:
+def parse_sampling(
+    body: dict[str, Any], max_tokens: int, limits: ServerLimits | None = None
+) -> SamplingParams:
     """OpenAI sampling fields → ``SamplingParams`` (OpenAI defaults: temperature 1, random seed)."""
+    limits = limits or ServerLimits()
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -74,6 +139,9 @@ def parse_sampling(body: dict[str, Any], max_tokens: int) -> SamplingParams:
     temperature = _float(body, "temperature", 1.0)
     if seed is None:  # greedy needs no seed; a fixed one lets greedy requests share a batch
         seed = 0 if temperature == 0 else secrets.randbits(31)
+    n = _int(body, "n", 1, 1) or 1
+    if n > limits.max_n:
+        raise limit_error(400, f"'n' is {n}", "max_n", limits, "n")
     try:
         return SamplingParams(
             max_new_tokens=max_tokens,
@@ -81,16 +149,20 @@ def parse_sampling(body: dict[str, Any], max_tokens: int) -> SamplingParams:
             top_p=_float(body, "top_p", 1.0),
             stop=tuple(stop),
             seed=seed,
-            n=_int(body, "n", 1, 1, 128) or 1,
+            n=n,
         )
     except ValueError as e:
         raise APIError(400, str(e)) from e
 
 
 def parse_prompts(
-    prompt: Any, encode: Callable[[list[str]], list[list[int]]]
+    prompt: Any, encode: Callable[[list[str]], list[list[int]]], limits: ServerLimits | None = None
 ) -> list[tuple[str | None, list[int]]]:
-    """The four OpenAI prompt forms — str, [str], [int], [[int]] — as (text or None, token ids) pairs."""
+    """The four OpenAI prompt forms — str, [str], [int], [[int]] — as (text or None, token ids) pairs.
+    More prompts than ``limits.max_prompts`` are refused before any is tokenised."""
+    many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+    if many and limits is not None and len(prompt) > limits.max_prompts:
+        raise limit_error(400, f"'prompt' holds {len(prompt)} prompts", "max_prompts", limits, "prompt")
     if isinstance(prompt, str):
         return [(prompt, encode([prompt])[0])]
     if isinstance(prompt, list) and prompt:
@@ -124,6 +196,55 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
+def no_tokens(n: int) -> list[Completion]:
+    """``n`` empty completions: the answer to ``max_tokens=0`` (prompt scoring), no model call needed."""
+    from revmix.platform.generation.hf import Completion
+
+    return [Completion("", 0, "length")] * n
+
+
+@dataclass(eq=False)
+class GenerationJob:
+    """One request's share of a batch. ``cancelled`` is set once nobody waits for the answer (the client
+    left, or the request ran out of time); decoding stops when every job of its call is cancelled."""
+
+    ids: list[int]
+    params: SamplingParams
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+async def generate_isolated(
+    gen: HFGenerator, jobs: list[GenerationJob]
+) -> list[list[Completion] | Exception]:
+    """Requests that arrive together: one ``generate_ids`` call per distinct SamplingParams. Each job's
+    answer is its completions or the exception that failed it; a failed call is run again one job at a
+    time, so a bad request fails only itself, never the requests it was batched with."""
+    groups: dict[SamplingParams, list[int]] = {}
+    for k, job in enumerate(jobs):
+        groups.setdefault(job.params, []).append(k)
+    out: list[list[Completion] | Exception] = [[] for _ in jobs]
+    for members in groups.values():
+        for k, result in zip(members, await _generate_group(gen, [jobs[k] for k in members])):
+            out[k] = result
+    return out
+
+
+async def _generate_group(gen: HFGenerator, group: list[GenerationJob]) -> list[list[Completion] | Exception]:
+    def all_cancelled() -> bool:
+        return all(job.cancelled.is_set() for job in group)
+
+    try:
+        ids = [job.ids for job in group]
+        return list(await asyncio.to_thread(gen.generate_ids, ids, group[0].params, all_cancelled))
+    except Exception as e:
+        if len(group) == 1:
+            return [e]
+    out: list[list[Completion] | Exception] = []
+    for job in group:  # which request broke the call is unknown: alone, only that one fails again
+        out.extend(await _generate_group(gen, [job]))
+    return out
+
+
 @dataclass
 class _Scored:
     """Tokens (ids), their log-probs (None for a first prompt token) and top alternatives."""
@@ -134,10 +255,11 @@ class _Scored:
 
 
 class OpenAIHandler:
-    """OpenAI routes over one ``HFGenerator`` serving one model name."""
+    """OpenAI routes over one ``HFGenerator`` serving one model name, within ``limits``."""
 
-    def __init__(self, generator: HFGenerator, name: str) -> None:
+    def __init__(self, generator: HFGenerator, name: str, limits: ServerLimits | None = None) -> None:
         self.gen, self.name, self.created = generator, name, int(time.time())
+        self.limits = limits or ServerLimits()
         config = getattr(generator.model, "config", None)
         self.max_len: int | None = getattr(config, "max_position_embeddings", None)
 
@@ -146,6 +268,16 @@ class OpenAIHandler:
     def models(self) -> dict[str, Any]:
         card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "revmix"}
         return {"object": "list", "data": [card]}
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of ``GET /health``: a one-token forward pass when the model is idle ("checked":
+        "forward"); "busy" when a generation holds it; 503 with an error id when the model fails or gives
+        non-finite logits. Blocking (a forward pass): call it from a thread."""
+        try:
+            idle = self.gen.probe()
+        except Exception as e:
+            return 503, {"status": "error", "model": self.name, **internal_error(e, 503).body()}
+        return 200, {"status": "ok", "model": self.name, "checked": "forward" if idle else "busy"}
 
     def _check(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -159,30 +291,46 @@ class OpenAIHandler:
             )
         return body
 
-    def _room(self, n_prompt: int, wanted: int | None) -> int:
-        """``max_tokens`` checked against the context window (default: all the room left, as vLLM does)."""
+    def _prompts(self, body: dict[str, Any]) -> list[tuple[str | None, list[int]]]:
+        """The request's prompts, within the prompt limit, non-empty, token ids inside the vocabulary."""
+        from revmix.platform.generation.hf import check_token_ids
+
+        prompts = parse_prompts(body.get("prompt"), self.gen.encode, self.limits)
+        if any(not ids for _, ids in prompts):
+            raise APIError(400, "every prompt needs at least one token", "prompt")
+        try:  # text was tokenised by the model's own tokenizer; ids from the client may be anything
+            check_token_ids([ids for text, ids in prompts if text is None], self.gen.vocab_size)
+        except ValueError as e:
+            raise APIError(400, f"'prompt': {e}", "prompt") from e
+        return prompts
+
+    def _room(self, n_prompt: int, wanted: int | None, param: str = "max_tokens") -> int:
+        """``max_tokens`` checked against the server's limit and the context window (default: all the room
+        left, as vLLM does, up to the limit)."""
+        if wanted is not None and wanted > self.limits.max_tokens:
+            raise limit_error(400, f"'{param}' is {wanted}", "max_tokens", self.limits, param)
         if self.max_len is None:
-            return 256 if wanted is None else wanted
+            return min(256, self.limits.max_tokens) if wanted is None else wanted
         room = self.max_len - n_prompt
         if wanted is None:
-            return max(room, 0)
+            return min(max(room, 0), self.limits.max_tokens)
         if wanted > room:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.max_len} tokens; the prompt has {n_prompt} and "
                 f"{wanted} more were requested",
-                "max_tokens",
+                param,
             )
         return wanted
 
     def _decode(self, ids: list[int]) -> list[str]:
-        return [self.gen.tokenizer.decode([t]) for t in ids]
+        return [self.gen.decode([t]) for t in ids]
 
     def _top_dict(self, alts: list[tuple[int, float]]) -> dict[str, float]:
         """{decoded token: log-prob}, most likely first; tokens that decode alike keep the higher value."""
         out: dict[str, float] = {}
         for t, v in alts:
-            out.setdefault(self.gen.tokenizer.decode([t]), v)
+            out.setdefault(self.gen.decode([t]), v)
         return out
 
     def _offsets(self, text: str | None, ids: list[int], base: int) -> list[int]:
@@ -208,29 +356,28 @@ class OpenAIHandler:
         logps, tops = await asyncio.to_thread(self.gen.score_ids_top, prefixes, targets, top_k)
         out = []
         for (_, tokens, first_unscored), lp, tp in zip(jobs, logps, tops):
-            if first_unscored:
-                lp, tp = [None, *lp], [[], *tp]
-            out.append(_Scored(tokens, list(lp), tp or [[] for _ in tokens]))
+            row_logps: list[float | None] = [None, *lp] if first_unscored else list(lp)
+            row_tops = [[], *tp] if first_unscored else tp
+            out.append(_Scored(tokens, row_logps, row_tops or [[] for _ in tokens]))
         return out
 
     # ------------------------------------------------------------------ /v1/completions
 
     async def completions(self, body: Any, generate: GenerateFn) -> dict[str, Any]:
         body = self._check(body)
-        prompts = parse_prompts(body.get("prompt"), self.gen.encode)
-        if any(not ids for _, ids in prompts):
-            raise APIError(400, "every prompt needs at least one token", "prompt")
+        prompts = self._prompts(body)
         echo = bool(body.get("echo", False))
         top = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
         wanted = _int(body, "max_tokens", 16, 0)
         max_tokens = min(self._room(len(ids), wanted) for _, ids in prompts)
-        params = parse_sampling(body, max_tokens)
+        params = parse_sampling(body, max_tokens, self.limits)
         if max_tokens > 0:
             results = await asyncio.gather(*(generate(ids, params) for _, ids in prompts))
         else:
-            results = [[Completion("", 0, "length")] * params.n for _ in prompts]
-        texts = [text if text is not None else self.gen.tokenizer.decode(ids) for text, ids in prompts]
-        jobs, choices = [], []
+            results = [no_tokens(params.n) for _ in prompts]
+        texts = [text if text is not None else self.gen.decode(ids) for text, ids in prompts]
+        jobs: list[tuple[list[int], list[int], bool]] = []
+        choices: list[dict[str, Any]] = []  # JSON response objects
         for (_, ids), ptext, comps in zip(prompts, texts, results):
             for comp in comps:
                 gen_ids = list(comp.token_ids)
@@ -277,25 +424,30 @@ class OpenAIHandler:
         messages = parse_messages(body.get("messages"))
         if not getattr(self.gen.tokenizer, "chat_template", None):
             raise APIError(400, f"model {self.name!r} has no chat template; use /v1/completions")
-        text = self.gen.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:  # a template may refuse a conversation (e.g. roles that do not alternate): the client's to fix
+            text = self.gen.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as e:
+            raise APIError(400, f"'messages' do not fit the model's chat template: {e}", "messages") from e
+        assert isinstance(text, str)  # tokenize=False renders the conversation as text
         return self.gen.encode([text])[0]
 
     def _chat_max_tokens(self, body: dict[str, Any], n_prompt: int) -> int:
-        wanted = _int(body, "max_completion_tokens", None, 0)
-        return self._room(n_prompt, _int(body, "max_tokens", None, 0) if wanted is None else wanted)
+        if body.get("max_completion_tokens") is not None:
+            return self._room(n_prompt, _int(body, "max_completion_tokens", None, 0), "max_completion_tokens")
+        return self._room(n_prompt, _int(body, "max_tokens", None, 0))
 
     async def chat(self, body: Any, generate: GenerateFn) -> dict[str, Any]:
         body = self._check(body)
         ids = self.chat_prompt_ids(body)
-        params = parse_sampling(body, self._chat_max_tokens(body, len(ids)))
+        params = parse_sampling(body, self._chat_max_tokens(body, len(ids)), self.limits)
         want_logprobs = bool(body.get("logprobs", False))
         top = _int(body, "top_logprobs", 0, 0, MAX_LOGPROBS) or 0
-        comps = (
-            await generate(ids, params)
-            if params.max_new_tokens > 0
-            else [Completion("", 0, "length")] * params.n
-        )
-        choices = [
+        comps = await generate(ids, params) if params.max_new_tokens > 0 else no_tokens(params.n)
+        choices: list[dict[str, Any]] = [  # JSON response objects
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
@@ -310,14 +462,14 @@ class OpenAIHandler:
                 choice["logprobs"] = {
                     "content": [
                         {
-                            "token": self.gen.tokenizer.decode([t]),
+                            "token": self.gen.decode([t]),
                             "logprob": lp,
-                            "bytes": list(self.gen.tokenizer.decode([t]).encode()),
+                            "bytes": list(self.gen.decode([t]).encode()),
                             "top_logprobs": [
                                 {
-                                    "token": self.gen.tokenizer.decode([a]),
+                                    "token": self.gen.decode([a]),
                                     "logprob": v,
-                                    "bytes": list(self.gen.tokenizer.decode([a]).encode()),
+                                    "bytes": list(self.gen.decode([a]).encode()),
                                 }
                                 for a, v in alts
                             ],
@@ -352,44 +504,64 @@ class OpenAIHandler:
             ids = self.chat_prompt_ids(body)
             max_tokens = self._chat_max_tokens(body, len(ids))
         else:
-            prompts = parse_prompts(body.get("prompt"), self.gen.encode)
+            prompts = self._prompts(body)
             if len(prompts) != 1 or body.get("echo") or body.get("logprobs") is not None:
                 raise APIError(400, "stream=True supports one prompt without echo or logprobs", "stream")
             ids = prompts[0][1]
             max_tokens = self._room(len(ids), _int(body, "max_tokens", 16, 0))
-        params = parse_sampling(body, max_tokens)
+        params = parse_sampling(body, max_tokens, self.limits)
         if params.n != 1:
             raise APIError(400, "stream=True supports n=1 only", "n")
         return ids, params
 
-    async def stream_events(self, ids: list[int], params: SamplingParams, chat: bool) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per text delta, a final chunk with finish_reason, then [DONE]."""
-        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(delta: str | None, finish: str | None, first: bool = False) -> str:
-            if chat:
-                d: dict[str, Any] = (
-                    {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                )
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            return (
-                "data: "
-                + json.dumps(
-                    {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
-                )
-                + "\n\n"
-            )
-
+    def _chunk(
+        self, rid: str, created: int, chat: bool, delta: str | None, finish: str | None, first: bool
+    ) -> str:
+        """One server-sent event of a stream (a chat stream's first chunk announces the assistant role)."""
         if chat:
-            yield event(None, None, first=True)
-        it: Iterator[str] = self.gen.stream_ids(ids, params)
-        text = ""
-        while (delta := await asyncio.to_thread(next, it, None)) is not None:
-            text += delta
-            yield event(delta, None)
-        n_tokens = len(self.gen.encode([text])[0]) if text else 0
-        yield event(None, "length" if n_tokens >= params.max_new_tokens else "stop")
+            d: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+            )
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    async def stream_events(self, ids: list[int], params: SamplingParams, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per text delta, a final chunk with finish_reason, then [DONE].
+
+        However the stream ends — finished, out of time (an error event names the limit), failed (an error
+        event with an error id) or abandoned by its client (this generator is closed or cancelled) — the
+        model stops decoding at its next step, so it is free for the next request."""
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        if chat:
+            yield self._chunk(rid, created, chat, None, None, first=True)
+        cancelled = threading.Event()
+        deltas: Iterator[str] = self.gen.stream_ids(ids, params, cancelled.is_set)
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        text, error = "", None
+        try:
+            while True:
+                try:
+                    left = deadline - time.monotonic()
+                    delta = await asyncio.wait_for(asyncio.to_thread(next, deltas, None), left)
+                except TimeoutError:
+                    what = f"the stream ran past {self.limits.request_timeout_s:g} s"
+                    error = limit_error(408, what, "request_timeout_s", self.limits)
+                except Exception as e:
+                    error = internal_error(e)
+                if error is not None or delta is None:
+                    break
+                text += delta
+                yield self._chunk(rid, created, chat, delta, None, first=False)
+        finally:
+            cancelled.set()
+        if error is not None:
+            yield f"data: {json.dumps(error.body())}\n\n"
+        else:
+            n_tokens = len(self.gen.encode([text])[0]) if text else 0
+            finish = "length" if n_tokens >= params.max_new_tokens else "stop"
+            yield self._chunk(rid, created, chat, None, finish, first=False)
         yield "data: [DONE]\n\n"

@@ -1,10 +1,10 @@
 """OpenAI-compatible backend: a ``revmix serve`` app, a vLLM server, or a teacher model behind an API.
 
-Requests go out through the official ``openai`` client on a bounded thread pool (``concurrency``), each
-retried at most ``max_retries`` times with exponential back-off (``backoff · 2^attempt`` seconds) on the
-failures that retrying can fix — connection errors, time-outs, 408/409/429 and 5xx. Other errors (a 400 for
-a bad parameter, a 404 for an unknown model) fail at once. Every error names the endpoint, the model and
-the route that failed.
+Requests go out through the official ``openai`` client on a bounded thread pool (``concurrency``). The
+client retries, ``max_retries`` times, the failures that retrying can fix — connection errors, time-outs,
+408/409/429 and 5xx — with its own exponential back-off and jitter, honouring a server's ``Retry-After``;
+``timeout`` bounds each attempt. Other errors (a 400 for a bad parameter, a 404 for an unknown model) fail
+at once. What this module adds is the error: it names the endpoint, the model and the route that failed.
 
 ``score`` uses the completions route with ``echo=True, logprobs=1, max_tokens=0``: the server returns the
 log-prob of every prompt token, and the completion's are the last ones. With a tokenizer the prompt is sent
@@ -15,19 +15,20 @@ as token ids, so the completion's tokens are exactly ``tokenizer(completion)`` (
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from revmix.platform.generation.protocol import SamplingParams, chat_prompt, truncate_at_stop
 
+if TYPE_CHECKING:
+    import openai
+
 T = TypeVar("T")
-RETRYABLE_STATUS: frozenset[int] = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class EndpointError(RuntimeError):
-    """A request to an OpenAI-compatible endpoint failed (after retries, where retrying made sense)."""
+    """A request to an OpenAI-compatible endpoint failed (after the client's retries, where it retries)."""
 
 
 class OpenAIGenerator:
@@ -36,6 +37,7 @@ class OpenAIGenerator:
     ``chat=True`` sends each prompt as one user message to ``/chat/completions`` (the server applies its
     chat template, so prompts are bare questions: see ``protocol.prepare_prompts``); ``chat=False`` sends
     raw prompts to ``/completions``. ``model=None`` uses the first model the endpoint lists.
+    ``timeout`` (seconds per attempt) and ``max_retries`` go to the ``openai`` client as they are.
     """
 
     def __init__(
@@ -45,22 +47,22 @@ class OpenAIGenerator:
         api_key: str = "EMPTY",
         timeout: float = 60.0,
         max_retries: int = 3,
-        backoff: float = 0.5,
         concurrency: int = 8,
         chat: bool = True,
         tokenizer: Any = None,
     ) -> None:
         import openai
 
-        if concurrency < 1 or max_retries < 0 or backoff < 0:
+        if concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ValueError(
-                f"OpenAIGenerator: need concurrency >= 1, max_retries >= 0, backoff >= 0; "
-                f"got {concurrency}, {max_retries}, {backoff}"
+                f"OpenAIGenerator: need concurrency >= 1, max_retries >= 0, timeout > 0; "
+                f"got {concurrency}, {max_retries}, {timeout}"
             )
         self.base_url = base_url.rstrip("/")
-        self.max_retries, self.backoff, self.concurrency, self.chat = max_retries, backoff, concurrency, chat
-        # retries are ours (we log and bound them); the client's own retry loop is switched off
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self.max_retries, self.concurrency, self.chat = max_retries, concurrency, chat
+        self.client = openai.OpenAI(
+            base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
+        )
         if isinstance(tokenizer, (str, os.PathLike)):
             from revmix.platform.models import load_tokenizer
 
@@ -81,28 +83,23 @@ class OpenAIGenerator:
         return self._model
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """``fn()`` with bounded retries and back-off; errors say which endpoint/route failed and how."""
+        """``fn()``, whose failure (after the client's retries) becomes an error naming endpoint, model, route."""
         import openai
 
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                return fn()
-            except openai.APIStatusError as e:
-                last = e
-                if e.status_code not in RETRYABLE_STATUS:
-                    raise EndpointError(
-                        f"{what} on {self.base_url} (model {self._model!r}) failed with HTTP {e.status_code}: "
-                        f"{_error_message(e)}"
-                    ) from e
-            except (openai.APIConnectionError, openai.APITimeoutError) as e:
-                last = e
-            if attempt < self.max_retries:
-                time.sleep(self.backoff * 2**attempt)
-        raise EndpointError(
-            f"{what} on {self.base_url} (model {self._model!r}) failed after {self.max_retries + 1} attempts: "
-            f"{type(last).__name__}: {_error_message(last)}"
-        ) from last
+        where = f"{what} on {self.base_url} (model {self._model!r})"
+        attempts = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
+        try:
+            return fn()
+        except openai.APIStatusError as e:
+            retried = e.status_code in (408, 409, 429) or e.status_code >= 500  # what the client retries
+            after = f" after {attempts}" if retried else ""
+            raise EndpointError(
+                f"{where} failed{after} with HTTP {e.status_code}: {_error_message(e)}"
+            ) from e
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
+            raise EndpointError(
+                f"{where} failed after {attempts}: {type(e).__name__}: {_error_message(e)}"
+            ) from e
 
     def _map(self, fn: Callable[[Any], T], items: list[Any]) -> list[T]:
         if len(items) <= 1 or self.concurrency == 1:
@@ -130,10 +127,11 @@ class OpenAIGenerator:
 
         def one(prompt: str) -> list[str]:
             if self.chat:
-                messages = [{"role": "user", "content": prompt}]
                 resp = self._call(
                     "POST /chat/completions",
-                    lambda: self.client.chat.completions.create(model=model, messages=messages, **common),
+                    lambda: self.client.chat.completions.create(
+                        model=model, messages=[{"role": "user", "content": prompt}], **common
+                    ),
                 )
                 texts = [c.message.content or "" for c in sorted(resp.choices, key=lambda c: c.index)]
             else:
@@ -213,8 +211,9 @@ class OpenAIGenerator:
         return [float(v) for v in values]
 
 
-def _error_message(e: Exception | None) -> str:
-    body = getattr(e, "body", None)
+def _error_message(e: openai.APIError) -> str:
+    """The server's own message (``{"error": {"message": ...}}`` in the body) when it sent one."""
+    body = e.body
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict) and err.get("message"):

@@ -8,102 +8,167 @@ Two backends behind the same routes (``/v1/models``, ``/v1/completions``, ``/v1/
   answers ``echo=True, logprobs=k, max_tokens=0`` (prompt scoring), which ``OpenAIGenerator.score`` uses.
 - ``vllm``: Ray Serve LLM (``LLMConfig`` + ``build_openai_app``), imported lazily because
   ``ray.serve.llm`` cannot even be imported without vLLM. On a CPU build of vLLM the settings of
-  ``VLLM_CPU.md`` apply (CPU accelerator kind, one-CPU placement bundle, float32, small KV cache).
+  ``docs/vllm_cpu.md`` apply (CPU accelerator kind, one-CPU placement bundle, float32, small KV cache).
 
-The HTTP proxy binds to 127.0.0.1 unless told otherwise: the Serve proxy has no authentication.
+What holds (hf backend): an API key (``Authorization: Bearer``) when one is set, and none may be left out
+on a non-loopback address; ``ServerLimits`` on body size, prompts, ``n``, ``max_tokens`` and request time;
+token ids checked against the vocabulary; a batch where one request fails answers the others; a stream
+whose client leaves stops decoding; ``/health`` runs the model; 500s carry an error id, not internals. A
+port already taken fails before Serve starts, and ``stop_server`` deletes only its own application.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real classes (Request) in the route
 # signatures of the Serve ingress class, or it treats `request` as a JSON body field and answers 422.
 import asyncio
-import importlib.util
+import errno
+import hashlib
+import ipaddress
 import json
 import os
+import secrets
 import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from revmix.platform.generation.protocol import SamplingParams, resolve_model_dir
+from revmix.platform.generation.openai_api import APIError, ServerLimits, internal_error, limit_error
+from revmix.platform.generation.protocol import SamplingParams, resolve_model_dir, vllm_usable
+
+if TYPE_CHECKING:  # hf.py imports torch; the deployment imports it in the replica, not at module import
+    from revmix.platform.generation.hf import Completion
+    from revmix.platform.generation.openai_api import GenerationJob
 
 APP_NAME = "revmix-llm"
 BACKENDS: tuple[str, ...] = ("hf", "vllm", "auto")
 MAX_BATCH_SIZE = 16
+API_KEY_ENV = "REVMIX_API_KEY"
 
 api = FastAPI(title="revmix OpenAI-compatible server")
+
+
+def key_digest(api_key: str) -> str:
+    """What the deployment keeps of the API key: Serve shows deployment arguments, it must not show the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def authorized(header: str | None, digest: str | None) -> bool:
+    """Whether an ``Authorization`` header carries the key (always, when the server has none)."""
+    if digest is None:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(key_digest(token.strip()), digest)
+
+
+async def read_body(request: Request, max_bytes: int, limits: ServerLimits) -> bytes:
+    """The request body, refused with 413 once it passes ``max_bytes`` (by its Content-Length, or while it is
+    read: a body without one is not buffered past the limit)."""
+    too_big = limit_error(413, "the request body is too large", "max_body_bytes", limits)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_big
+    return bytes(body)
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """An APIError as it is; anything else as a 500 with an error id (its traceback goes to the log)."""
+    error = e if isinstance(e, APIError) else internal_error(e)
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10)
 @serve.ingress(api)
 class HFOpenAIServer:
-    """One replica: an ``HFGenerator`` and the OpenAI routes over it."""
+    """One replica: an ``HFGenerator`` and the OpenAI routes over it, behind an optional API key."""
 
     def __init__(
-        self, model_path: str, name: str, batch_size: int = MAX_BATCH_SIZE, dtype: str | None = None
+        self,
+        model_path: str,
+        name: str,
+        batch_size: int = MAX_BATCH_SIZE,
+        dtype: str | None = None,
+        limits: ServerLimits | None = None,
+        api_key_digest: str | None = None,
     ) -> None:
         from revmix.platform.generation.hf import HFGenerator
         from revmix.platform.generation.openai_api import OpenAIHandler
 
-        self.handler = OpenAIHandler(HFGenerator(model_path, batch_size=batch_size, dtype=dtype), name)
-        self._generate_batch.set_max_batch_size(batch_size)
+        gen = HFGenerator(model_path, batch_size=batch_size, dtype=dtype)
+        gen.probe()  # a model that cannot run one token fails the deployment here, not its first request
+        self.handler = OpenAIHandler(gen, name, limits)
+        self.limits, self.api_key_digest = self.handler.limits, api_key_digest
+        # Ray's batch() overloads type the result as a plain callable, without its set_max_batch_size.
+        self._generate_batch.set_max_batch_size(batch_size)  # type: ignore[attr-defined]
+
+    async def check_health(self) -> None:
+        """Serve's periodic check: a replica whose model fails (e.g. a CUDA error) is replaced."""
+        await asyncio.to_thread(self.handler.gen.probe)
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[list[Any]]:
-        """Requests that arrive together: one ``generate_ids`` call per distinct SamplingParams."""
-        groups: dict[SamplingParams, list[int]] = {}
-        for k, (_, params) in enumerate(jobs):
-            groups.setdefault(params, []).append(k)
-        out: list[list[Any]] = [[] for _ in jobs]
-        for params, members in groups.items():
-            ids = [jobs[k][0] for k in members]
-            try:
-                results = await asyncio.to_thread(self.handler.gen.generate_ids, ids, params)
-            except Exception as e:  # one bad group must not fail the others' requests
-                results = [e] * len(members)
-            for k, r in zip(members, results):
-                out[k] = r
-        return out
+    async def _generate_batch(self, jobs: "list[GenerationJob]") -> "list[list[Completion] | Exception]":
+        from revmix.platform.generation.openai_api import generate_isolated
 
-    async def _generate(self, ids: list[int], params: SamplingParams) -> list[Any]:
-        result = await self._generate_batch((ids, params))
+        return await generate_isolated(self.handler.gen, jobs)
+
+    async def _generate(self, ids: list[int], params: SamplingParams) -> "list[Completion]":
+        from revmix.platform.generation.openai_api import GenerationJob
+
+        job = GenerationJob(ids, params)
+        try:
+            result = await self._generate_batch(job)
+        finally:  # answered, timed out or its client gone: nobody waits any more
+            job.cancelled.set()
         if isinstance(result, Exception):
             raise result
         return result
 
-    async def _answer(self, request: Request, chat: bool) -> Any:
-        from revmix.platform.generation.openai_api import APIError
+    def _require_key(self, request: Request) -> None:
+        if not authorized(request.headers.get("authorization"), self.api_key_digest):
+            raise APIError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'")
 
+    async def _answer(self, request: Request, chat: bool) -> Any:
         try:
+            self._require_key(request)
+            raw = await read_body(request, self.limits.max_body_bytes, self.limits)
             try:
-                body = await request.json()
+                body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise APIError(400, f"request body is not valid JSON: {e}") from e
             if isinstance(body, dict) and body.get("stream"):
                 ids, params = self.handler.stream_plan(body, chat)
-                return StreamingResponse(
-                    self.handler.stream_events(ids, params, chat), media_type="text/event-stream"
-                )
+                events = self.handler.stream_events(ids, params, chat)
+                return StreamingResponse(events, media_type="text/event-stream")
             call = self.handler.chat if chat else self.handler.completions
-            return JSONResponse(await call(body, self._generate))
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        except ValueError as e:
-            return JSONResponse(APIError(400, str(e)).body(), status_code=400)
-        except Exception as e:  # answered, not dropped: the client sees what broke
-            return JSONResponse(APIError(500, f"{type(e).__name__}: {e}").body(), status_code=500)
+            timeout = self.limits.request_timeout_s
+            try:
+                return JSONResponse(await asyncio.wait_for(call(body, self._generate), timeout))
+            except TimeoutError:
+                raise limit_error(408, f"the request ran past {timeout:g} s", "request_timeout_s", self.limits)
+        except Exception as e:  # answered, not dropped
+            return error_response(e)
 
     @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._require_key(request)
+        except APIError as e:
+            return error_response(e)
         return JSONResponse(self.handler.models())
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        """Open without a key (load balancers probe it); it tells only whether the model runs."""
+        status, body = await asyncio.to_thread(self.handler.health)
+        return JSONResponse(body, status_code=status)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -120,10 +185,13 @@ def build_hf_app(
     num_cpus: float = 1.0,
     batch_size: int = MAX_BATCH_SIZE,
     dtype: str | None = None,
+    limits: ServerLimits | None = None,
+    api_key: str | None = None,
 ) -> serve.Application:
-    return HFOpenAIServer.options(ray_actor_options={"num_cpus": num_cpus}).bind(
-        model_path, name, batch_size, dtype
-    )
+    # mypy ignores what class decorators return: serve.deployment made HFOpenAIServer a Deployment.
+    deployment = HFOpenAIServer.options(ray_actor_options={"num_cpus": num_cpus})  # type: ignore[attr-defined]
+    digest = key_digest(api_key) if api_key else None
+    return deployment.bind(model_path, name, batch_size, dtype, limits, digest)
 
 
 def build_vllm_app(
@@ -134,7 +202,7 @@ def build_vllm_app(
     max_model_len: int | None = None,
     engine_kwargs: dict[str, Any] | None = None,
 ) -> serve.Application:
-    """Ray Serve LLM app. On a GPU: vLLM defaults (bf16). On CPU (``vllm-cpu``): VLLM_CPU.md's settings."""
+    """Ray Serve LLM app. On a GPU: vLLM defaults (bf16). On CPU (``vllm-cpu``): docs/vllm_cpu.md's settings."""
     import torch
     from ray.serve.llm import LLMConfig, build_openai_app
 
@@ -177,14 +245,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto`` → ``vllm`` where vLLM is installed and a GPU is present, else ``hf`` (on CPU the hf
+    """``auto`` → ``vllm`` where vLLM is usable and a GPU is present, else ``hf`` (on CPU the hf
     deployment starts in seconds, vllm-cpu in about a minute, and is no faster for small models)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown serve backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "auto":
         import torch
 
-        return "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "hf"
+        return "vllm" if torch.cuda.is_available() and vllm_usable() else "hf"
     return backend
 
 
@@ -254,8 +322,10 @@ def _serve_http_address() -> tuple[str, int] | None:
     try:
         from ray.serve.context import _get_global_client
 
-        config = _get_global_client().http_config
-        return str(config.host), int(config.port)
+        client = _get_global_client()
+        if client is None:
+            return None
+        return str(client.http_config.host), int(client.http_config.port)
     except Exception:
         return None
 

