@@ -35,7 +35,7 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
@@ -46,7 +46,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable; file systems that cannot sync a folder need not."""
     try:
         fd = os.open(folder, os.O_RDONLY)

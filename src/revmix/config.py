@@ -136,7 +136,14 @@ class RuntimeConfig(Strict):
     torch_threads: int = _f(0, "torch intra-op threads per worker (0: torch default)", ge=0)
     length_buckets: int = _f(2, "forward each batch in up to N groups of similar length (1: one pass)", ge=1)
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint (-1: no limit)", ge=-1)
+    on_nonfinite: Literal["stop", "skip_step"] = _f(
+        "stop", "non-finite loss or grad norm: stop (keeping the last good checkpoint) or skip that step"
+    )
     storage_path: str | None = _f(None, "Ray storage (local path, s3://, gs://); default: the run dir")
+
+
+class CheckpointConfig(Strict):
+    keep_last: int | None = _f(None, "keep the N newest checkpoints of each stage (null: keep all)", ge=1)
 
 
 class ExperimentConfig(Strict):
@@ -148,6 +155,7 @@ class ExperimentConfig(Strict):
         [StageConfig()], "stages in order; each one's policy is the next's reference", min_length=1
     )
     runtime: RuntimeConfig = _f(RuntimeConfig, "Ray Train resources")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig, "what checkpoints are kept")
     eval: EvalConfig = _f(EvalConfig, "evaluation during and after training")
 
     @model_validator(mode="after")

@@ -16,7 +16,8 @@ unusable from the wheel (it reads a file the wheel does not ship and runs the CL
 node is ``ray start ... --block`` in a session of its own with its own ``--temp-dir`` and free ports (GCS,
 dashboard, agents, metrics), so several clusters — and other people's Ray — coexist on one machine, and a
 node is removed as a machine would vanish: by killing its processes. Nothing here runs the Ray CLI's stop command, which
-kills every Ray process of the user.
+kills every Ray process of the user. Every node dies with the process that started it, even when that process
+is killed with SIGKILL (a test run stopped hard): see :func:`die_with_parent`.
 
 Addresses (ray 2.60): the dashboard binds 127.0.0.1 (``--dashboard-host``), but Ray's gRPC servers (GCS,
 raylet) listen on all interfaces whatever ``--node-ip-address`` says, and ``ray start`` rewrites
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import json
 import os
 import re
@@ -55,6 +57,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +71,48 @@ FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 class LocalClusterError(RuntimeError):
     """A node did not start (the message carries the tail of its log) or the cluster API failed."""
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` after which the child gets SIGKILL as soon as the calling process dies (Linux).
+
+    Teardown in ``__exit__``/``finally`` does not run when pytest itself is killed (``kill -9``, a CI
+    time-out), and a ``ray start --head --block`` left behind holds ports, memory and CPUs for good.
+    ``prctl(PR_SET_PDEATHSIG)`` is kept by the kernel, so it covers every way of dying; Ray's own reaper
+    then takes the node's raylet, GCS and workers down with it. The signal follows the *thread* that
+    started the child, so start nodes from a thread that lives as long as the cluster (the main thread).
+    If this process dies between the fork and the ``prctl``, the child sees a new parent and kills itself.
+    """
+    if not sys.platform.startswith("linux"):
+        raise LocalClusterError("the local cluster harness needs Linux (prctl PR_SET_PDEATHSIG)")
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child must not dlopen after fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def start_process(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``cmd`` with its output in ``log``, in a session of its own, dying with this process."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
 
 
 def free_ports(n: int) -> list[int]:
@@ -378,11 +421,7 @@ class LocalCluster:
 
     def _popen(self, name: str, cpus: float, temp_dir: Path, cmd: list[str], env: dict) -> LocalNode:
         log = temp_dir / "node.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        return LocalNode(name, float(cpus), temp_dir, log, proc)
+        return LocalNode(name, float(cpus), temp_dir, log, start_process(cmd, env, log))
 
     def _wait(self, node: LocalNode, ready: Any) -> None:
         deadline = time.monotonic() + self.timeout_s

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.cluster.harness import free_ports
+from tests.cluster.harness import free_ports, start_process
 
 
 @dataclass
@@ -100,8 +100,7 @@ def _start(temp_dir: Path, token: str, num_cpus: int, timeout_s: float, extra: l
         "--num-cpus", str(num_cpus), "--num-gpus", "0", "--temp-dir", str(temp_dir),
         "--include-dashboard", "true", "--disable-usage-stats", *extra,
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_process(cmd, env, log)
     head = LocalHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", token, temp_dir, log, proc)
     deadline = time.monotonic() + timeout_s
     try:

@@ -99,21 +99,6 @@ def test_tokenizer_build_is_deterministic_and_fast(tok):
     assert elapsed < 2.0, f"tokenizer build took {elapsed:.2f}s"
 
 
-def test_tokenizer_falls_back_to_builtin_corpus(monkeypatch, tok):
-    """Without the synthetic task module the small built-in corpus is used (BPE stops short of 512 tokens;
-    tiny models still get 512 embedding rows); the tokenizer and so the cache key change."""
-    monkeypatch.setattr(M, "_SYNTHETIC_MODULE", "revmix.platform.data.no_such_module")
-    M._trained_tokenizer_json.cache_clear()
-    try:
-        assert M._task_text() == M._builtin_task_text()
-        fallback = M.build_tokenizer()
-        assert 400 < len(fallback) <= 512
-        assert fallback.tokenize("x = 1234") == ["x", "Ġ=", "Ġ", "1", "2", "3", "4"]
-        assert fallback.backend_tokenizer.to_str() != tok.backend_tokenizer.to_str()
-    finally:
-        M._trained_tokenizer_json.cache_clear()
-
-
 def test_tokenizer_rejects_too_small_vocab():
     with pytest.raises(ValueError, match="at least 259"):
         M.build_tokenizer(100)

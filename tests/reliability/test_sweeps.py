@@ -24,6 +24,7 @@ from revmix.sweeps.spec import parse_sweep
 from tests.sweeps.helpers import BASE_RAW, SFT_TINY, sweep_raw, write_sweep
 
 R = "stages.0.mix.reverse_fraction"
+NO_PLAN: Any = None  # the CLI reads only the table and the folder of a SweepOutcome
 
 
 def _spec(tmp_path: Path) -> Any:
@@ -54,7 +55,9 @@ def _finished_sweep(out: Path) -> Any:
     metrics = "".join(json.dumps({"stage": 0, "step": s, "loss": 3.0 - s}) + "\n" for s in (1, 2))
     grid = [
         _trial(out, "t_a", 0.0, {"final.json": {"final/loss": 1.5, "eval/accuracy/synthetic": 0.5}}),
-        _trial(out, "t_b", 0.5, {"error.txt": "Traceback (most recent call last):\nValueError: lr went bad\n"}),
+        _trial(
+            out, "t_b", 0.5, {"error.txt": "Traceback (most recent call last):\nValueError: lr went bad\n"}
+        ),
         _trial(out, "t_c", 1.0, {"run/metrics.jsonl": metrics}),
         _result(out, "t_d", 1.0, 1, error=RuntimeError("the trial's actor died before it started")),
     ]
@@ -69,7 +72,9 @@ def test_report_rebuilds_the_same_results_from_the_trial_folders(tmp_path: Path,
     assert statuses == {"t_a": "TERMINATED", "t_b": "ERROR", "t_c": "STOPPED", "t_d": "ERROR"}
     by_id = table.set_index("trial_id")
     assert by_id.loc["t_c", "final/loss"] == 1.0  # the stopped trial's last logged step
-    assert "actor died" in by_id.loc["t_d", "error"] and by_id.loc["t_b", "error"] == "ValueError: lr went bad"
+    assert (
+        "actor died" in by_id.loc["t_d", "error"] and by_id.loc["t_b", "error"] == "ValueError: lr went bad"
+    )
     written = res.read_table(tmp_path)
     for name in ("results.parquet", "results.csv"):
         (tmp_path / name).unlink()
@@ -95,7 +100,7 @@ def test_sweep_exits_1_and_lists_each_failed_trial_with_its_error_file(
     out = tmp_path / "out"
     out.mkdir()
     _, table = _finished_sweep(out)
-    outcome = SweepOutcome(out, table, None, resources=None)  # type: ignore[arg-type]
+    outcome = SweepOutcome(out, table, None, resources=NO_PLAN)
     monkeypatch.setattr("revmix.sweeps.runner.run_sweep", lambda *a, **k: outcome)
     sweep = write_sweep(tmp_path, sweep_raw(space={R: {"grid": [0.0, 0.5, 1.0]}}, seeds=[0, 1]))
 
@@ -110,7 +115,7 @@ def test_sweep_exits_1_and_lists_each_failed_trial_with_its_error_file(
     ok = table[table["status"] != "ERROR"]
     monkeypatch.setattr(
         "revmix.sweeps.runner.run_sweep",
-        lambda *a, **k: SweepOutcome(out, ok, None, resources=None),  # type: ignore[arg-type]
+        lambda *a, **k: SweepOutcome(out, ok, None, resources=NO_PLAN),
     )
     assert main(["sweep", str(sweep), "--out", str(out)]) == 0
 
@@ -132,7 +137,9 @@ def test_a_full_disk_while_writing_results_keeps_the_previous_files(
     _, table = _finished_sweep(tmp_path)
     before = {n: (tmp_path / n).read_bytes() for n in ("results.parquet", "results.csv")}
     full = _disk_full_after(10)
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", lambda self, path, **k: full(self.to_json().encode(), path))
+    monkeypatch.setattr(
+        pd.DataFrame, "to_parquet", lambda self, path, **k: full(self.to_json().encode(), path)
+    )
     with pytest.raises(OSError, match="No space left"):
         res.write_table(table, tmp_path)
     monkeypatch.undo()

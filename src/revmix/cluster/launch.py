@@ -7,8 +7,10 @@ The job ships the project the way a Ray user would expect, for a cluster whose n
 dependencies installed (the launcher configs' setup commands, or the KubeRay image):
 
 - ``working_dir`` = the project root (the nearest parent of the current directory holding a
-  ``pyproject.toml``), so relative paths such as ``configs/sweeps/quickstart.yaml`` resolve on the cluster;
-  ``.venv``, ``.git``, ``runs/`` and ``outputs/`` at the root are excluded, as is anything in ``.gitignore``;
+  ``pyproject.toml`` or ``.git``), so relative paths such as ``configs/sweeps/quickstart.yaml`` resolve on
+  the cluster; ``.venv``, ``.git``, ``runs/`` and ``outputs/`` at the root are excluded, as is anything in
+  ``.gitignore``. Without a project root (or when it would be the home directory) nothing is uploaded:
+  the command stops with exit code 2 and asks for ``--working-dir``;
 - ``py_modules`` = the local ``revmix`` package directory, which Ray puts on ``PYTHONPATH`` ahead of
   site-packages — the cluster runs *this* checkout's code, not the copy installed when the nodes were set
   up, without a slow per-job ``pip`` install;
@@ -20,7 +22,10 @@ Auth: Ray >= 2.52 clusters run with token auth, and ``JobSubmissionClient`` only
 get_auth_headers_if_auth_enabled``). We look the token up the way Ray does — ``RAY_AUTH_TOKEN``, then the
 file named by ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token`` — and pass it as an ``Authorization:
 Bearer`` header ourselves, so no extra variable is needed. ``RAY_AUTH_MODE=disabled`` sends none. A 401
-without a token, or a 403 (wrong token), is one line on stderr and exit code 2.
+without a token, or a 403 (wrong token), is one line on stderr and exit code 2. The token grants running
+any code on the cluster, so: a warning goes to stderr before it is sent over plain ``http://`` to a host
+that is not this machine (use ``https://`` or an SSH tunnel to 127.0.0.1), and a token file of ours that
+others may read (Ray writes ``~/.ray/auth_token`` with the default umask) is made private (0600).
 
 Exit codes: 0 the job SUCCEEDED (or was submitted, with ``--no-wait``; or the query worked); 1 the job
 FAILED/STOPPED or the cluster could not be reached; 2 usage or auth errors; 130 interrupted (the job keeps
@@ -31,12 +36,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import shlex
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -55,6 +63,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.egg-info",
 )
 _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PROJECT_MARKERS: tuple[str, ...] = ("pyproject.toml", ".git")
 
 
 class LaunchError(Exception):
@@ -82,6 +91,7 @@ def find_token(environ: dict[str, str] | None = None, home: Path | None = None) 
     if env.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
         try:
+            make_private(path)
             token = path.read_text().strip()
         except OSError as e:
             raise LaunchError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {e.strerror}", code=2) from None
@@ -90,6 +100,7 @@ def find_token(environ: dict[str, str] | None = None, home: Path | None = None) 
         return token, f"RAY_AUTH_TOKEN_PATH={path}"
     default = (Path.home() if home is None else home) / ".ray" / "auth_token"
     try:
+        make_private(default)
         token = default.read_text().strip()
     except OSError:  # absent (the usual case) or unreadable: Ray treats both as "no token"
         token = ""
@@ -98,13 +109,69 @@ def find_token(environ: dict[str, str] | None = None, home: Path | None = None) 
     return None, "no RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 
+def make_private(path: Path) -> None:
+    """Take group and other permissions off a token file the current user owns (Ray writes
+    ``~/.ray/auth_token`` with the umask, often 0644), saying so on stderr; leave anyone else's file be.
+
+    Raises OSError when ``path`` cannot be examined (absent), like the read that follows would.
+    """
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o077 or info.st_uid != os.getuid():
+        return
+    try:
+        os.chmod(path, 0o600)
+    except OSError as e:  # a read-only mount: the token is still usable, say what is wrong
+        print(
+            f"revmix launch: WARNING: {path} is readable by others (mode {mode:o}) and chmod failed: {e.strerror}",
+            file=sys.stderr,
+        )
+        return
+    print(
+        f"revmix launch: {path} was readable by others (mode {mode:o}); it holds the cluster's auth token, "
+        "so it is now 0600",
+        file=sys.stderr,
+    )
+
+
 def project_root(start: Path) -> Path:
-    """The nearest directory at or above ``start`` holding a ``pyproject.toml``; ``start`` if none does."""
+    """The nearest directory at or above ``start`` holding a ``pyproject.toml`` or ``.git``.
+
+    Raises :class:`LaunchError` (exit 2) when there is none, or when it is the home directory (a
+    dotfiles repository): uploading that would ship everything the user has to the cluster.
+    """
     start = start.resolve()
     for d in (start, *start.parents):
-        if (d / "pyproject.toml").is_file():
-            return d
-    return start
+        marker = next((m for m in PROJECT_MARKERS if (d / m).exists()), None)
+        if marker is None:
+            continue
+        if d == Path.home().resolve():
+            raise LaunchError(
+                f"the project root found from {start} is your home directory {d} (it holds {marker}); "
+                "refusing to upload it as the job's working_dir: run from the project, or pass --working-dir DIR",
+                2,
+            )
+        return d
+    raise LaunchError(
+        f"no project root at or above {start} (no {' or '.join(PROJECT_MARKERS)}): refusing to upload "
+        f"{start} as the job's working_dir; run from the project, or pass --working-dir DIR",
+        2,
+    )
+
+
+def plain_http_to_remote(address: str) -> bool:
+    """Whether ``address`` is plain ``http`` to a host other than this machine (the token would cross a
+    network in clear text). Host names other than ``localhost`` count as remote: they are not resolved."""
+    parts = urlsplit(address)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def build_entrypoint(command: list[str], python: str = "python") -> str:
@@ -206,6 +273,13 @@ def _client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     token, source = find_token()
+    if token and plain_http_to_remote(address):
+        print(
+            f"revmix launch: WARNING: sending the Ray auth token (from {source}) over plain http to {address}; "
+            "anyone on the network path can read it and run code on the cluster. Use https:// or an SSH "
+            "tunnel (ssh -L 8265:127.0.0.1:8265 HEAD, then --address http://127.0.0.1:8265)",
+            file=sys.stderr,
+        )
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         return JobSubmissionClient(address, headers=headers)
@@ -267,8 +341,11 @@ def _run(args: argparse.Namespace) -> int:
     query = args.status or args.logs or args.stop
     if query and [a for a in args.command if a != "--"]:
         raise LaunchError("--status/--logs/--stop take no command after --", 2)
-    if query is None:
-        entrypoint = build_entrypoint(args.command, python=args.python)  # usage errors before connecting
+    if query is None:  # usage errors before connecting
+        entrypoint = build_entrypoint(args.command, python=args.python)
+        user_env = _load_runtime_env(args.runtime_env) if args.runtime_env else None
+        working_dir = Path(args.working_dir) if args.working_dir else project_root(Path.cwd())
+        runtime_env = build_runtime_env(working_dir, user_env, _parse_env_pairs(args.env))
     client = _client(address)
 
     if args.status:
@@ -285,9 +362,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.stop} {'stop requested' if stopped else 'was not running'}")
         return 0
 
-    user_env = _load_runtime_env(args.runtime_env) if args.runtime_env else None
-    working_dir = Path(args.working_dir) if args.working_dir else project_root(Path.cwd())
-    runtime_env = build_runtime_env(working_dir, user_env, _parse_env_pairs(args.env))
     job_id = client.submit_job(
         entrypoint=entrypoint,
         runtime_env=runtime_env,

@@ -1,9 +1,7 @@
 """How many sweep trials run at once on a given cluster: the one implementation of that count.
 
 A revmix trial is a small Tune driver plus the Ray Train workers it starts (the Train V2 pattern, see
-docs/cluster.md), so its footprint is ``driver_cpus + num_workers * cpus_per_worker`` CPUs and
-``num_workers * gpus_per_worker`` GPUs. The number of trials that fit is limited by whichever resource
-runs out first. ``revmix sweep`` plans with it (:func:`revmix.sweeps.resources.plan_resources` passes the
+docs/cluster.md). ``revmix sweep`` plans with it (:func:`revmix.sweeps.resources.plan_resources` passes the
 result to ``TuneConfig(max_concurrent_trials=...)``), and the docs' "how many trials fit" table is computed
 from it.
 
@@ -47,10 +45,9 @@ def plan_trials(cluster_cpus: float, cluster_gpus: float, trial_cpus: float, tri
     """How many trials of ``(trial_cpus, trial_gpus)`` run concurrently on ``(cluster_cpus, cluster_gpus)``.
 
     ``min(floor(cluster_cpus / trial_cpus), floor(cluster_gpus / trial_gpus))`` over the resources the
-    trial asks for, at Ray's 1e-4 granularity. Returns 0 when not even one trial fits (e.g. a GPU trial on a
-    CPU-only cluster): the sweep would wait forever, so callers should fail loudly on 0. Aggregate totals
-    are an upper bound: a trial whose workers each need a whole node's GPUs only fits node by node, so plan
-    per node type (``plan_trials`` on one node's resources, times the node count) when bundles are large.
+    trial asks for. 0 when not even one trial fits (a GPU trial on a CPU-only cluster): callers should fail
+    loudly, the sweep would wait forever. Aggregate totals are an upper bound: with large bundles, plan per
+    node type (one node's resources, times the node count).
     """
     c_units, g_units = _units(cluster_cpus, "cluster_cpus"), _units(cluster_gpus, "cluster_gpus")
     tc_units, tg_units = _units(trial_cpus, "trial_cpus"), _units(trial_gpus, "trial_gpus")

@@ -96,16 +96,11 @@ def _line_map(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], dups: l
         seen: set[str] = set()
         for key_node, value_node in node.value:
             key = key_node.value
-            if key in seen:
-                dups.append(
-                    Problem(
-                        path + (key,),
-                        "duplicate key: YAML keeps only the last value, the earlier one is silently lost",
-                        key_node.start_mark.line + 1,
-                    )
-                )
-            seen.add(key)
             lines[path + (key,)] = key_node.start_mark.line + 1
+            if key in seen:
+                msg = "duplicate key: YAML keeps only the last value, the earlier one is silently lost"
+                dups.append(Problem(path + (key,), msg, lines[path + (key,)]))
+            seen.add(key)
             _line_map(value_node, path + (key,), lines, dups)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
@@ -197,27 +192,15 @@ def _policy_problems(config: dict[str, Any], lines: dict[PathKey, int]) -> list[
         if not isinstance(resources, dict):
             continue  # the schema already reported it
         for key in _REQUIRED_RESOURCES:
+            path = ("available_node_types", name, "resources", key)
             if key not in resources:
-                path = ("available_node_types", name, "resources", key)
-                problems.append(
-                    Problem(
-                        path,
-                        f"state {key} explicitly (the autoscaler plans with these numbers); "
-                        f"revmix requires {list(_REQUIRED_RESOURCES)}",
-                        _line_for(path, lines),
-                    )
-                )
-    for key in _COMMAND_KEYS:
-        if key not in config:
-            problems.append(
-                Problem(
-                    (key,),
-                    "write it out (use [] for none): Ray fills a missing command list from the provider's "
-                    "defaults.yaml, which may install packages you did not pin",
-                    None,
-                )
-            )
-    return problems
+                msg = f"state {key} explicitly (the autoscaler plans with these numbers); revmix requires "
+                problems.append(Problem(path, msg + str(list(_REQUIRED_RESOURCES)), _line_for(path, lines)))
+    unpinned = (
+        "write it out (use [] for none): Ray fills a missing command list from the provider's "
+        "defaults.yaml, which may install packages you did not pin"
+    )
+    return problems + [Problem((key,), unpinned) for key in _COMMAND_KEYS if key not in config]
 
 
 def validate_launcher_config(path: str | os.PathLike[str], strict: bool = True) -> dict[str, Any]:
@@ -289,13 +272,8 @@ def _semantic_problems(doc: dict[str, Any], lines: dict[PathKey, int]) -> list[P
     problems: list[Problem] = []
     has_spec, has_selector = "rayClusterSpec" in spec, "clusterSelector" in spec
     if has_spec == has_selector:
-        problems.append(
-            Problem(
-                ("spec",),
-                "a RayJob needs exactly one of rayClusterSpec or clusterSelector",
-                lines.get(("spec",)),
-            )
-        )
+        msg = "a RayJob needs exactly one of rayClusterSpec or clusterSelector"
+        problems.append(Problem(("spec",), msg, lines.get(("spec",))))
     if has_spec:
         problems += _replica_problems(spec["rayClusterSpec"], ("spec", "rayClusterSpec"), lines)
     if "runtimeEnvYAML" in spec:

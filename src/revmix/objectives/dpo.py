@@ -99,7 +99,6 @@ class DPO(Objective):
 
     requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
     needs_reference: ClassVar[bool] = True
-    needs_rollouts: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _smoothing_is_for_sigmoid(self) -> DPO:

@@ -20,9 +20,8 @@ direction-specific (as in the default), and a per-direction re-weighting of dire
 otherwise. The visiting order of PCGrad is drawn from a generator seeded by (``surgery_seed``, the
 batch's token ids): deterministic per step and replayed exactly by a resumed run, with no hidden state.
 
-``requires`` / ``needs_reference`` / ``needs_rollouts`` are derived from the routed sub-objectives and are
-answered by the *instance* (``objective.needs_reference``). The class attributes give the values of the
-default routes, for code that only has the class.
+``requires`` / ``needs_reference`` / ``needs_rollouts`` are answered by the *instance*, from its routes;
+on the class they give the default routes' values.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from revmix.objectives.base import (
     Reference,
     register_objective,
 )
-from revmix.objectives.surgery import flat_grad, pcgrad, trainable_parameters
+from revmix.objectives.surgery import cosine, flat_grad, pcgrad, trainable_parameters
 from revmix.validation import Strict
 
 if TYPE_CHECKING:  # at run time: the union of every registered objective, set by `type_routes`
@@ -223,11 +222,8 @@ class MultiTask(Objective):
             raw = torch.autograd.grad(loss, params, allow_unused=True)
             used = [u or g is not None for u, g in zip(used, raw)]
             grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)])
-        if len(grads) == 2:
-            g_f, g_r = flat_grad(grads[0]), flat_grad(grads[1])
-            denom = g_f.norm() * g_r.norm()
-            if float(denom) > 0:
-                metrics["pcgrad/cosine"] = float(g_f.dot(g_r) / denom)
+        if len(grads) == 2 and (cos := cosine(flat_grad(grads[0]), flat_grad(grads[1]))) is not None:
+            metrics["pcgrad/cosine"] = cos
         if grads:
             for p, g, u in zip(params, pcgrad(grads, self._generator(batch)), used):
                 if u:

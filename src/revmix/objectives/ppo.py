@@ -28,14 +28,11 @@ Losses are token means over the mini-batch (every response token weighs the same
 temperature τ also divides the logits whenever log-probs are computed (policy, old and reference), so the
 ratio compares the distribution that actually sampled the tokens (as TRL does).
 
-What runs where: this module is torch only — pure functions (:func:`gae`, :func:`whiten`,
-:func:`kl_penalty`, :func:`clipped_policy_loss`, :func:`clipped_value_loss`, :func:`group_advantages`),
-the value head, and the :class:`PPO` objective whose :meth:`PPO.make_rollout` / :meth:`PPO.loss` the
-platform's rollout step (``revmix.platform.rollout.step.ppo_step``) drives; generation and reward checking live
-there. Called like any other objective on a plain :class:`Batch` (the contract suite, a supervised loop),
-PPO treats each row's y+ as a rollout with score 1 — reference solutions are correct by construction — and
-returns the loss of the first optimisation pass over it (ratio 1, so the policy term is the plain
-advantage-weighted log-likelihood gradient and the value head regresses to the returns).
+This module is torch only: the pure functions above, the value head, and :class:`PPO`, whose
+:meth:`PPO.make_rollout` / :meth:`PPO.loss` the rollout step (``revmix.platform.rollout.step.ppo_step``)
+drives; generation and rewards live there. Called on a plain :class:`Batch` (the contract suite), PPO
+treats each row's y+ as a rollout with score 1 — reference solutions are correct by construction — and
+returns the loss of the first pass over it (ratio 1: the advantage-weighted log-likelihood gradient).
 """
 
 from __future__ import annotations
@@ -215,11 +212,9 @@ def get_value_head(model: torch.nn.Module) -> ValueHead | None:
 def attach_value_head(policy: Any) -> tuple[ValueHead, bool]:
     """Register a :class:`ValueHead` as ``policy.v_head`` unless one is there; returns ``(head, created)``.
 
-    ``policy`` is the Hugging Face or PEFT causal LM itself (before any DDP wrapper). As a registered
-    submodule the head is in ``policy.parameters()`` — so an optimizer built *after* this call trains it,
-    DDP syncs it, and a full fine-tune's checkpoint (every trainable parameter) holds it. With a PEFT model
-    it sits on the ``PeftModel`` wrapper: ``merge_and_unload`` drops it, so the merged stage model saved
-    for the next stage stays a clean causal LM.
+    ``policy`` is the causal LM itself (before any DDP wrapper). As a registered submodule the head is in
+    ``policy.parameters()``: an optimizer built *after* this call trains it, DDP syncs it, a checkpoint
+    holds it. On a ``PeftModel`` ``merge_and_unload`` drops it, so the next stage starts from a clean LM.
     """
     head = get_value_head(policy)
     if head is not None:
@@ -335,7 +330,6 @@ class PPO(Objective):
     rollout_backend: Literal["auto", "hf", "vllm"] = Field("auto", description="who samples the rollouts")
     vllm_engine: dict[str, Any] | None = Field(None, description="vLLM engine options (see class doc)")
 
-    requires: ClassVar[frozenset[str]] = frozenset({"response"})
     needs_reference: ClassVar[bool] = True
     needs_rollouts: ClassVar[bool] = True
 

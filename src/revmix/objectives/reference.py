@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from revmix.atomic import atomic_write
 from revmix.objectives.base import (
     DIRECTIONS,
     IGNORE_INDEX,
@@ -210,6 +210,14 @@ def _direction_name(direction: int | str) -> str:
     return DIRECTIONS[code]
 
 
+def _item_ids(batch: Batch, method: str) -> list[str]:
+    if batch.item_id is None:
+        raise ValueError(
+            f"ReferenceLogpCache.{method}: batch.item_id is None; collate item_id to use the cache"
+        )
+    return batch.item_id
+
+
 # --------------------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------------------
@@ -221,8 +229,7 @@ class ReferenceLogpCache:
     ``chosen``/``rejected`` are summed response-token log-probs of y+/y− (as :func:`reference_logps`);
     ``n_c``/``n_r`` their token counts (for length-normalised DPO and sanity checks). The file is
     ``<cache_dir>/ref_logps-<key>.json``; JSON keeps it inspectable, and float32 values round-trip exactly
-    through Python floats. :meth:`save` is atomic (temp file + ``os.replace``), so a killed job never
-    leaves a half-written cache that a resumed job would trust.
+    through Python floats. :meth:`save` is atomic: a killed job never leaves a half-written cache.
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], key: str) -> None:
@@ -278,11 +285,7 @@ class ReferenceLogpCache:
 
     def attach(self, batch: Batch) -> bool:
         """Set ``batch.ref_chosen_logps/ref_rejected_logps`` from the cache; ``False`` on any miss."""
-        if batch.item_id is None:
-            raise ValueError(
-                "ReferenceLogpCache.attach: batch.item_id is None; collate item_id to use the cache"
-            )
-        hit = self.get(batch.item_id, batch.direction)
+        hit = self.get(_item_ids(batch, "attach"), batch.direction)
         if hit is None:
             return False
         device = batch.input_ids.device
@@ -291,29 +294,16 @@ class ReferenceLogpCache:
 
     def fill(self, ref: Reference, batch: Batch) -> None:
         """Compute ``ref``'s log-probs for ``batch`` and store them (the once-per-stage precompute)."""
-        if batch.item_id is None:
-            raise ValueError(
-                "ReferenceLogpCache.fill: batch.item_id is None; collate item_id to use the cache"
-            )
+        item_ids = _item_ids(batch, "fill")
         chosen, rejected = reference_logps(ref, batch)
         n_c, n_r = response_token_counts(batch)
-        self.put(batch.item_id, batch.direction, chosen, rejected, n_c, n_r)
+        self.put(item_ids, batch.direction, chosen, rejected, n_c, n_r)
 
     def save(self) -> Path:
-        """Write atomically: a temp file in the same directory, then ``os.replace``."""
+        """Write atomically (:func:`revmix.atomic.atomic_write`)."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         payload = {"version": CACHE_FORMAT_VERSION, "key": self.key, "entries": self._entries}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.cache_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.path
+        return atomic_write(self.path, json.dumps(payload))
 
     def load(self) -> bool:
         """Read the cache file if it exists (``False`` if not); a wrong key or version is an error."""

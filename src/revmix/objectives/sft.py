@@ -8,7 +8,7 @@ mixed SFT runs of "When Inverse Data Outperforms" (arXiv 2509.13079, §3).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -34,10 +34,6 @@ class SFT(Objective):
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=1.0, description="mass spread uniformly over the vocabulary (0: plain cross-entropy)"
     )
-
-    requires: ClassVar[frozenset[str]] = frozenset({"response"})
-    needs_reference: ClassVar[bool] = False
-    needs_rollouts: ClassVar[bool] = False
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         logp_all = shifted_log_softmax(policy_logits(policy, batch.input_ids, batch.attention_mask))

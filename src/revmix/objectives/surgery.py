@@ -103,8 +103,12 @@ def direction_gradient_cosine(
         if idx.numel() == 0:
             return None
         groups.append(flat_grad(objective_gradient(policy, objective, batch.select(idx), ref)))
-    g_f, g_r = groups
-    denom = g_f.norm() * g_r.norm()
+    return cosine(*groups)
+
+
+def cosine(a: Tensor, b: Tensor) -> float | None:
+    """cos(a, b) clamped to [-1, 1]; ``None`` when either vector is zero (the angle is undefined)."""
+    denom = a.norm() * b.norm()
     if float(denom) == 0.0:
         return None
-    return float(torch.clamp(g_f.dot(g_r) / denom, -1.0, 1.0))
+    return float(torch.clamp(a.dot(b) / denom, -1.0, 1.0))

@@ -129,8 +129,6 @@ class Unlikelihood(Objective):
     eps: float = Field(1e-6, gt=0.0, lt=1.0, description="floor of 1 - p, so the loss stays finite as p -> 1")
 
     requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
-    needs_reference: ClassVar[bool] = False
-    needs_rollouts: ClassVar[bool] = False
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         ids, mask, labels = concatenated_inputs(batch)

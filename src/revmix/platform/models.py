@@ -15,14 +15,13 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import importlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import NamedTuple
 
 import peft
 import torch
@@ -43,7 +42,7 @@ from transformers import (
 # --------------------------------------------------------------------------------------------------
 
 
-class Scale(TypedDict):
+class Scale(NamedTuple):
     """A Qwen2 shape: the ``Qwen2Config`` fields a scale sets."""
 
     hidden_size: int
@@ -54,27 +53,9 @@ class Scale(TypedDict):
 
 
 SCALES: dict[str, Scale] = {
-    "tiny": Scale(
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=512,
-    ),
-    "small": Scale(
-        hidden_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=1024,
-    ),
-    "base": Scale(
-        hidden_size=512,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=1920,
-    ),
+    "tiny": Scale(128, 4, 4, 2, 512),
+    "small": Scale(256, 6, 8, 4, 1024),
+    "base": Scale(512, 8, 8, 4, 1920),
 }
 """The single size dial of a locally built model: a name → Qwen2 shape.
 
@@ -142,42 +123,13 @@ Therefore the solution is correct. We conclude that the claim holds, which compl
 """
 
 
-_SYNTHETIC_MODULE = "revmix.platform.data.synthetic"
-
-
-def _builtin_task_text() -> list[str]:
-    """Deterministic forward/reverse arithmetic lines (a formula, no RNG: no drift across versions)."""
-    ops = [
-        ("sum of {a} and {b}", "{a} + {b} = {c}", lambda a, b: a + b),
-        ("difference of {a} and {b}", "{a} - {b} = {c}", lambda a, b: a - b),
-        ("product of {a} and {b}", "{a} * {b} = {c}", lambda a, b: a * b),
-        ("remainder of {a} divided by {b}", "{a} mod {b} = {c}", lambda a, b: a % b),
-    ]
-    lines = []
-    for i in range(120):
-        a, b = 3 + (i * 37) % 97, 2 + (i * 11) % 19
-        question, step, fn = ops[i % len(ops)]
-        c = fn(a, b)
-        q, w = question.format(a=a, b=b), step.format(a=a, b=b, c=c)
-        lines.append(f"user\nWhat is the {q}?\nassistant\nWe compute {w}. The answer is {c}.")
-        lines.append(
-            f"user\nThe {question.format(a=a, b='x')} is {c}. Find x.\nassistant\n"
-            f"Since {step.format(a=a, b='x', c=c)}, we solve for x and get x = {b}. The answer is {b}."
-        )
-    return lines
-
-
 def _task_text() -> list[str]:
-    """Training text from the synthetic task family; the built-in lines until that module exists.
+    """Training text from the synthetic task family (2,000 rows of every family, seed 0).
 
-    Swapping corpora changes the tokenizer hash, so cached tiny models are rebuilt, never mismatched.
+    Changing the corpus changes the tokenizer hash, so cached tiny models are rebuilt, never mismatched.
     """
-    try:
-        synthetic = importlib.import_module(_SYNTHETIC_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != _SYNTHETIC_MODULE:
-            raise
-        return _builtin_task_text()
+    from revmix.platform.data import synthetic
+
     rows = synthetic.generate_mix(synthetic.family_names(), 2000, seed=0)
     return [f"user\n{r['prompt']}\nassistant\n{r['response']}" for r in rows]
 
@@ -282,7 +234,7 @@ def _qwen2_config(scale: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
-        **shape,
+        **shape._asdict(),
     )
 
 
@@ -324,7 +276,12 @@ def tiny_model_dir(scale: str, seed: int = 0, cache_dir: str | Path | None = Non
         raise ValueError(f"tiny_model_dir: seed must be a non-negative int, got {seed!r}")
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     key_src = json.dumps(
-        {"format": _BUILD_FORMAT, "shape": shape, "seed": seed, "tokenizer": tokenizer_hash(VOCAB_SIZE)},
+        {
+            "format": _BUILD_FORMAT,
+            "shape": shape._asdict(),
+            "seed": seed,
+            "tokenizer": tokenizer_hash(VOCAB_SIZE),
+        },
         sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]

@@ -10,11 +10,14 @@ it builds a :class:`StageRecipe` and calls its steps in order:
 2. :meth:`~StageRecipe.resume` — from Ray's checkpoint after a worker-group restart, or from the run's own
    checkpoint (``revmix train --resume``);
 3. :meth:`~StageRecipe.train` — Mixer → rows → step → LR scheduler, every step's record to
-   ``metrics.jsonl``, Ray and the job's ``on_report``; evaluation and checkpoints on schedule;
+   ``metrics.jsonl``, Ray and the job's ``on_report``; evaluation and checkpoints on schedule. A
+   non-finite loss or gradient norm stops the stage (``runtime.on_nonfinite: stop``): rank 0 writes
+   ``stages/<i>/stopped.json`` naming the step, the driver raises, and the last good checkpoint stays;
 4. :meth:`~StageRecipe.cleanup` — frees the rollout engine (a vLLM engine's memory) before what follows;
 5. :meth:`~StageRecipe.finish` — evaluate, detach training-only heads, save the stage model (LoRA merged).
 
-A checkpoint holds the trainable weights, optimizer, scheduler and the Mixer's state, written by rank 0.
+A checkpoint (:mod:`revmix.platform.checkpoint`) holds the trainable weights, optimizer, scheduler, the
+Mixer's state and the last metrics record, written by rank 0.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,19 +33,40 @@ from typing import Any
 
 import torch
 
+from revmix.atomic import atomic_write
 from revmix.config import ExperimentConfig, StageConfig
 from revmix.objectives.base import Objective, PolicyForward, Reference
 from revmix.objectives.reference import ReferenceLogpCache
 from revmix.objectives.surgery import trainable_parameters
+from revmix.platform.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    stage_checkpoints,
+)
 from revmix.platform.data.mixer import Mixer, Schedule
 from revmix.platform.data.schema import DIRECTIONS
 from revmix.platform.data.streams import DirectionStream, rows_from_shard
 from revmix.platform.data.tokenize import collate
 from revmix.platform.rollout.engines import RolloutEngine, build_rollout_engine
 from revmix.platform.rollout.objective import RolloutObjective, check_rollout_objective
-from revmix.platform.step import StepContext, mean_over_workers, supervised_step
+from revmix.platform.run_dir import truncate_metrics
+from revmix.platform.step import (
+    SKIPPED,
+    NonFiniteStep,
+    StepContext,
+    mean_over_workers,
+    nonfinite,
+    supervised_step,
+)
 
-CKPT_STATE = "state.json"
+STOPPED = "stopped.json"  # in stages/<i>/: why the stage stopped early (read by the driver)
+
+
+class StageStopped(RuntimeError):
+    """The stage stops early; the message names the stage, the step and what to change."""
 
 
 @dataclass
@@ -81,6 +103,9 @@ def train_loop_per_worker(config: dict[str, StageJob]) -> None:
     try:
         recipe.resume()
         recipe.train()
+    except StageStopped as stop:  # returned, not raised: Ray would restart the workers into the same step
+        recipe.record_stop(str(stop))
+        return
     finally:
         recipe.cleanup()
     recipe.finish()
@@ -106,8 +131,11 @@ class StageRecipe:
         self.rank, self.world = rank, world
         self.start_step = 0
         self.tokens_total = 0
+        # Steps skipped on a non-finite loss or gradient norm (runtime.on_nonfinite: skip_step).
+        self.skipped_steps = 0
         self.last: dict[str, Any] = {}  # the latest value of every key, also of those absent from a step
         self.t_start = time.perf_counter()
+        self.seconds_before = 0.0  # training seconds of earlier attempts (from the checkpoint resumed)
         self.engine: RolloutEngine | None = None  # the rollout engine of an objective that samples
 
     # ------------------------------------------------------------------ setup
@@ -207,6 +235,7 @@ class StageRecipe:
             micro=self.stage.batch_size // self.world // self.stage.grad_accum,
             with_other="other_response" in self.objective.requires,
             seed=self.cfg.seed * 31 + self.rank,
+            on_nonfinite=self.cfg.runtime.on_nonfinite,
             ref_cache=self.ref_cache,
             policy_forward=self.policy_forward,
         )
@@ -223,16 +252,35 @@ class StageRecipe:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> None:
-        """Restore a checkpoint (a restart's from Ray, else the job's) and skip the rows it consumed."""
+        """Restore a checkpoint (a restart's from Ray, else the job's) and skip the rows it consumed.
+
+        Rank 0 also cuts ``metrics.jsonl`` back to the checkpoint's step: the steps after it run again.
+        """
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
         resume_dir = Path(ckpt.to_directory()) if ckpt is not None else self.job.resume_from
+        drawn_by = self.mixer
         if resume_dir is not None:
             state = load_checkpoint(resume_dir, self.policy, self.optimizer, self.scheduler)
-            self.start_step = self.mixer.check_state(state["mixer"])
-        for d, n in zip(DIRECTIONS, self.mixer.consumed(self.start_step)):
+            drawn_by = self._mixer_of(state["mixer"])
+            self.start_step = drawn_by.check_state(state["mixer"])
+            self.tokens_total = int(state.get("tokens", 0))
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.seconds_before = float(state.get("train_s", 0.0))
+            self.last = dict(state.get("last", {}))
+        for d, n in zip(DIRECTIONS, drawn_by.consumed(self.start_step)):
             self.streams[d].skip(n)
+        if self.rank == 0:
+            truncate_metrics(self.job.out_dir / "metrics.jsonl", self.job.stage_index, self.start_step)
+
+    def _mixer_of(self, state: dict[str, Any]) -> Mixer:
+        """The Mixer that drew the checkpoint's rows: this one, or, when the stage has since grown
+        (``--allow-change stages.<i>.steps``), one over the checkpoint's own number of steps."""
+        total = int(state.get("total_steps", self.job.steps))
+        if total == self.job.steps:
+            return self.mixer
+        return Mixer(self.mixer.batch_size, total, self.job.schedule, seed=self.mixer.seed)
 
     # ------------------------------------------------------------------ train
 
@@ -242,14 +290,34 @@ class StageRecipe:
 
         self.t_start = time.perf_counter()
         for step in range(self.start_step, self.job.steps):
-            record = self._record(step, self._optimizer_step(step))
+            try:
+                record = self._record(step, self._optimizer_step(step))
+            except NonFiniteStep as bad:
+                raise StageStopped(self._stop_message(step, bad)) from None
+            self.skipped_steps += int(record.get(SKIPPED, 0))
             if self._evaluation_due(step):
                 record.update(self._evaluate(alp_only=True))
             self._log(step, record)
+            self.last = {**self.last, **record}  # before the checkpoint, which stores it
             ray.train.report(record, checkpoint=self._save_checkpoint_if_due(step))
             if self.rank == 0 and self.job.on_report is not None:
                 self.job.on_report(record)
-            self.last = {**self.last, **record}
+
+    def _stop_message(self, step: int, bad: NonFiniteStep) -> str:
+        i = self.job.stage_index
+        kept = latest_checkpoint(self.job.out_dir, i)
+        return (
+            f"stage {i} ({self.stage.name}), step {step + 1}/{self.job.steps}: non-finite {bad}; the run "
+            f"stopped (runtime.on_nonfinite=stop). Last good checkpoint: {kept or 'none (no step saved yet)'}. "
+            f"Lower stages.{i}.lr, check the data, or set runtime.on_nonfinite=skip_step to skip such steps"
+        )
+
+    def record_stop(self, message: str) -> None:
+        """Rank 0 leaves the reason in ``stages/<i>/stopped.json``, where the driver reads it."""
+        if self.rank == 0:
+            stage_dir = self.job.out_dir / "stages" / str(self.job.stage_index)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(stage_dir / STOPPED, json.dumps({"message": message}))
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         """One step on the Mixer's rows for ``step``; its metrics averaged over the workers."""
@@ -257,6 +325,9 @@ class StageRecipe:
         dirs = self.mixer.directions(step)
         rows = [next(self.streams[DIRECTIONS[d]]) for d in dirs]
         metrics, n_tokens = self.step_fn(self.ctx, rows, step)
+        bad = nonfinite(metrics)
+        if bad and not metrics.get(SKIPPED):  # a step function that applied its update before the check
+            raise NonFiniteStep(bad)
         self.scheduler.step()
         dt = time.perf_counter() - t0
         self.tokens_total += n_tokens
@@ -320,21 +391,34 @@ class StageRecipe:
             )
 
     def _save_checkpoint_if_due(self, step: int) -> Any:
-        """A Ray checkpoint (rank 0) every ``checkpoint_every`` steps and at the stage's last step, else None."""
+        """A Ray checkpoint (rank 0) every ``checkpoint_every`` steps and at the stage's last step, else None.
+
+        It holds everything the stage's result needs (the last record, tokens, seconds), so a run
+        resumed from its last step still writes a complete summary; ``checkpoint.keep_last`` prunes.
+        """
         every = self.stage.checkpoint_every
         due = step + 1 == self.job.steps or bool(every and (step + 1) % every == 0)
         if not due or self.rank != 0:
             return None
         import ray.train
 
-        path = self.job.out_dir / "checkpoints" / f"stage{self.job.stage_index}" / f"step_{step + 1:06d}"
+        path = checkpoint_path(self.job.out_dir, self.job.stage_index, step + 1)
         state = {
             "stage": self.job.stage_index,
             "mixer": self.mixer.state(step + 1),
             "tokens": self.tokens_total,
+            "skipped_steps": self.skipped_steps,
+            "train_s": self._train_seconds(),
+            "last": self.last,
         }
         save_checkpoint(path, self.policy, self.optimizer, self.scheduler, state)
+        prune_checkpoints(
+            stage_checkpoints(self.job.out_dir, self.job.stage_index), self.cfg.checkpoint.keep_last
+        )
         return ray.train.Checkpoint.from_directory(str(path))
+
+    def _train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t_start
 
     # ------------------------------------------------------------------ cleanup and finish
 
@@ -348,10 +432,11 @@ class StageRecipe:
         """The stage's result; rank 0 also evaluates and saves the stage model and ``result.json``."""
         result: dict[str, Any] = {
             "final": self.last,
-            "wall_s": time.perf_counter() - self.t_start,
+            "wall_s": self._train_seconds(),
             "tokens": self.tokens_total,
             "steps": self.job.steps,
             "start_step": self.start_step,
+            "skipped_steps": self.skipped_steps,
         }
         if self.rank == 0:
             if self.job.eval_rows and self.cfg.eval.at_stage_end:
@@ -366,7 +451,7 @@ class StageRecipe:
         stage_dir = self.job.out_dir / "stages" / str(self.job.stage_index)
         merged = merge_lora(self.policy) if self.lora else self.policy
         save_model(merged, self.tokenizer, stage_dir / "model")
-        (stage_dir / "result.json").write_text(json.dumps(result, indent=1))
+        atomic_write(stage_dir / "result.json", json.dumps(result, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,38 +517,3 @@ def _reference_cache(
             cache.fill(ref, collate(all_rows[i : i + 32], tokenizer.pad_token_id).to(device))
         cache.save()
     return cache
-
-
-def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
-    """Trainable weights, optimizer, scheduler and ``state``, written atomically (temp dir + rename)."""
-    from safetensors.torch import save_file
-
-    from revmix.platform.models import trainable_state_dict
-
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()},
-        str(tmp / "trainable.safetensors"),
-    )
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    (tmp / CKPT_STATE).write_text(json.dumps(state))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns its ``state``."""
-    from safetensors.torch import load_file
-
-    from revmix.platform.models import load_trainable_state_dict
-
-    try:
-        load_trainable_state_dict(model, load_file(str(path / "trainable.safetensors")))
-    except KeyError as e:
-        raise ValueError(f"checkpoint {path} does not fit this model: {e}") from None
-    opt = torch.load(path / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return json.loads((path / CKPT_STATE).read_text())

@@ -5,13 +5,18 @@ The stage recipe (:mod:`revmix.platform.recipe`) calls a step function once per 
 for objectives that learn from the dataset's responses, :func:`revmix.platform.rollout.step.ppo_step` for
 objectives that learn from their own samples. :class:`MetricMeans` averages a step's metrics over its
 micro-batches; :func:`mean_over_workers` averages them over the Ray Train workers.
+
+A step whose loss or gradient norm is not finite never reaches the optimizer: it raises
+:class:`NonFiniteStep` (``runtime.on_nonfinite: stop``) or is skipped and marked with :data:`SKIPPED`
+(``skip_step``). Every worker takes the same decision, so workers never disagree about a step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -19,6 +24,22 @@ from revmix.config import StageConfig
 from revmix.objectives.base import Objective, PolicyForward, Reference
 from revmix.objectives.reference import ReferenceLogpCache
 from revmix.platform.data.tokenize import collate
+
+SKIPPED = "nonfinite_skipped"  # metric: 1.0 on a step skipped for a non-finite loss or gradient norm
+CHECKED = ("loss", "grad_norm")  # the values a step must keep finite
+
+
+class NonFiniteStep(ArithmeticError):
+    """A step's loss or gradient norm is not finite (``runtime.on_nonfinite: stop``)."""
+
+    def __init__(self, values: Mapping[str, float]) -> None:
+        super().__init__(", ".join(f"{k} {v}" for k, v in values.items()))
+        self.values = dict(values)
+
+
+def nonfinite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The checked values (:data:`CHECKED`) of ``metrics`` that are not finite numbers."""
+    return {k: float(metrics[k]) for k in CHECKED if k in metrics and not math.isfinite(float(metrics[k]))}
 
 
 @dataclass
@@ -39,6 +60,7 @@ class StepContext:
     micro: int
     with_other: bool
     seed: int
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"  # runtime.on_nonfinite
     ref_cache: ReferenceLogpCache | None = None  # when stages.*.reference is "cache"
     policy_forward: PolicyForward = field(default_factory=PolicyForward)  # handed to objectives on the batch
 
@@ -81,6 +103,42 @@ def _mean_grads_over_workers(params: list[torch.nn.Parameter]) -> None:
                 p.grad /= dist.get_world_size()
 
 
+def _any_worker(flag: bool, device: torch.device) -> bool:
+    """``flag`` or'ed over the Ray Train workers (unchanged without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)  # on the device the process group's backend serves
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gradient_norm(ctx: StepContext) -> float:
+    """The trainable parameters' gradient norm, clipped to ``max_grad_norm`` when that is set (not 0)."""
+    if ctx.stage.max_grad_norm:
+        return float(torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.stage.max_grad_norm))
+    grads = [p.grad for p in ctx.trainable if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def apply_update(ctx: StepContext, loss: float) -> tuple[float, bool]:
+    """Clip and take the optimizer step unless ``loss`` or the gradient norm is not finite.
+
+    Returns (gradient norm, whether the step was skipped); raises :class:`NonFiniteStep` on ``stop``.
+    """
+    grad_norm = gradient_norm(ctx)
+    bad = nonfinite({"loss": loss, "grad_norm": grad_norm})
+    if _any_worker(bool(bad), ctx.device):
+        if ctx.on_nonfinite == "stop":
+            raise NonFiniteStep(bad or {"loss or grad_norm on another worker": math.nan})
+        ctx.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, True
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, False
+
+
 def _count_tokens(ctx: StepContext, batch: Any) -> int:
     n = int(batch.attention_mask.sum())
     if ctx.with_other and batch.other_attention_mask is not None:
@@ -94,6 +152,7 @@ def supervised_step(ctx: StepContext, batch_rows: list[dict], step: int) -> tupl
     ctx.train_model.train()
     means = MetricMeans()
     n_tokens = 0
+    loss_sum = 0.0
     grads_applied = False
     for k in range(stage.grad_accum):
         rows = batch_rows[k * ctx.micro : (k + 1) * ctx.micro]
@@ -104,6 +163,7 @@ def supervised_step(ctx: StepContext, batch_rows: list[dict], step: int) -> tupl
             raise RuntimeError("reference cache miss: a training row has no cached reference log-probs")
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
             out = ctx.objective(ctx.train_model, mb, ctx.ref)
+        loss_sum += float(out.loss.detach())
         if not out.grads_applied:
             (out.loss / stage.grad_accum).backward()
         grads_applied = grads_applied or out.grads_applied
@@ -116,11 +176,9 @@ def supervised_step(ctx: StepContext, batch_rows: list[dict], step: int) -> tupl
                     p.grad /= stage.grad_accum
         if ctx.world > 1:
             _mean_grads_over_workers(ctx.trainable)
-    grad_norm = 0.0
-    if stage.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(ctx.trainable, stage.max_grad_norm))
-    ctx.optimizer.step()
-    ctx.optimizer.zero_grad(set_to_none=True)
+    grad_norm, skipped = apply_update(ctx, loss_sum / stage.grad_accum)
     metrics = means.means()
     metrics["grad_norm"] = grad_norm
+    if skipped:
+        metrics[SKIPPED] = 1.0
     return metrics, n_tokens

@@ -10,24 +10,35 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from revmix.config import ExperimentConfig, StageConfig, to_dict
-from revmix.platform.data.mixer import schedule_from_config
+from revmix.atomic import atomic_write
+from revmix.config import ConfigError, ExperimentConfig, StageConfig
+from revmix.platform.checkpoint import latest_checkpoint, remove_stale_temporaries, stage_checkpoints
+from revmix.platform.data.mixer import Mixer, schedule_from_config
 from revmix.platform.data.prepare import PreparedData, prepare_data, to_ray_datasets
 from revmix.platform.data.schema import DIRECTIONS
-from revmix.platform.recipe import CKPT_STATE, StageJob, train_loop_per_worker
+from revmix.platform.recipe import STOPPED, StageJob, train_loop_per_worker
+from revmix.platform.run_dir import (
+    RunDirError,
+    RunExistsError,
+    check_out_dir,
+    check_resume_config,
+    link_final_model,
+    write_run,
+)
+
+__all__ = ["RunDirError", "RunExistsError", "TrainingStopped", "run_experiment", "stage_plan"]
 
 
-class RunExistsError(RuntimeError):
-    """The output directory already holds a run and ``--resume`` was not given."""
+class TrainingStopped(RuntimeError):
+    """A stage stopped early (a non-finite loss or gradient norm); its last good checkpoint is kept."""
 
 
 def stage_plan(stage: StageConfig, n_items: int, n_forward: int, n_reverse: int) -> dict[str, Any]:
@@ -49,12 +60,6 @@ def stage_plan(stage: StageConfig, n_items: int, n_forward: int, n_reverse: int)
     return {"steps": steps, "steps_per_epoch": steps_per_epoch, "schedule": schedule}
 
 
-def latest_checkpoint(out_dir: Path, stage_idx: int) -> Path | None:
-    root = out_dir / "checkpoints" / f"stage{stage_idx}"
-    done = sorted(p for p in root.glob("step_*") if (p / CKPT_STATE).exists()) if root.exists() else []
-    return done[-1] if done else None
-
-
 @dataclass
 class _Inputs:
     """What every stage shares: the base model, the prepared data and how the workers read it."""
@@ -71,58 +76,75 @@ def run_experiment(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    allow_changes: Sequence[str] = (),
     callbacks: list | None = None,
     evaluate: bool = True,
     on_report: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run every stage of ``cfg`` into ``out_dir``; returns (and writes) ``summary.json``.
 
-    ``on_report(record)`` is called with every step's metrics when the loop runs in-process
-    (``num_workers = 0``), e.g. to forward them to Tune, or to interrupt the run by raising; with Ray
-    workers pass ``callbacks`` instead.
+    Nothing is written to ``out_dir`` before the directory (:mod:`revmix.platform.run_dir`), the config
+    (on ``resume``: unchanged but for the ``allow_changes`` paths), the data and every stage's mix have
+    passed their checks. ``on_report(record)`` is called with every step's metrics when the loop runs
+    in-process (``num_workers = 0``), e.g. to forward them to Tune, or to interrupt the run by raising;
+    with Ray workers pass ``callbacks`` instead. Raises :class:`TrainingStopped` when a stage stops on a
+    non-finite loss or gradient norm.
     """
-    out = _open_run_dir(cfg, Path(out_dir).expanduser().absolute(), resume)
+    out = Path(out_dir).expanduser().absolute()
+    check_out_dir(out, resume)
+    changes = check_resume_config(out, cfg, allow_changes) if resume else []
     t0 = time.perf_counter()
     inputs = _prepare_inputs(cfg, evaluate)
+    write_run(out, cfg, changes)
     summary = _summary_head(cfg, out, inputs)
     init_path = inputs.model_path
     for i, stage in enumerate(cfg.stages):
         result = _run_stage(cfg, i, out, init_path, inputs, resume, callbacks, on_report)
         summary["stages"].append(_stage_summary(stage, i, result))
         init_path = str(out / "stages" / str(i) / "model")
-    _link_final_model(out, len(cfg.stages))
+    link_final_model(out, len(cfg.stages))
     summary["wall_s"] = time.perf_counter() - t0
     summary["steps"] = sum(s["steps"] for s in summary["stages"])
     summary["final"] = summary["stages"][-1]["final"]
     summary["eval"] = summary["stages"][-1].get("eval")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
-def _open_run_dir(cfg: ExperimentConfig, out_dir: Path, resume: bool) -> Path:
-    """Refuse to overwrite a run (or to resume none); write the run's ``config.yaml``."""
-    import yaml
-
-    if (out_dir / "config.yaml").exists() and not resume:
-        raise RunExistsError(
-            f"{out_dir} already holds a run; pass --resume to continue it or choose a new --out"
-        )
-    if resume and not (out_dir / "config.yaml").exists():
-        raise RunExistsError(f"--resume: {out_dir} holds no run to resume")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return out_dir
-
-
 def _prepare_inputs(cfg: ExperimentConfig, evaluate: bool) -> _Inputs:
+    """The base model and the checked, tokenised data; data problems raise here, before any write."""
     from revmix.platform.models import load_tokenizer, resolve_model_path
 
     model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed)
     tokenizer = load_tokenizer(model_path)
-    data = prepare_data(cfg.data, tokenizer, tokenizer_id=model_path)
+    pairs = [f"stages.{i}.objective ({st.objective.name})" for i, st in enumerate(cfg.stages)]
+    pairs = [p for p, st in zip(pairs, cfg.stages) if "other_response" in st.objective.requires]
+    data = prepare_data(
+        cfg.data, tokenizer, tokenizer_id=model_path, pairs_needed_by=pairs[0] if pairs else None
+    )
+    check_mix(cfg, data)
     use_gpu = cfg.runtime.use_gpu if cfg.runtime.use_gpu is not None else torch.cuda.is_available()
     datasets = to_ray_datasets(data, cfg.data) if cfg.runtime.num_workers > 0 else None
     return _Inputs(model_path, data, datasets, use_gpu, data.test_rows if evaluate else None)
+
+
+def check_mix(cfg: ExperimentConfig, data: PreparedData) -> None:
+    """Every direction a stage's mix draws from has training rows (else the stage would fail at a step)."""
+    workers = max(cfg.runtime.num_workers, 1)
+    have = {d: len(data.train[d]) for d in DIRECTIONS}
+    for i, stage in enumerate(cfg.stages):
+        plan = stage_plan(stage, data.n_items, have["forward"], have["reverse"])
+        drawn = Mixer(stage.batch_size // workers, plan["steps"], plan["schedule"]).consumed(plan["steps"])
+        for d, n in zip(DIRECTIONS, drawn):
+            if n and not have[d]:
+                fix = "0" if d == "reverse" else "1"
+                raise ConfigError(
+                    f"stages.{i}.mix: the stage draws {n} {d} examples per worker "
+                    f"(reverse_fraction {stage.mix.reverse_fraction}, schedule {stage.mix.schedule.kind}) but "
+                    f"the training split of data.source {cfg.data.source!r} has no {d} rows "
+                    f"({have['forward']} forward, {have['reverse']} reverse); "
+                    f"set stages.{i}.mix.reverse_fraction={fix} or add {d} rows"
+                )
 
 
 def _summary_head(cfg: ExperimentConfig, out_dir: Path, inputs: _Inputs) -> dict[str, Any]:
@@ -153,11 +175,16 @@ def _run_stage(
     on_report: Callable[[dict], None] | None,
 ) -> dict:
     """Fit one stage (or read its result when a resumed run already finished it); returns its result."""
-    result_path = out_dir / "stages" / str(i) / "result.json"
-    if resume and result_path.exists():
-        return json.loads(result_path.read_text())
+    stage_dir = out_dir / "stages" / str(i)
+    result_path = stage_dir / "result.json"
     data = inputs.data
     plan = stage_plan(cfg.stages[i], data.n_items, len(data.train["forward"]), len(data.train["reverse"]))
+    if resume and result_path.exists():
+        result = json.loads(result_path.read_text())
+        if result.get("steps") == plan["steps"]:  # else the stage grew (--allow-change stages.<i>.steps)
+            return result
+    (stage_dir / STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop record
+    remove_stale_temporaries(stage_checkpoints(out_dir, i))
     in_process = cfg.runtime.num_workers == 0
     job = StageJob(
         cfg=cfg,
@@ -174,6 +201,8 @@ def _run_stage(
         on_report=on_report if in_process else None,
     )
     _fit(job, inputs.datasets, callbacks)
+    if (stage_dir / STOPPED).exists():
+        raise TrainingStopped(json.loads((stage_dir / STOPPED).read_text())["message"])
     return json.loads(result_path.read_text())
 
 
@@ -195,6 +224,7 @@ def _fit(job: StageJob, datasets: dict[str, Any] | None, callbacks: list | None)
             name=f"{cfg.name}-stage{job.stage_index}-{int(time.time() * 1000)}",
             storage_path=_storage_path(cfg, job.out_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             callbacks=callbacks,
         ),
         datasets=datasets,
@@ -208,16 +238,6 @@ def _storage_path(cfg: ExperimentConfig, out_dir: Path) -> str:
     if sp is None:
         return str(out_dir / "ray")
     return sp if "://" in sp else str(Path(sp).expanduser().absolute())
-
-
-def _link_final_model(out_dir: Path, n_stages: int) -> None:
-    """``<out>/model`` points at the last stage's model."""
-    final = out_dir / "model"
-    if final.is_symlink():
-        final.unlink()
-    elif final.exists():
-        shutil.rmtree(final)
-    final.symlink_to(Path("stages") / str(n_stages - 1) / "model")
 
 
 def _stage_summary(stage: StageConfig, idx: int, result: dict) -> dict:
@@ -235,5 +255,6 @@ def _stage_summary(stage: StageConfig, idx: int, result: dict) -> dict:
         "tokens_per_s": (result.get("tokens", 0) / result["wall_s"]) if result.get("wall_s") else None,
         "final": final,
         "final_by_direction": by_dir,
+        "skipped_steps": result.get("skipped_steps", 0),
         "eval": result.get("eval"),
     }

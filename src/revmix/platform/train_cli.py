@@ -1,4 +1,9 @@
-"""``revmix train CONFIG [path=value ...] --out DIR [--resume]``."""
+"""``revmix train CONFIG [path=value ...] --out DIR [--resume [--allow-change PATH ...]]``.
+
+Exit codes: 0 done; 2 refused before anything was written to ``--out`` (a bad config value, a data
+problem named ``FILE:LINE``, an ``--out`` that is not an empty directory or a run, a resume whose config
+changed); 1 training stopped (a non-finite loss or gradient norm; the last good checkpoint is kept).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,24 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from revmix.config import ExperimentConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (configs/runs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=1e-3 model.scale=small")
-    p.add_argument("--out", help="run directory (refused if it holds a run, unless --resume)")
+    p.add_argument("--out", help="run directory: new, empty, or a run to --resume (anything else is refused)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--allow-change",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --resume: accept this changed config path (safe ones only, e.g. stages.0.steps to train more)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip evaluation during and after training")
     p.add_argument(
         "--help-config", action="store_true", help="list every config path with its default and reason"
@@ -28,21 +44,42 @@ def run(args: argparse.Namespace) -> int:
     if not args.config or not args.out:
         print("revmix train: CONFIG and --out DIR are required", file=sys.stderr)
         return 2
+    if args.allow_change and not args.resume:
+        print("revmix train: --allow-change is for --resume (a new run takes any config)", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:  # typos fail here, before Ray starts
+    except ConfigError as e:  # typos and out-of-range numbers fail here, before Ray starts
         print(f"revmix train: config error: {e}", file=sys.stderr)
         return 2
+    return _train(cfg, args)
+
+
+def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from revmix.config import ConfigError
+    from revmix.platform.checkpoint import CheckpointError
+    from revmix.platform.data.loaders import DataError
     from revmix.platform.runtime import ensure_ray
-    from revmix.platform.train import RunExistsError, run_experiment
+    from revmix.platform.train import RunDirError, TrainingStopped, run_experiment
 
     if cfg.runtime.num_workers > 0:
         ensure_ray()
     try:
-        summary = run_experiment(cfg, args.out, resume=args.resume, evaluate=not args.no_eval)
-    except RunExistsError as e:
+        summary = run_experiment(
+            cfg, args.out, resume=args.resume, allow_changes=args.allow_change, evaluate=not args.no_eval
+        )
+    except (RunDirError, ConfigError) as e:
         print(f"revmix train: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"revmix train: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"revmix train: {e}", file=sys.stderr)
+        return 1
+    except TrainingStopped as e:
+        print(f"revmix train: stopped: {e}", file=sys.stderr)
+        return 1
     print(
         json.dumps({"out": os.path.abspath(args.out), "steps": summary["steps"], "final": summary["final"]})
     )

@@ -97,42 +97,23 @@ def findings(m: dict[str, list[float]]) -> list[tuple[str, str, bool | None]]:
     mixed, dpo = last("mixed → mixed"), last("mixed, then DPO")
     if ff is not None and rr is not None:
         grows = all(len(m[c]) > 1 and m[c][-1] > m[c][0] for c in CONDITIONS[:2])
-        out.append(
-            (
-                "Same-direction margins are positive and grow with training",
-                f"f→f {ff:+.3f}, r→r {rr:+.3f} after the last epoch; growing: {grows}",
-                ff > 0 and rr > 0 and grows,
-            )
-        )
+        finding = "Same-direction margins are positive and grow with training"
+        measured = f"f→f {ff:+.3f}, r→r {rr:+.3f} after the last epoch; growing: {grows}"
+        out.append((finding, measured, ff > 0 and rr > 0 and grows))
     if fr is not None and rf is not None:
-        out.append(
-            (
-                "Cross-direction margins are negative (a one-direction model prefers its own direction's solution)",
-                f"f→r {fr:+.3f}, r→f {rf:+.3f}",
-                fr < 0 and rf < 0,
-            )
-        )
+        finding = "Cross-direction margins are negative (a one-direction model prefers its own direction's solution)"
+        out.append((finding, f"f→r {fr:+.3f}, r→f {rf:+.3f}", fr < 0 and rf < 0))
     same = (ff + rr) / 2 if ff is not None and rr is not None else None  # same-direction mean
     if mixed is not None and same is not None:
-        out.append(
-            (
-                "Mixing both directions collapses the margin (paper: ≈0.08 vs ≈1.3, under 10%)",
-                f"mixed {mixed:+.3f} vs same-direction mean {same:+.3f} ({100 * mixed / same:.0f}%)"
-                if same
-                else f"mixed {mixed:+.3f}",
-                bool(same > 0 and abs(mixed) < 0.25 * same),
-            )
-        )
+        finding = "Mixing both directions collapses the margin (paper: ≈0.08 vs ≈1.3, under 10%)"
+        share = f" vs same-direction mean {same:+.3f} ({100 * mixed / same:.0f}%)" if same else ""
+        measured = f"mixed {mixed:+.3f}{share}"
+        out.append((finding, measured, bool(same > 0 and abs(mixed) < 0.25 * same)))
     if dpo is not None and mixed is not None:
+        same_text = f" (same-direction {same:+.3f})" if same else ""
+        measured = f"mixed {mixed:+.3f} → after DPO {dpo:+.3f}{same_text}"
         partial = dpo > mixed and (same is None or dpo < 0.5 * same)
-        out.append(
-            (
-                "DPO after mixed SFT restores the margin only partly",
-                f"mixed {mixed:+.3f} → after DPO {dpo:+.3f}"
-                + (f" (same-direction {same:+.3f})" if same else ""),
-                partial,
-            )
-        )
+        out.append(("DPO after mixed SFT restores the margin only partly", measured, partial))
     return out
 
 

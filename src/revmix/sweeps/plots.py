@@ -6,6 +6,7 @@ what it needs; see :mod:`revmix.sweeps.report` for the list.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -27,6 +28,14 @@ def _mpl():
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write and close ``fig``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _mpl().close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading trials
 # --------------------------------------------------------------------------------------------------
@@ -39,25 +48,15 @@ def read_metrics(path: Path) -> list[dict]:
         return []
     recs: dict[tuple[int, int], dict] = {}
     for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill -9
+        except json.JSONDecodeError:  # a blank line, or one cut by a kill -9
             continue
         recs[(int(r.get("stage", 0)), int(r.get("step", 0)))] = r
-    last_step: dict[int, int] = {}
-    for st, sp in recs:
-        last_step[st] = max(last_step.get(st, 0), sp)
-    offsets, acc = {}, 0
-    for st in sorted(last_step):
-        offsets[st] = acc
-        acc += last_step[st]
-    out = []
-    for (st, sp), r in sorted(recs.items()):
-        out.append({**r, "global_step": offsets[st] + sp})
-    return out
+    last_step = {st: sp for st, sp in sorted(recs)}  # sorted: each stage's last step wins
+    # A stage's steps start after all earlier stages' last steps.
+    offsets = dict(zip(last_step, itertools.accumulate([0, *last_step.values()])))
+    return [{**r, "global_step": offsets[st] + sp} for (st, sp), r in sorted(recs.items())]
 
 
 def condition_columns(df, spec_paths: list[str]) -> list[str]:
@@ -102,7 +101,6 @@ def _r_label(r: float) -> str:
 
 
 def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Path], list[str]]:
-    notes: list[str] = []
     if "reverse_fraction" not in df.columns or df["reverse_fraction"].nunique() < 2:
         return [], ["accuracy vs reverse fraction: skipped (the trials do not vary the reverse fraction)"]
     benches = sorted({c.split("/")[2] for c in df.columns if c.startswith("eval/accuracy/")})
@@ -146,12 +144,8 @@ def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Pat
         handles, labels = axes[0][0].get_legend_handles_labels()
         if len(labels) > 1 or group_cols:
             axes[0][-1].legend(handles, labels, fontsize=8, loc="best")
-        fig.tight_layout()
-        path = plots / f"accuracy_vs_r_{_slug(bench)}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        out.append(path)
-    return out, notes
+        out.append(_save(fig, plots / f"accuracy_vs_r_{_slug(bench)}.png"))
+    return out, []
 
 
 def _series_by_condition(df, out_dir: Path, key_fn, cols: list[str]) -> dict[tuple, list[dict[int, float]]]:
@@ -238,11 +232,7 @@ def plot_alp_curves(df, spec_paths: list[str], out_dir: Path, plots: Path) -> tu
     axes[0].set_ylabel("ALP margin  ALP(y+) − ALP(y−)  (nats/token)")
     _legend(fig, axes[1])
     fig.suptitle("ALP margin over training, by training condition (mean ± sd over seeds)")
-    fig.tight_layout()
-    path = plots / "alp_margin_curves.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return [path], []
+    return [_save(fig, plots / "alp_margin_curves.png")], []
 
 
 def plot_loss_curves(df, spec_paths: list[str], out_dir: Path, plots: Path) -> tuple[list[Path], list[str]]:
@@ -258,11 +248,7 @@ def plot_loss_curves(df, spec_paths: list[str], out_dir: Path, plots: Path) -> t
     ax.set_title("Training loss by condition (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
     _legend(fig, ax)
-    fig.tight_layout()
-    path = plots / "loss_curves.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return [path], []
+    return [_save(fig, plots / "loss_curves.png")], []
 
 
 def plot_metric_vs_paths(df, spec: SweepSpec, plots: Path) -> tuple[list[Path], list[str]]:
@@ -289,11 +275,7 @@ def plot_metric_vs_paths(df, spec: SweepSpec, plots: Path) -> tuple[list[Path], 
     axes[0][0].set_ylabel(m)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{m} ({spec.mode}) by swept value, each dot a trial")
-    fig.tight_layout()
-    path = plots / "metric_by_path.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return [path], []
+    return [_save(fig, plots / "metric_by_path.png")], []
 
 
 def alp_cross_table(df) -> list[dict[str, Any]]:
@@ -361,11 +343,7 @@ def plot_alp_cross(rows: list[dict[str, Any]], plots: Path) -> Path | None:
         ax.set_title(cond or "all trials")
         fig.colorbar(im, ax=ax, fraction=0.046).set_label("ALP margin (nats/token)")
     fig.suptitle("Cross-direction ALP margin: training data × test direction")
-    fig.tight_layout()
-    path = plots / "alp_cross_direction.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, plots / "alp_cross_direction.png")
 
 
 def _finite(v: Any) -> float | None:

@@ -2,22 +2,17 @@
 
 Both are switched in the sweep file (``tracking: {tensorboard: true, mlflow: false}``):
 
-- TensorBoard: ``ray.tune.logger.TBXLoggerCallback`` (tensorboardX) writes event files into every trial's
-  Tune directory, ``DIR/tune/<trial_id>/events.out.tfevents.*``; view with
-  ``tensorboard --logdir DIR/tune``.
-- MLflow: ``ray.air.integrations.mlflow.MLflowLoggerCallback``, one MLflow run per trial with its swept
-  values as params and every reported metric as a series. By default a local store inside the sweep
-  dir: runs in ``DIR/mlflow.db`` (SQLite), artifacts under ``DIR/mlruns`` — view with
-  ``mlflow ui --backend-store-uri sqlite:///DIR/mlflow.db``. ``tracking: {mlflow: {tracking_uri:
-  http://host:5000, experiment_name: NAME}}`` sends runs to a tracking server instead.
+- TensorBoard: ``ray.tune.logger.TBXLoggerCallback`` writes event files into every trial's Tune directory
+  (``DIR/tune/<trial_id>/``); view with ``tensorboard --logdir DIR/tune``.
+- MLflow: ``ray.air.integrations.mlflow.MLflowLoggerCallback``, one run per trial with its swept values as
+  params and every reported metric as a series. By default runs go to SQLite in ``DIR/mlflow.db`` and
+  artifacts under ``DIR/mlruns`` (view with ``mlflow ui --backend-store-uri sqlite:///DIR/mlflow.db``);
+  ``tracking: {mlflow: {tracking_uri: ..., experiment_name: ...}}`` sends them to a server instead.
 
-  Why not the plain ``mlruns/`` file store: MLflow 3.x keeps it in "maintenance mode" (refused unless
-  ``MLFLOW_ALLOW_FILE_STORE=true``) and it stores a metric as a file named by the metric, so ``nll`` and
-  ``nll/forward`` cannot both exist — the training loop reports both. A ``file:`` URI given explicitly is
-  still honoured (:func:`tracking_env` opts in), with that limitation.
-
-  ``mlflow-skinny`` (the core dependency) is enough: SQLite needs SQLAlchemy and Alembic, which optuna
-  (also a core dependency) brings. The ``mlflow ui`` viewer itself needs the full ``mlflow`` package.
+  Why not the plain ``mlruns/`` file store: MLflow 3.x refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``,
+  and it stores a metric as a file named by the metric, so ``nll`` and ``nll/forward`` cannot both exist.
+  An explicit ``file:`` URI is still honoured (:func:`tracking_env` opts in), with that limitation.
+  ``mlflow-skinny`` is enough: SQLite needs SQLAlchemy and Alembic, which optuna brings.
 
 Tune adds its own CSV/JSON/TensorBoard loggers unless told not to; we set
 ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1`` for the fit and add CSV and JSON (which Tune's result analysis
@@ -63,12 +58,6 @@ def tracking_callbacks(tracking: TrackingSpec, out_dir: Path, sweep_name: str) -
 
         callbacks.append(TBXLoggerCallback())
     if tracking.mlflow:
-        try:
-            import mlflow  # noqa: F401
-        except ImportError as e:  # pragma: no cover - mlflow-skinny is a core dependency
-            raise RuntimeError(
-                "tracking.mlflow: the mlflow package is not importable; pip install mlflow-skinny"
-            ) from e
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
         uri, name = mlflow_uri(tracking, out_dir), tracking.mlflow_experiment or sweep_name

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 from revmix.cli import main
-from revmix.platform.data import cli as data_cli
 from revmix.platform.data.loaders import load_jsonl, load_parquet, r1k_asset_path
 from tests.platform.data.test_validate import good, write_lines
 
@@ -160,43 +157,6 @@ def test_convert_hf_with_field_map(tmp_path: Path, capsys: pytest.CaptureFixture
     assert load_jsonl(out).rows == [good("a", prompt="Q", response="S", answer=None)]
     assert main(["data", "convert", f"hf:{src}", "--field-map", "q", "--out", str(out)]) == 2
     assert "expected --field-map a=b[,c=d], got 'q'" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------- reverse hook
-
-
-def _no_module() -> types.ModuleType:
-    raise ModuleNotFoundError(f"No module named {data_cli.REVERSE_MODULE!r}", name=data_cli.REVERSE_MODULE)
-
-
-def test_reverse_is_absent_while_the_builder_module_does_not_exist(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    monkeypatch.setattr(data_cli, "_import_reverse", _no_module)
-    with pytest.raises(SystemExit):
-        main(["data", "reverse"])
-    assert "invalid choice: 'reverse'" in capsys.readouterr().err
-
-
-def test_reverse_dispatches_to_the_builder_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[argparse.Namespace] = []
-    fake = types.ModuleType("fake_reverse_builder")
-    fake.add_arguments = lambda p: p.add_argument("--teacher", required=True)  # type: ignore[attr-defined]
-    fake.run = lambda args: seen.append(args) or 7  # type: ignore[attr-defined]
-    monkeypatch.setattr(data_cli, "_import_reverse", lambda: fake)
-    assert main(["data", "reverse", "--teacher", "qwen"]) == 7
-    assert seen[0].teacher == "qwen"
-
-
-def test_reverse_reports_a_broken_builder_module(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    def broken() -> types.ModuleType:
-        raise ImportError("cannot import name 'x' from 'openai'")
-
-    monkeypatch.setattr(data_cli, "_import_reverse", broken)
-    assert main(["data", "reverse"]) == 2
-    assert "reverse_builder failed to import: ImportError(\"cannot import name 'x'" in capsys.readouterr().err
 
 
 def test_convert_exits_1_when_every_row_is_rejected(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

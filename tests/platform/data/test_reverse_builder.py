@@ -46,11 +46,11 @@ class Teacher:
         self,
         inconsistent: tuple[str, ...] = (),
         fail_on_call: int | None = None,
-        error: Exception | None = None,
+        error: BaseException | None = None,
         junk: tuple[str, ...] = (),
     ) -> None:
         self.inconsistent, self.junk, self.fail_on_call = inconsistent, junk, fail_on_call
-        self.error = error or RuntimeError("teacher crashed")
+        self.error: BaseException = error or RuntimeError("teacher crashed")
         self.calls: list[str] = []
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
@@ -140,11 +140,7 @@ def test_consistent_items_become_forward_and_reverse_twins(tmp_path: Path) -> No
         "answer": "3",
     }
     assert check_file(tmp_path / "out.jsonl", require_pairs=True).problems == []
-    assert report["kept"] == 2 and report["dropped"] == {
-        "unparseable": 0,
-        "inconsistent": 0,
-        "endpoint_error": 0,
-    }
+    assert report["kept"] == 2 and report["dropped"] == dict.fromkeys(rb.REASONS, 0)
     assert json.loads((tmp_path / "out.jsonl.report.json").read_text()) == report
 
 
@@ -160,10 +156,10 @@ def test_inconsistent_and_unparseable_items_are_dropped_with_reasons(tmp_path: P
     assert dropped["i2"]["check_output"] is None
     assert len(teacher.calls) == 7  # the unparseable item never reaches the check
     assert (report["kept"], report["dropped"], report["pending"]) == (
-        2, {"unparseable": 1, "inconsistent": 1, "endpoint_error": 0}, 0
+        2, {**dict.fromkeys(rb.REASONS, 0), "unparseable": 1, "inconsistent": 1}, 0
     )  # fmt: skip
     again = build(tmp_path, Teacher())  # final drops are not retried
-    assert again["this_run"] == {"kept": 0, "unparseable": 0, "inconsistent": 0, "endpoint_error": 0}
+    assert again["this_run"] == dict.fromkeys(("kept", *rb.REASONS), 0)
     assert again["skipped_already_done"] == 4
 
 
@@ -171,8 +167,8 @@ def test_inconsistent_and_unparseable_items_are_dropped_with_reasons(tmp_path: P
 
 
 def test_a_crash_loses_nothing_written_and_a_rerun_finishes_without_duplicates(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="teacher crashed"):
-        build(tmp_path, Teacher(fail_on_call=5))  # items 1-2 take calls 1-4
+    with pytest.raises(KeyboardInterrupt):  # an interrupt stops the run (an item's own error does not)
+        build(tmp_path, Teacher(fail_on_call=5, error=KeyboardInterrupt()))  # items 1-2 take calls 1-4
     assert sorted({r["item_id"] for r in read(tmp_path / "out.jsonl")}) == ["i0", "i1"]
     with open(tmp_path / "out.jsonl", "a") as fh:
         fh.write('{"item_id": "i2", "direc')  # a torn line from a kill mid-write

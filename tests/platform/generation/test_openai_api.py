@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from revmix.platform.generation.hf import HFGenerator
-from revmix.platform.generation.openai_api import APIError, OpenAIHandler, parse_prompts, parse_sampling
+from revmix.platform.generation.hf import Completion, HFGenerator
+from revmix.platform.generation.openai_api import (
+    APIError,
+    GenerationJob,
+    OpenAIHandler,
+    ServerLimits,
+    generate_isolated,
+    internal_error,
+    parse_prompts,
+    parse_sampling,
+)
 from revmix.platform.generation.protocol import SamplingParams, chat_prompt
 from tests.platform.generation.helpers import QUESTIONS, varied_model_dir
 
@@ -156,3 +167,144 @@ def test_stream_events_concatenate(handler: OpenAIHandler, gen: HFGenerator) -> 
     assert text == gen.generate_ids([ids], params)[0][0].text
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# ------------------------------------------------------------------ limits, token ids, isolation, errors
+
+
+def test_limits_name_their_flag(gen: HFGenerator) -> None:
+    handler = OpenAIHandler(gen, NAME, ServerLimits(max_prompts=2, max_n=2, max_tokens=8))
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        (
+            {"prompt": ["a", "b", "c"]},
+            "prompt",
+            "'prompt' holds 3 prompts; this server's limit is 2",
+            "prompts",
+        ),
+        ({"prompt": "a", "n": 3}, "n", "'n' is 3; this server's limit is 2", "n"),
+        (
+            {"prompt": "a", "max_tokens": 9},
+            "max_tokens",
+            "'max_tokens' is 9; this server's limit is 8",
+            "tokens",
+        ),
+    ]
+    for fields, param, message, flag in cases:
+        with pytest.raises(APIError) as e:
+            run(handler.completions({"model": NAME, **fields}, _direct(gen)))
+        assert (e.value.status, e.value.param) == (400, param)
+        assert e.value.message == f"{message} (revmix serve --max-{flag})"
+    with pytest.raises(APIError, match="'max_completion_tokens' is 9") as e:
+        run(handler.chat({**chat, "max_completion_tokens": 9}, _direct(gen)))
+    assert e.value.param == "max_completion_tokens"
+    _, params = handler.stream_plan(chat, chat=True)
+    assert params.max_new_tokens == 8  # left unset: the room left in the context, capped at the limit
+    with pytest.raises(ValueError, match="--max-n must be a positive number"):
+        ServerLimits(max_n=0)
+    with pytest.raises(ValueError, match="--request-timeout-s must be a positive number"):
+        ServerLimits(request_timeout_s=float("inf"))
+
+
+def test_token_ids_are_checked_against_the_vocabulary(handler: OpenAIHandler, gen: HFGenerator) -> None:
+    for prompt, bad in (
+        ([3, 512], "token id 512 (prompt 0, position 1)"),
+        ([[4], [5, -1]], "token id -1 (prompt 1"),
+    ):
+        with pytest.raises(APIError) as e:
+            run(handler.completions({"model": NAME, "prompt": prompt}, _direct(gen)))
+        assert (e.value.status, e.value.param) == (400, "prompt")
+        assert bad in e.value.message and "valid ids are 0 to 511" in e.value.message
+        with pytest.raises(APIError, match="outside the vocabulary"):
+            handler.stream_plan({"model": NAME, "prompt": prompt, "stream": True}, chat=False)
+    with pytest.raises(ValueError, match="token id 600"):  # the generator refuses too, whoever calls it
+        gen.generate_ids([[600]], SamplingParams(max_new_tokens=1))
+
+
+class _FlakyGenerator:
+    """Fails any call whose prompts include token 13; records calls and the stop predicate."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[list[int]]] = []
+
+    def generate_ids(
+        self, ids: list[list[int]], params: SamplingParams, should_stop
+    ) -> list[list[Completion]]:
+        self.calls.append(ids)
+        self.stopped = should_stop()
+        if any(13 in p for p in ids):
+            raise RuntimeError("bad row")
+        return [[Completion(str(p), 1, "length")] for p in ids]
+
+
+def test_one_failing_request_fails_only_itself() -> None:
+    fake = _FlakyGenerator()
+    greedy, sampled = SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=2, temperature=1.0)
+    jobs = [GenerationJob([1], greedy), GenerationJob([13], greedy), GenerationJob([2], greedy)]
+    jobs.append(GenerationJob([3], sampled))
+    out = run(generate_isolated(fake, jobs))
+    assert [o if isinstance(o, list) else type(o) for o in out] == [
+        [Completion("[1]", 1, "length")],
+        RuntimeError,
+        [Completion("[2]", 1, "length")],
+        [Completion("[3]", 1, "length")],
+    ]
+    assert fake.calls == [[[1], [13], [2]], [[1]], [[13]], [[2]], [[3]]]  # one call per sampling, then alone
+    for job in jobs:
+        job.cancelled.set()
+    run(generate_isolated(fake, jobs[:1]))
+    assert fake.stopped  # every request cancelled: decoding is told to stop
+
+
+def test_internal_errors_carry_an_id_not_the_exception(caplog) -> None:
+    try:
+        raise RuntimeError("secret path /srv/model.bin")
+    except RuntimeError as e:
+        with caplog.at_level("ERROR"):
+            error = internal_error(e)
+    body = error.body()["error"]
+    assert error.status == 500 and body["id"] in body["message"] and "secret" not in json.dumps(body)
+    assert body["id"] in caplog.text and "secret path" in caplog.text  # the log has it, under the id
+
+
+class _EndlessStream:
+    """Streams "x" every 20 ms until ``should_stop()``; keeps the predicate, which in ``HFGenerator`` its
+    decoding thread polls at every step."""
+
+    model = None  # no config: no context window to check
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [[1] * len(t) for t in texts]
+
+    def stream_ids(
+        self, ids: list[int], params: SamplingParams, should_stop: Callable[[], bool]
+    ) -> Iterator[str]:
+        self.should_stop = should_stop
+        while not should_stop():
+            time.sleep(0.02)
+            yield "x"
+
+
+def test_a_stream_ends_at_the_time_limit_or_when_abandoned() -> None:
+    params = SamplingParams(max_new_tokens=10**6)
+    fake = _EndlessStream()
+    handler = OpenAIHandler(fake, NAME, ServerLimits(request_timeout_s=0.3))  # type: ignore[arg-type]
+
+    async def all_events() -> list[str]:
+        return [e async for e in handler.stream_events([1], params, chat=False)]
+
+    *_, last, done = run(all_events())
+    assert done == "data: [DONE]\n\n"
+    error = json.loads(last.removeprefix("data: "))["error"]
+    assert error["code"] == 408 and "(revmix serve --request-timeout-s)" in error["message"]
+    assert fake.should_stop()
+
+    async def two_then_leave() -> bool:
+        events = handler.stream_events([1], params, chat=False)
+        await anext(events)
+        await anext(events)
+        running = not fake.should_stop()
+        await events.aclose()  # what the server does when its client disconnects
+        return running
+
+    assert run(two_then_leave()) and fake.should_stop()

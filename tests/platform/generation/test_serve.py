@@ -13,7 +13,7 @@ import pytest
 from revmix.platform.generation.hf import HFGenerator
 from revmix.platform.generation.openai_backend import EndpointError, OpenAIGenerator
 from revmix.platform.generation.protocol import SamplingParams, chat_prompt, prepare_prompts
-from tests.platform.generation.helpers import QUESTIONS, varied_model_dir
+from tests.platform.generation.helpers import QUESTIONS, tiny_dir, varied_model_dir
 
 NAME = "varied"
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -118,5 +118,19 @@ def test_serve_cli_arguments() -> None:
         "hf",
         None,
     )
+    assert (args.api_key, args.max_n, args.request_timeout_s) == (None, None, None)  # defaults: the server's
     assert default_name("runs/x/") == "x"
     assert serve_cli.run(parser.parse_args(["/no/such/dir"])) == 2
+
+
+def test_vllm_backend_refuses_what_it_cannot_enforce(monkeypatch, capsys) -> None:
+    import ray
+
+    from revmix.platform.generation import serve_cli
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("started Ray before refusing"))
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    for extra in (["--max-n", "2"], ["--api-key", "k"]):
+        assert serve_cli.run(parser.parse_args([tiny_dir(), "--backend", "vllm", *extra])) == 2
+        assert "need --backend hf" in capsys.readouterr().err

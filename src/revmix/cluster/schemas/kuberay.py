@@ -187,13 +187,6 @@ SCHEMAS: dict[str, Schema] = {
 }
 
 
-def schema_for(kind: str) -> Schema:
-    """The schema of one manifest kind; unknown kinds are errors that list the known ones."""
-    if kind not in SCHEMAS:
-        raise KeyError(f"no revmix schema for kind {kind!r}; known kinds: {sorted(SCHEMAS)}")
-    return SCHEMAS[kind]
-
-
 if __name__ == "__main__":
     json.dump(SCHEMAS, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -7,11 +7,9 @@ errors (unknown family, unsupported output suffix, missing optional module).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from revmix.platform.data.loaders import (
@@ -24,11 +22,6 @@ from revmix.platform.data.loaders import (
 )
 from revmix.platform.data.validate import check_file
 
-SYNTHETIC_MODULE = "revmix.platform.data.synthetic"
-# HOOK: ``revmix data reverse ...`` (teacher-built reverse data) lives in this module, written separately.
-# It must expose ``add_arguments(parser)`` and ``run(args) -> int``; the subcommand is registered only
-# when the module exists. If it exists but fails to import, ``reverse`` still appears and reports why.
-REVERSE_MODULE = "revmix.platform.data.reverse_builder"
 WRITERS: dict[str, Callable[[list[dict[str, Any]], str], int]] = {
     ".jsonl": write_jsonl,
     ".parquet": write_parquet,
@@ -49,12 +42,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    try:
-        synthetic = importlib.import_module(SYNTHETIC_MODULE)
-    except ImportError as err:
-        print(f"revmix data synth: {SYNTHETIC_MODULE} is not available ({err})", file=sys.stderr)
-        return 2
-    names = list(synthetic.family_names())
+    from revmix.platform.data.synthetic import family_names
+
+    names = family_names()
     if args.list:
         print("\n".join(names))
         return 0
@@ -125,33 +115,13 @@ def _out_path(value: str) -> str:
     return value
 
 
-def _import_reverse() -> ModuleType:
-    return importlib.import_module(REVERSE_MODULE)
+def _add_reverse(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from revmix.platform.data import reverse_builder
 
-
-def _reverse_hook(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``reverse`` from :data:`REVERSE_MODULE` if it exists (see the HOOK note above)."""
     help_text = "build reverse twins of forward rows with a teacher model"
-    error: ImportError | None = None
-    try:
-        module = _import_reverse()
-    except ModuleNotFoundError as err:
-        if err.name == REVERSE_MODULE:
-            return  # not written yet: no subcommand
-        module, error = None, err
-    except ImportError as err:
-        module, error = None, err
     p = sub.add_parser("reverse", help=help_text, description=help_text)
-    if module is None:
-
-        def broken(args: argparse.Namespace) -> int:
-            print(f"revmix data reverse: {REVERSE_MODULE} failed to import: {error!r}", file=sys.stderr)
-            return 2
-
-        p.set_defaults(data_run=broken)
-        return
-    module.add_arguments(p)
-    p.set_defaults(data_run=module.run)
+    reverse_builder.add_arguments(p)
+    p.set_defaults(data_run=reverse_builder.run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--field-map", help="hf: column renames, e.g. question=prompt,solution=response")
     p.set_defaults(data_run=_convert)
 
-    _reverse_hook(sub)
+    _add_reverse(sub)
     parser.set_defaults(data_parser=parser)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from revmix.atomic import atomic_target
 from revmix.platform.data.schema import ALL_FIELDS, DIRECTIONS, Direction, Row
 from revmix.platform.data.validate import (
     FILE,
@@ -61,7 +61,8 @@ class DataError(ValueError):
         super().__init__(
             f"{source}: {len(problems)} problem(s) in {bad} of {n_read} rows; nothing was loaded:\n"
             + "\n".join(lines)
-            + "\n(pass skip_invalid=True / --skip-invalid to load the valid rows and count the rejected ones)"
+            + "\n(to load the valid rows and count the rejected ones: data.skip_invalid=true in a run config, "
+            "--skip-invalid on the command line, skip_invalid=True in Python)"
         )
 
 
@@ -74,6 +75,7 @@ class LoadReport:
     source: str = ""
     n_read: int = 0
     ignored_fields: dict[str, int] = field(default_factory=dict)
+    origins: list[tuple[str, int]] = field(default_factory=list)  # (file, line) of each row, for later checks
 
     @property
     def n_rejected(self) -> int:
@@ -105,7 +107,7 @@ def _finish(
     field_names: dict[str, str] | None = None,
 ) -> LoadReport:
     """Validate converted records; keep the valid ones as canonical dicts or raise :class:`DataError`."""
-    records = list(records)
+    records = _read_all(records, source)
     result = check_rows(records, source, require_pairs)
     problems = result.problems
     if field_names:  # report foreign column names: "solution (as response)"
@@ -116,12 +118,10 @@ def _finish(
         raise DataError(source, problems, len(records))
     bad = {p.line for p in problems}
     # Records that failed to parse always carry a problem; the isinstance check says so to the type checker.
-    rows = [
-        {f: rec.get(f) for f in ALL_FIELDS}
-        for line, rec in records
-        if line not in bad and isinstance(rec, dict)
-    ]
+    kept = [(line, rec) for line, rec in records if line not in bad and isinstance(rec, dict)]
+    rows = [{f: rec.get(f) for f in ALL_FIELDS} for _, rec in kept]
     report = LoadReport(rows, problems, source, len(records), dict(result.ignored_fields))
+    report.origins = [(source, line) for line, _ in kept]
     if problems:
         logger.warning(
             "%s: rejected %d of %d rows (%d problems); first: %s",
@@ -132,6 +132,17 @@ def _finish(
             problems[0],
         )
     return report
+
+
+def _read_all(records: Iterable[Record], source: str) -> list[Record]:
+    """Every record of a source; a source that cannot be read (missing, not UTF-8, not Parquet, not a JSON
+    array) is one problem naming it, not a traceback."""
+    try:
+        return list(records)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and pyarrow's ArrowInvalid are ValueErrors
+        raise DataError(
+            source, [Problem(source, 1, FILE, f"expected a readable row file, got {err}")], 0
+        ) from None
 
 
 def load_jsonl(path: str | Path, *, skip_invalid: bool = False, require_pairs: bool = False) -> LoadReport:
@@ -474,22 +485,15 @@ def _canonical(rows: Iterable[dict[str, Any] | Row], path: str | Path) -> list[d
     return [{f: r.get(f) for f in ALL_FIELDS} for r in dicts]
 
 
-def _atomic_target(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_jsonl(rows: Iterable[dict[str, Any] | Row], path: str | Path) -> int:
     """Write canonical rows (canonical fields only, in schema order) atomically; returns the count."""
     import json
 
     data = _canonical(rows, path)
-    path, tmp = _atomic_target(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in data:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return len(data)
 
 
@@ -500,7 +504,7 @@ def write_parquet(rows: Iterable[dict[str, Any] | Row], path: str | Path) -> int
 
     data = _canonical(rows, path)
     schema = pa.schema([(f, pa.string()) for f in ALL_FIELDS])
-    path, tmp = _atomic_target(path)
-    pq.write_table(pa.Table.from_pylist(data, schema=schema), tmp)
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(data, schema=schema), tmp)
     return len(data)

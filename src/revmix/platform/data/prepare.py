@@ -9,13 +9,19 @@ tokenised Parquet cache when large.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from revmix.config import DataConfig
+from revmix.platform.data.loaders import DataError, LoadReport
 from revmix.platform.data.schema import DIRECTIONS, Direction
-from revmix.platform.data.tokenize import fingerprint, tokenise_rows
+from revmix.platform.data.tokenize import fingerprint, tokenise_checked
+from revmix.platform.data.validate import Problem, describe
+
+CACHE_DONE = "_done"  # in a tokenised Parquet cache entry: written last, the entry is complete
 
 
 @dataclass
@@ -33,17 +39,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("REVMIX_CACHE", Path.home() / ".cache" / "revmix"))
 
 
-def load_canonical_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], int]:
-    """All canonical rows of the configured source, and how many were rejected (skip_invalid only)."""
+def load_source(cfg: DataConfig) -> LoadReport:
+    """All canonical rows of the configured source, where each was read, and the rejected ones."""
     if cfg.source == "synthetic":
         from revmix.platform.data.synthetic import generate_mix
 
-        return generate_mix(list(cfg.families), cfg.n_items, seed=cfg.seed), 0
+        rows = generate_mix(list(cfg.families), cfg.n_items, seed=cfg.seed)
+        origins = [("synthetic", i) for i in range(1, len(rows) + 1)]
+        return LoadReport(rows, source="synthetic", n_read=len(rows), origins=origins)
     from revmix.platform.data.loaders import load_rows
 
     extra = {"n": cfg.n_items, "seed": cfg.seed} if cfg.source.startswith("synthetic:") else {}
-    report = load_rows(cfg.source, skip_invalid=cfg.skip_invalid, **extra)
-    return list(report.rows), len(report.rejected)
+    return load_rows(cfg.source, skip_invalid=cfg.skip_invalid, **extra)
+
+
+def load_canonical_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], int]:
+    """All canonical rows of the configured source, and how many were rejected (skip_invalid only)."""
+    report = load_source(cfg)
+    return list(report.rows), report.n_rejected
 
 
 def split_rows(
@@ -54,28 +67,71 @@ def split_rows(
     return split_by_item(rows, cfg.test_fraction, seed=cfg.seed)
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, tokenizer_id: str = "") -> PreparedData:
-    rows, rejected = load_canonical_rows(cfg)
+def prepare_data(
+    cfg: DataConfig, tokenizer: Any, tokenizer_id: str = "", *, pairs_needed_by: str | None = None
+) -> PreparedData:
+    """Load, check, split and tokenise the configured data; every problem names its ``FILE:LINE``.
+
+    ``pairs_needed_by`` names what trains on (response, other_response) pairs (``stages.1.objective
+    (dpo)``): then every row must have an ``other_response``. Rows whose prompt leaves no room for a
+    response within ``max_length`` are problems too. Problems raise :class:`DataError`, or, with
+    ``data.skip_invalid``, leave their rows out and count them in ``rejected``.
+    """
+    report = load_source(cfg)
+    rows, origins = list(report.rows), list(report.origins)
+    problems = _missing_pairs(rows, origins, pairs_needed_by)
+    _raise_unless_skipped(problems, report, cfg.skip_invalid)
+    bad = {(p.file, p.line) for p in problems}
+    kept = [i for i, o in enumerate(origins) if o not in bad]
+    rows, origins = [rows[i] for i in kept], [origins[i] for i in kept]
+    origin_of = {id(r): o for r, o in zip(rows, origins)}  # the split keeps the row objects
     train, test = split_rows(rows, cfg)
     by_dir: dict[str, list[dict[str, Any]]] = {d: [] for d in DIRECTIONS}
     for r in train:
         by_dir[Direction.parse(r["direction"]).label].append(r)
     tokenised: dict[str, list[dict[str, Any]]] = {}
-    truncated = 0
-    start = 0
+    truncated, start, too_long, left_out = 0, 0, [], set()
     for d in DIRECTIONS:
-        tokenised[d], t = tokenise_rows(by_dir[d], tokenizer, cfg.max_length, start_index=start)
-        truncated += t
+        done = tokenise_checked(by_dir[d], tokenizer, cfg.max_length, start_index=start)
+        tokenised[d], truncated = done.rows, truncated + done.truncated
+        too_long += [Problem(*origin_of[id(by_dir[d][i])], "prompt", why) for i, why in done.too_long]
+        left_out |= {id(by_dir[d][i]) for i, _ in done.too_long}
         start += len(by_dir[d])
+    _raise_unless_skipped(sorted(too_long, key=lambda p: (p.file, p.line)), report, cfg.skip_invalid)
+    train = [r for r in train if id(r) not in left_out]
     key = fingerprint((), [r["item_id"] + r["direction"] for r in train], tokenizer_id, cfg.max_length)
     return PreparedData(
         train=tokenised,
         test_rows=test,
         n_items=len({r["item_id"] for r in train}),
         truncated=truncated,
-        rejected=rejected,
+        rejected=report.n_rejected + len(problems) + len(too_long),
         key=key,
     )
+
+
+def _missing_pairs(
+    rows: list[dict[str, Any]], origins: list[tuple[str, int]], needed_by: str | None
+) -> list[Problem]:
+    """A problem for every row without the ``other_response`` a pair objective trains on."""
+    if needed_by is None:
+        return []
+    return [
+        Problem(
+            file,
+            line,
+            "other_response",
+            f"expected a non-empty string ({needed_by} trains on response/other_response pairs), "
+            f"got {describe(row.get('other_response'))}",
+        )
+        for row, (file, line) in zip(rows, origins)
+        if not (isinstance(row.get("other_response"), str) and row["other_response"].strip())
+    ]
+
+
+def _raise_unless_skipped(problems: list[Problem], report: LoadReport, skip_invalid: bool) -> None:
+    if problems and not skip_invalid:
+        raise DataError(report.source, problems, report.n_read)
 
 
 def to_ray_datasets(data: PreparedData, cfg: DataConfig) -> dict[str, Any]:
@@ -86,10 +142,31 @@ def to_ray_datasets(data: PreparedData, cfg: DataConfig) -> dict[str, Any]:
     for d, rows in data.train.items():
         if len(rows) > cfg.stream_threshold_rows:
             path = Path(cfg.cache_dir or cache_root() / "tokenised") / data.key / d
-            if not (path / "_done").exists():
-                ray.data.from_items(rows).write_parquet(str(path))
-                (path / "_done").touch()
+            if not (path / CACHE_DONE).exists():
+                _write_parquet_cache(rows, path)
             out[d] = ray.data.read_parquet(str(path))
         else:
             out[d] = ray.data.from_items(rows).materialize()
     return out
+
+
+def _write_parquet_cache(rows: list[dict[str, Any]], path: Path) -> None:
+    """Fill the cache entry ``path`` whole or not at all: it is written under a temporary name and renamed
+    once complete, so a killed write never leaves a partial entry that a later run would read."""
+    import ray.data
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        ray.data.from_items(rows).write_parquet(str(tmp))
+        (tmp / CACHE_DONE).touch()
+        if path.is_dir() and all(p.suffix == ".parquet" for p in path.iterdir()):
+            shutil.rmtree(path)  # an unfinished entry (Parquet parts, no marker) of an earlier write
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / CACHE_DONE).exists():
+                raise
+            # Another run finished the same entry first; both hold the same rows.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -14,14 +14,26 @@ answer becomes a given and one original premise becomes the unknown. For each fo
    solution) and the reverse row (``other_response`` = the forward solution, ``answer`` = the premise).
 
 Drop reasons: ``unparseable`` (the first reply lacks the format), ``inconsistent`` (the check disagrees or
-states no answer), ``endpoint_error`` (the endpoint failed after the generator's retries).
+states no answer), ``check_timeout`` (comparing the answers overran ``--check-timeout``), ``endpoint_error``
+(the endpoint failed after the client's retries), ``failed`` (anything else went wrong with the item: the
+exception and its traceback are logged). One item's failure never stops the others; only an interrupt
+(Ctrl-C) or a write that fails stops the run.
+
+The endpoint is called through the ``openai`` client (``OpenAIGenerator``), whose retries of 408/409/429/5xx
+and connection errors wait what the server's ``Retry-After`` asks (seconds or an HTTP date, up to two
+minutes; a longer one is not retried) and otherwise back off exponentially with jitter.
+
+Answers are compared in a child process (:class:`AnswerChecker`) killed when it overruns: ``math_verify``'s
+own time limit works only on a main thread, and a pathological answer can compute for hours.
 
 Resumable: each item's rows go to ``OUT`` and each dropped item to ``OUT.dropped.jsonl`` as soon as it
 finishes (one ``write`` per item, then flush + fsync). A re-run skips ids already kept in ``OUT`` or
-dropped as ``unparseable``/``inconsistent``; ``endpoint_error`` items are retried, since the failure was
-the endpoint's, not the item's. A torn last line (a kill mid-write) is cut off on resume. The report
-(``OUT.report.json``, also printed) accounts for every forward item of the input (after ``--limit``):
-kept + dropped by reason + pending == total.
+dropped for a reason of the item's own (``unparseable``, ``inconsistent``, ``check_timeout``);
+``endpoint_error`` and ``failed`` items are tried again. What a kill mid-write leaves at the end of a log is
+repaired on resume: a torn last line is cut, a whole last record that lost only its newline is kept, and
+a pair cut after its forward row is removed (the item is redone). The report (``OUT.report.json``, also
+printed) accounts for every forward item of the input (after ``--limit``): kept + dropped by reason +
+pending == total.
 """
 
 from __future__ import annotations
@@ -30,8 +42,11 @@ import argparse
 import json
 import os
 import re
+import select
+import subprocess
 import sys
 import threading
+import traceback
 from collections import Counter
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -42,15 +57,18 @@ from typing import Any, Protocol
 from revmix.platform.data.loaders import DataError, stable_item_id
 from revmix.platform.data.schema import ALL_FIELDS
 from revmix.platform.data.validate import FILE, Problem, check_rows, iter_records
-from revmix.platform.evaluation.answers import KINDS, extract_answer, is_equivalent, normalize_text
+from revmix.platform.evaluation.answers import KINDS, extract_answer, normalize_text
 from revmix.platform.generation.protocol import SamplingParams
 
 QUESTION_TEMPLATE = "reverse_question.txt"
 CHECK_TEMPLATE = "reverse_check.txt"
 QUESTION_FIELDS: tuple[str, ...] = ("{question}", "{answer}")  # {solution} is optional
 CHECK_FIELDS: tuple[str, ...] = ("{question}",)
-REASONS: tuple[str, ...] = ("unparseable", "inconsistent", "endpoint_error")
-FINAL_REASONS: frozenset[str] = frozenset({"unparseable", "inconsistent"})  # not retried on resume
+REASONS: tuple[str, ...] = ("unparseable", "inconsistent", "check_timeout", "endpoint_error", "failed")
+# An item dropped for one of these would be dropped again: a re-run skips it. The others are retried.
+FINAL_REASONS: frozenset[str] = frozenset({"unparseable", "inconsistent", "check_timeout"})
+RETRIED_REASONS: tuple[str, ...] = tuple(r for r in REASONS if r not in FINAL_REASONS)
+CHECK_START_TIMEOUT_S = 120.0  # the checker's start: a Python process importing sympy on a loaded machine
 NO_ANSWER = "(not stated; see the solution)"
 MAX_LOGGED_CHARS = 4000
 _LABEL = r"^[ \t>#*_]*{name}[ \t*_]*:[ \t*_]*"
@@ -131,11 +149,95 @@ def parse_reverse(text: str) -> ReverseDraft | None:
     return ReverseDraft(question, solution, premise.strip())
 
 
-def consistent(pred: str | None, gold: str, kind: str) -> bool:
-    """The check's answer recovers the premise: equivalent under ``kind``, or equal as normalised text."""
+def consistent(pred: str | None, gold: str, kind: str, checker: AnswerChecker) -> bool | None:
+    """The check's answer recovers the premise: equal as normalised text, or equivalent under ``kind``
+    (``answers.is_equivalent``, run by ``checker``); None when the comparison overran its time limit."""
     if pred is None:
         return False
-    return is_equivalent(pred, gold, kind) or normalize_text(pred) == normalize_text(gold)
+    if normalize_text(pred) == normalize_text(gold):
+        return True
+    return checker.equivalent(pred, gold, kind)
+
+
+# The checker child: one JSON ``[pred, gold, kind]`` per input line, one JSON verdict per output line. It
+# imports only the light answers module (not this one, which pulls in torch through the data schema).
+_CHECKER_CODE = """
+import json, sys
+from revmix.platform.evaluation.answers import is_equivalent
+for line in sys.stdin:
+    pred, gold, kind = json.loads(line)
+    print(json.dumps(bool(is_equivalent(pred, gold, kind))), flush=True)
+"""
+
+
+class AnswerChecker:
+    """``answers.is_equivalent`` in a child process, each comparison bounded by ``timeout_s`` seconds.
+
+    The builder compares answers on worker threads, where ``math_verify`` cannot use its ``signal.alarm``
+    time limit, and some answers (``9^{9^{9^{9}}}``) make sympy compute for hours while holding the GIL, so
+    no thread of this process could stop it. The child compares on its main thread; when it overruns it is
+    killed, the call answers None, and the next call starts a fresh child. Calls are serialised.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"AnswerChecker: timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> AnswerChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def equivalent(self, pred: str, gold: str, kind: str) -> bool | None:
+        """``is_equivalent(pred, gold, kind)``, or None when it took longer than ``timeout_s``."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+            verdict = self._ask([pred, gold, kind], self.timeout_s)
+            if verdict is None:
+                self.close()
+            return verdict
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def _start(self) -> None:
+        """A fresh child, warmed up (sympy imported) under its own, longer time limit."""
+        import revmix
+
+        src = str(Path(revmix.__file__).resolve().parents[1])  # the child imports this revmix
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CHECKER_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            env=env,
+        )
+        if self._ask(["1/2", "0.5", "math"], CHECK_START_TIMEOUT_S) is None:
+            self.close()
+            raise RuntimeError(f"the answer checker did not start within {CHECK_START_TIMEOUT_S:.0f} s")
+
+    def _ask(self, request: list[str], timeout_s: float) -> bool | None:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+        line = proc.stdout.readline() if ready else None
+        if line == "":  # the child died: a crash is not a time-out
+            code = proc.wait()
+            self._proc = None
+            raise RuntimeError(f"the answer checker exited with code {code} while comparing answers")
+        return None if line is None else bool(json.loads(line))
 
 
 # -------------------------------------------------------------------------------------------------- input
@@ -187,6 +289,13 @@ class Outcome:
     detail: str = ""
     teacher_output: str | None = None
     check_output: str | None = None
+    traceback: str | None = None  # of a ``failed`` item
+
+
+def failed_outcome(item_id: str, err: Exception) -> Outcome:
+    """An item that raised: logged with the exception and its traceback, and tried again by a re-run."""
+    text = "".join(traceback.format_exception(err))
+    return Outcome(item_id, reason="failed", detail=f"{type(err).__name__}: {err}", traceback=text)
 
 
 def build_item(
@@ -195,10 +304,12 @@ def build_item(
     question_template: str,
     check_template: str,
     params: SamplingParams,
+    checker: AnswerChecker,
     kind: str = "math",
 ) -> Outcome:
-    """Run the two teacher calls for one forward row. Endpoint failures become ``endpoint_error``; any
-    other exception propagates (a bug or an interrupt must stop the run, not be logged as data)."""
+    """Run the two teacher calls for one forward row and compare the answers (under ``checker``'s time
+    limit). Endpoint failures become ``endpoint_error``; any other exception propagates (the caller logs it
+    as this item's failure)."""
     from revmix.platform.generation.openai_backend import EndpointError
 
     item_id = row["item_id"]
@@ -217,11 +328,13 @@ def build_item(
     except EndpointError as err:
         return Outcome(item_id, reason="endpoint_error", detail=f"check: {err}", teacher_output=first)
     pred = extract_answer(check)
-    if not consistent(pred, draft.premise, kind):
-        detail = f"check answered {pred!r}, expected premise {draft.premise!r} ({kind})"
-        return Outcome(
-            item_id, reason="inconsistent", detail=detail, teacher_output=first, check_output=check
-        )
+    verdict = consistent(pred, draft.premise, kind, checker)
+    if not verdict:
+        reason = "inconsistent" if verdict is False else "check_timeout"
+        detail = f"check answered {_clip(pred, 200)!r}, expected premise {draft.premise!r} ({kind})"
+        if verdict is None:
+            detail += f": the comparison took longer than {checker.timeout_s:g} s"
+        return Outcome(item_id, reason=reason, detail=detail, teacher_output=first, check_output=check)
     fwd = dict(row, other_response=draft.solution)
     rev = {
         "item_id": item_id,
@@ -241,23 +354,85 @@ def build_item(
 # ------------------------------------------------------------------------------------------ resumable output
 
 
-def _read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
-    """Parsed lines of an append log; a torn last line (no newline) is cut off the file."""
+@dataclass(frozen=True)
+class LogRecord:
+    """One record of an append log: its line number, the byte offset where the line starts, the record."""
+
+    line: int
+    offset: int
+    data: dict[str, Any]
+
+
+def read_log(path: Path, required: tuple[str, ...]) -> list[LogRecord]:
+    """The records of an append log (each a JSON object with string ``required`` fields), repairing the
+    damage a kill mid-write leaves at its end.
+
+    Only the last line may lack its newline. When it does not parse it is torn and is cut off the file; when
+    it parses it is whole and only its newline was lost, so the newline is added (the next append must not
+    merge with it). Any other line that is not such a record is a :class:`ResumeError` naming it.
+    """
     if not path.exists():
         return []
     data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut < len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(cut)
-    out = []
-    for n, line in enumerate(data[:cut].splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ResumeError(f"{path}:{n}: not JSON ({err}); fix or remove the line to resume") from err
-    return out
+    lines = data.split(b"\n")  # the last element is what follows the last newline ("" normally)
+    records, offset = [], 0
+    for number, raw in enumerate(lines, start=1):
+        tail = number == len(lines)
+        if raw.strip():
+            record = _parse_log_line(raw, required)
+            if isinstance(record, str):
+                if not tail:
+                    raise ResumeError(f"{path}:{number}: {record}; fix or remove the line to resume")
+                _truncate(path, offset)  # torn by a kill mid-write
+                break
+            if tail:
+                _append_durably(path, b"\n")
+            records.append(LogRecord(number, offset, record))
+        offset += len(raw) + 1
+    return records
+
+
+def _parse_log_line(raw: bytes, required: tuple[str, ...]) -> dict[str, Any] | str:
+    """The record on one line, or why it is not one."""
+    try:
+        record = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes cut inside a character
+        return f"not JSON ({err})"
+    missing = [f for f in required if not isinstance(record, dict) or not isinstance(record.get(f), str)]
+    if missing:
+        return f"expected a JSON object with string field(s) {', '.join(missing)}"
+    return record
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(size)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _append_durably(path: Path, data: bytes) -> None:
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _complete_pairs(path: Path, records: list[LogRecord]) -> set[str]:
+    """Ids whose forward and reverse rows are both in ``OUT``; a pair cut after its first row (the file's
+    last item) is removed from the file. An incomplete pair anywhere else is a :class:`ResumeError`."""
+    rows: dict[str, list[LogRecord]] = {}
+    for rec in records:
+        rows.setdefault(rec.data["item_id"], []).append(rec)
+    complete = {i for i, rs in rows.items() if {r.data["direction"] for r in rs} == {"forward", "reverse"}}
+    last = records[-1].data["item_id"] if records else None
+    if last is not None and last not in complete and len(rows[last]) == 1:
+        _truncate(path, rows.pop(last)[0].offset)  # the kill came between the two rows of one write
+    broken = sorted(set(rows) - complete)
+    if broken:  # one write per item cannot leave these: the file was edited
+        where = ", ".join(f"{i} (line {rows[i][0].line})" for i in broken)
+        raise ResumeError(f"{path}: item(s) {where} lack a forward or a reverse row; remove them to resume")
+    return complete
 
 
 class ResumableWriter:
@@ -268,16 +443,10 @@ class ResumableWriter:
         self.dropped_path = Path(f"{out}.dropped.jsonl")
         self.report_path = Path(f"{out}.report.json")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        rows = _read_jsonl_tolerant(self.out)
-        dirs: dict[str, set[str]] = {}
-        for r in rows:
-            dirs.setdefault(r["item_id"], set()).add(r["direction"])
-        self.kept = {i for i, d in dirs.items() if d == {"forward", "reverse"}}
-        if len(self.kept) != len(dirs):  # one row of a pair only: impossible with one write per item
-            raise ResumeError(f"{self.out}: items {sorted(set(dirs) - self.kept)} lack a forward/reverse row")
+        self.kept = _complete_pairs(self.out, read_log(self.out, ("item_id", "direction")))
         self.dropped: dict[str, str] = {}  # item_id -> last reason logged
-        for rec in _read_jsonl_tolerant(self.dropped_path):
-            self.dropped[rec["item_id"]] = rec["reason"]
+        for rec in read_log(self.dropped_path, ("item_id", "reason")):
+            self.dropped[rec.data["item_id"]] = rec.data["reason"]
         self._lock = threading.Lock()
 
     def done(self, item_id: str) -> bool:
@@ -293,6 +462,7 @@ class ResumableWriter:
                 "detail": outcome.detail,
                 "teacher_output": _clip(outcome.teacher_output),
                 "check_output": _clip(outcome.check_output),
+                "traceback": _clip(outcome.traceback),
             }
             path, text = self.dropped_path, json.dumps(entry, ensure_ascii=False) + "\n"
         with self._lock, open(path, "a", encoding="utf-8") as fh:
@@ -305,8 +475,8 @@ class ResumableWriter:
                 self.dropped[outcome.item_id] = str(outcome.reason)
 
 
-def _clip(text: str | None) -> str | None:
-    return text if text is None or len(text) <= MAX_LOGGED_CHARS else text[:MAX_LOGGED_CHARS] + "…"
+def _clip(text: str | None, limit: int = MAX_LOGGED_CHARS) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit] + "…"
 
 
 # -------------------------------------------------------------------------------------------------- driver
@@ -322,46 +492,44 @@ def build_reverse(
     params: SamplingParams,
     kind: str = "math",
     concurrency: int = 1,
+    check_timeout: float = 10.0,
 ) -> dict[str, Any]:
     """Process every forward row not yet done, ``concurrency`` items at a time; return the report dict.
 
-    Finished items are written as they complete. If an item raises (anything but an endpoint error), the
-    items still queued are cancelled, those already finished stay written, and the exception propagates.
+    Finished items are written as they complete. An item that raises is logged as ``failed`` and the run
+    goes on. An interrupt (Ctrl-C) or a write that fails cancels the items still queued and propagates;
+    the items finished before it stay written.
     """
     writer = ResumableWriter(out)
     todo = [r for r in forward if not writer.done(r["item_id"])]
     this_run: Counter[str] = Counter()
-    failure: BaseException | None = None
-    stop = threading.Event()  # set by the first failing item: queued items must not start after it
+    stop = threading.Event()  # set when the run stops: queued items must not start after it
 
-    def guarded(row: dict[str, Any]) -> Outcome:
+    def guarded(row: dict[str, Any], checker: AnswerChecker) -> Outcome:
         if stop.is_set():
             raise CancelledError
         try:
-            return build_item(generator, row, question_template, check_template, params, kind)
+            return build_item(generator, row, question_template, check_template, params, checker, kind)
+        except Exception as err:  # this item's failure, not the run's: logged, retried by a re-run
+            return failed_outcome(row["item_id"], err)
         except BaseException:
             stop.set()
             raise
 
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
-    try:  # finally: an interrupt (Ctrl-C) must cancel the queued items, not run them unrecorded
-        futures = [pool.submit(guarded, r) for r in todo]
-        for fut in as_completed(futures):
-            try:
-                outcome = fut.result()
-            except CancelledError:
-                continue
-            except Exception as err:  # re-raised below, after the items finishing meanwhile are saved
-                if failure is None:
-                    failure = err
-                    pool.shutdown(wait=False, cancel_futures=True)
-                continue
-            writer.record(outcome)
-            this_run["kept" if outcome.rows else str(outcome.reason)] += 1
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if failure is not None:
-        raise failure
+    with AnswerChecker(check_timeout) as checker:
+        pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+        try:  # finally: an interrupt must cancel the queued items, not run them unrecorded
+            futures = [pool.submit(guarded, r, checker) for r in todo]
+            for fut in as_completed(futures):
+                try:
+                    outcome = fut.result()
+                except CancelledError:
+                    continue
+                writer.record(outcome)
+                this_run["kept" if outcome.rows else str(outcome.reason)] += 1
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
     return make_report(forward, writer, this_run, skipped=len(forward) - len(todo))
 
 
@@ -372,7 +540,7 @@ def make_report(
     ids = [r["item_id"] for r in forward]
     status = Counter(
         "kept" if i in writer.kept else writer.dropped.get(i, "pending") for i in ids
-    )  # endpoint_error is the last logged reason of an item still to retry
+    )  # endpoint_error / failed: the last logged reason of an item still to retry
     report = {
         "out": str(writer.out),
         "dropped_log": str(writer.dropped_path),
@@ -418,19 +586,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--answer-kind", default="math", choices=KINDS, help="premise comparison")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    parser.add_argument("--max-retries", type=int, default=3, help="per request, on retryable failures")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=3,
+        help="per request, on 408/409/429/5xx and connection errors (waiting what Retry-After asks)",
+    )
+    parser.add_argument(
+        "--check-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to compare one check answer with its premise; longer drops the item (check_timeout)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("REVMIX_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+        help="bearer key of the teacher endpoint (default: $REVMIX_API_KEY, then $OPENAI_API_KEY)",
+    )
 
 
 def run(args: argparse.Namespace, generator: TextGenerator | None = None) -> int:
-    """Exit 0 when every item is kept or finally dropped, 1 for bad input or endpoint errors left to
-    retry, 2 for usage errors (bad option, template, output path)."""
+    """Exit 0 when every item is kept or finally dropped, 1 for bad input or items left to retry (endpoint
+    errors, failures), 2 for usage errors (bad option, template, output path, a log that cannot resume)."""
     cmd = "revmix data reverse"
     if Path(args.out).suffix != ".jsonl":
         print(f"{cmd}: --out must be a .jsonl file (it is appended to), got {args.out!r}", file=sys.stderr)
         return 2
     if (args.limit is not None and args.limit < 1) or args.concurrency < 1:
         print(f"{cmd}: --limit and --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    if not 0 < args.check_timeout < float("inf"):
+        print(
+            f"{cmd}: --check-timeout must be a positive number of seconds, got {args.check_timeout}",
+            file=sys.stderr,
+        )
         return 2
     try:
         qt = load_template(args.prompt_template, QUESTION_TEMPLATE, QUESTION_FIELDS)
@@ -468,13 +657,18 @@ def run(args: argparse.Namespace, generator: TextGenerator | None = None) -> int
             params=params,
             kind=args.answer_kind,
             concurrency=args.concurrency,
+            check_timeout=args.check_timeout,
         )
     except ResumeError as err:
         print(f"{cmd}: {err}", file=sys.stderr)
         return 2
     print(summary(report))
     print(f"report: {args.out}.report.json; dropped items: {args.out}.dropped.jsonl")
-    if report["dropped"]["endpoint_error"] or report["pending"]:
-        print(f"{cmd}: endpoint errors left items unfinished; re-run the same command to retry them")
+    retry = {r: report["dropped"][r] for r in RETRIED_REASONS if report["dropped"][r]}
+    if retry or report["pending"]:
+        why = ", ".join(f"{n} {r}" for r, n in retry.items()) or f"{report['pending']} pending"
+        print(
+            f"{cmd}: items left unfinished ({why}; see {args.out}.dropped.jsonl); re-run the same command to retry them"
+        )
         return 1
     return 0

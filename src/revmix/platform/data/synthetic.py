@@ -11,10 +11,8 @@ direction to answer. Solutions are short single-operation steps a tiny transform
 with the line ``Answer: <answer>``; a reverse solution undoes the steps, then replays the forward steps
 as a ``Check:`` — so y+ and y− share most tokens too, as the paper's traces do.
 
-Families: ``affine_mod`` ((a*x + b) mod m, undone with the modular inverse of a), ``arith_chain``
-(add / subtract / multiply / divide chain, undone back to front), ``string_ops`` (reverse / rotate /
-Caesar-shift a short lowercase word) and ``base_conv`` (decimal → base-b digits, undone with Horner).
-Rows are plain dicts with exactly :data:`~revmix.platform.data.schema.ALL_FIELDS`.
+Families (:data:`FAMILIES`): ``affine_mod``, ``arith_chain``, ``string_ops`` and ``base_conv``. Rows are
+plain dicts with exactly :data:`~revmix.platform.data.schema.ALL_FIELDS`.
 """
 
 from __future__ import annotations
@@ -152,10 +150,8 @@ class AffineMod(Family):
 
     def forward_steps(self, p: Params, x: str) -> tuple[list[str], str]:
         a, b, m = p
-        ax = a * int(x)
-        return [f"{a}*{x} = {ax}", f"{ax} + {b} = {ax + b}", f"{ax + b} mod {m} = {(ax + b) % m}"], str(
-            (ax + b) % m
-        )
+        ax, y = a * int(x), (a * int(x) + b) % m
+        return [f"{a}*{x} = {ax}", f"{ax} + {b} = {ax + b}", f"{ax + b} mod {m} = {y}"], str(y)
 
     def reverse_steps(self, p: Params, y: str) -> tuple[list[str], str]:
         a, b, m = p
@@ -330,19 +326,18 @@ class StringOps(Family):
                 f"string_ops {direction} given value must be lowercase letters longer than each rotation, got {value!r}"
             )
 
+    def _steps(self, ops: Params, w: str, undo: bool) -> tuple[list[str], str]:
+        lines = [" ".join(w)]
+        for op, k in ops:
+            w = self._do(op, w, k, undo)
+            lines.append(f"{self._label(op, k, undo)}: {' '.join(w)}")
+        return lines, w
+
     def forward_steps(self, p: Params, x: str) -> tuple[list[str], str]:
-        lines = [" ".join(x)]
-        for op, k in p:
-            x = self._do(op, x, k)
-            lines.append(f"{self._label(op, k, undo=False)}: {' '.join(x)}")
-        return lines, x
+        return self._steps(p, x, undo=False)
 
     def reverse_steps(self, p: Params, y: str) -> tuple[list[str], str]:
-        lines = [" ".join(y)]
-        for op, k in reversed(p):
-            y = self._do(op, y, k, undo=True)
-            lines.append(f"{self._label(op, k, undo=True)}: {' '.join(y)}")
-        return lines, y
+        return self._steps(tuple(reversed(p)), y, undo=True)
 
 
 class BaseConv(Family):

@@ -2,7 +2,9 @@
 
 A tokenised row holds ``prompt_ids``, ``response_ids`` (y+ then EOS), ``other_ids`` (y− then EOS, empty
 when the row has none), the direction code and the row's identity. Rows longer than ``max_length`` have
-their responses truncated (never dropped); the count is returned so summaries can report it.
+their responses truncated (never dropped); the count is returned so summaries can report it. A prompt
+that leaves no room for a response is a problem: :func:`tokenise_checked` returns such rows (the caller
+names their ``FILE:LINE``), :func:`tokenise_rows` raises on the first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,28 +40,48 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenise_rows(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, start_index: int = 0
-) -> tuple[list[dict[str, Any]], int]:
-    """Tokenise canonical rows; returns (tokenised rows, number of truncated rows)."""
+@dataclass
+class Tokenised:
+    """What :func:`tokenise_checked` made of some canonical rows."""
+
+    rows: list[dict[str, Any]]  # tokenised rows (those whose prompt fits)
+    truncated: int = 0  # rows whose response (or other_response) was cut to fit max_length
+    too_long: list[tuple[int, str]] = field(default_factory=list)  # (position in the input, why) of prompts
+    # that leave no room for a response
+
+
+def tokenise_checked(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int,
+    start_index: int = 0,
+) -> Tokenised:
+    """Tokenise canonical rows; a prompt leaving under two tokens for the response is reported, not kept.
+
+    ``row_index`` stays the row's position (``start_index + i``) whether or not earlier rows were left out.
+    """
+    if not rows:  # a direction without rows (the tokenizer fails on an empty batch)
+        return Tokenised(rows=[])
     eos = tokenizer.eos_token_id
     prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
     responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
     others_text = [r.get("other_response") or "" for r in rows]
     others = tokenizer(others_text, add_special_tokens=False)["input_ids"]
-    out, truncated = [], 0
+    out = Tokenised(rows=[])
     for i, (row, p, y, o, o_text) in enumerate(zip(rows, prompts, responses, others, others_text)):
         room = max_length - len(p)
         if room < 2:
-            raise ValueError(
-                f"row {start_index + i} (item {row['item_id']}): prompt is {len(p)} tokens, "
-                f"max_length {max_length} leaves no room for a response; raise data.max_length"
+            why = (
+                f"the prompt is {len(p)} tokens (with the chat template); data.max_length {max_length} "
+                f"leaves no room for a response: raise data.max_length to at least {len(p) + 2}"
             )
+            out.too_long.append((i, why))
+            continue
         y = list(y) + [eos]
         o = (list(o) + [eos]) if o_text else []
         if len(y) > room or len(o) > room:
-            truncated += 1
-        out.append(
+            out.truncated += 1
+        out.rows.append(
             {
                 "row_index": start_index + i,
                 "item_id": str(row["item_id"]),
@@ -70,7 +93,20 @@ def tokenise_rows(
                 "other_ids": o[:room],
             }
         )
-    return out, truncated
+    return out
+
+
+def tokenise_rows(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, start_index: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    """Tokenise canonical rows; returns (tokenised rows, number of truncated rows).
+
+    Raises ValueError naming the first row whose prompt does not fit ``max_length``."""
+    done = tokenise_checked(rows, tokenizer, max_length, start_index)
+    if done.too_long:
+        i, why = done.too_long[0]
+        raise ValueError(f"row {start_index + i} (item {rows[i]['item_id']}): {why}")
+    return done.rows, done.truncated
 
 
 def _pad(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:

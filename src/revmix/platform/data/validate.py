@@ -3,9 +3,12 @@
 Why a separate module: ``revmix data validate`` and every loader share one set of rules, so a file that
 validates clean is exactly a file that loads without ``skip_invalid``. Rules:
 
-* a line must be a JSON object (``<line>`` problems: not JSON, not an object);
+* a line must be UTF-8 and a JSON object (``<line>`` problems: not UTF-8, not JSON, not an object);
+  a byte-order mark before the first line is allowed;
 * ``item_id``, ``direction``, ``task``, ``prompt``, ``response`` are required non-empty strings;
 * ``other_response`` and ``answer`` are strings or null;
+* no string holds a lone surrogate (``"\ud800"`` in JSON is valid JSON but no text: it cannot be encoded
+  for the tokenizer);
 * ``direction`` is one of :data:`~revmix.platform.data.schema.DIRECTIONS`;
 * ``(item_id, direction)`` is unique per file (the problem names the line of the first occurrence);
 * with ``require_pairs``, every reverse row has a valid forward twin (same ``item_id``).
@@ -17,6 +20,7 @@ Extra fields are allowed and ignored; they are not problems but are counted
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ LINE = "<line>"  # field name for problems with the whole line (not JSON, not an
 FILE = "<file>"  # field name for problems with the whole file (empty, unreadable)
 
 Record = tuple[int, "dict[str, Any] | Exception"]
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,16 @@ def _check_record(rec: dict[str, Any]) -> list[tuple[str, str]]:
         value = rec.get(name)
         if value is not None and not isinstance(value, str):
             out.append((name, f"expected a string or null, got {describe(value)}"))
+    for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS):
+        value = rec.get(name)
+        bad = LONE_SURROGATE.search(value) if isinstance(value, str) else None
+        if bad:
+            out.append(
+                (
+                    name,
+                    f"expected text, got a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()}",
+                )
+            )
     return out
 
 
@@ -188,8 +203,16 @@ def iter_jsonl(path: str | Path) -> Iterator[Record]:
             if not raw.strip():
                 continue
             try:
-                yield lineno, json.loads(raw.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError) as err:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                yield (
+                    lineno,
+                    ValueError(f"invalid UTF-8: byte 0x{raw[err.start]:02x} at position {err.start}"),
+                )
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except ValueError as err:
                 yield lineno, err
 
 

@@ -12,19 +12,17 @@ chosen completion is y+ = the row's own solution (``response``) and the rejected
     margin = ALP(y+ | x) − ALP(y− | x)
 
 A direction-aware model has a large positive margin (≈ 1.2–1.4 nats/token in the paper after
-single-direction SFT); naive forward+reverse mixing collapses it to ≈ 0.06–0.08. ``alp_table`` reports
-chosen / rejected / margin per test direction; ``cross_direction_table`` lays several trained models
-(e.g. trained on forward vs on reverse) against the test directions: the paper's 2×2 figure.
+single-direction SFT); naive forward+reverse mixing collapses it to ≈ 0.06–0.08.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from revmix.platform.data.schema import DIRECTIONS
+from revmix.platform.generation.protocol import as_generator, prepare_prompts
 
 N_TOKENS = 1000  # the paper's N
 
@@ -49,21 +47,6 @@ def _item_id(item: Any, index: int) -> str:
     return str(index)
 
 
-def as_generator(generator_or_model: Any, tokenizer: Any = None, batch_size: int = 16) -> Any:
-    """A ``Generator`` from a generator (returned as is), an in-memory model (+ tokenizer) or a model path."""
-    import torch
-
-    from revmix.platform.generation.hf import HFGenerator
-
-    if isinstance(generator_or_model, (str, os.PathLike, torch.nn.Module)):
-        return HFGenerator(generator_or_model, tokenizer=tokenizer, batch_size=batch_size)
-    if hasattr(generator_or_model, "score") and hasattr(generator_or_model, "generate"):
-        return generator_or_model
-    raise TypeError(
-        f"expected a Generator, a torch model or a model path, got {type(generator_or_model).__name__}"
-    )
-
-
 def score_items(generator: Any, items: Iterable[Any], n_tokens: int = N_TOKENS) -> list[dict[str, Any]]:
     """Per-item ALP(y+), ALP(y−) and margin for the items that have both solutions.
 
@@ -72,8 +55,6 @@ def score_items(generator: Any, items: Iterable[Any], n_tokens: int = N_TOKENS) 
     item; items lacking ``other_response`` or with an empty solution are left out (the caller's ``n``
     counts only scored items).
     """
-    from revmix.platform.generation.protocol import prepare_prompts
-
     usable = [
         (i, it)
         for i, it in enumerate(items)
@@ -135,7 +116,7 @@ def alp_table(
 
 def cross_direction_table(tables: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """Rows ``{"train", "test", "chosen", "rejected", "margin", "n"}``: each trained model (key of
-    ``tables``, e.g. ``"forward"``/``"reverse"`` or a run name) against each test direction."""
+    ``tables``, e.g. ``"forward"``/``"reverse"``) against each test direction — the paper's 2×2 figure."""
     rows = []
     for train, table in tables.items():
         for test in [d for d in DIRECTIONS if d in table] + [d for d in table if d not in DIRECTIONS]:

@@ -13,6 +13,7 @@ the eval runner never has to know which benchmark it is scoring.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import pathlib
 import random
@@ -109,7 +110,7 @@ def _math_prompt(problem: str) -> str:
 # shipped benchmarks
 
 
-def _shipped_problems(filename: str, task: str, id_field: str, kind: str) -> list[EvalItem]:
+def _shipped_problems(filename: str, task: str, id_field: str, kind: str, **_: Any) -> list[EvalItem]:
     """A shipped ``{id_field, problem, answer}`` file as items with ids ``task/<id>``."""
     path = asset_path(filename)
     return [
@@ -122,14 +123,6 @@ def _shipped_problems(filename: str, task: str, id_field: str, kind: str) -> lis
         )
         for n, obj in _read_jsonl(path)
     ]
-
-
-def _load_math500(**_: Any) -> list[EvalItem]:
-    return _shipped_problems("math500_test.jsonl", "math500", "unique_id", "math")
-
-
-def _load_aime2024(**_: Any) -> list[EvalItem]:
-    return _shipped_problems("aime2024.jsonl", "aime2024", "id", "integer")
 
 
 def _load_aime2025(**_: Any) -> list[EvalItem]:
@@ -307,8 +300,8 @@ def _load_synthetic(
 # registry
 
 _LOADERS: dict[str, Callable[..., list[EvalItem]]] = {
-    "math500": _load_math500,
-    "aime2024": _load_aime2024,
+    "math500": functools.partial(_shipped_problems, "math500_test.jsonl", "math500", "unique_id", "math"),
+    "aime2024": functools.partial(_shipped_problems, "aime2024.jsonl", "aime2024", "id", "integer"),
     "aime2025": _load_aime2025,
     "gsm8k": _load_gsm8k,
     "gpqa": _load_gpqa,

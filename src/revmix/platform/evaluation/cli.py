@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from revmix.platform.generation.protocol import KINDS as GENERATOR_KINDS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
@@ -28,34 +30,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="model dir, tiny:<scale>, or (with --generator openai) the served model name"
     )
     src.add_argument("--run", help="run directory from `revmix train --out DIR` (evaluates DIR/model)")
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--benchmarks",
         required=True,
         nargs="+",
         help="names, comma- or space-separated "
         "(math500, aime2024, aime2025, gsm8k, gpqa:<csv>, jsonl:<path>, synthetic)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
-    parser.add_argument(
-        "--generator", choices=("hf", "vllm", "openai", "auto"), default="hf", help="backend (default hf)"
-    )
-    parser.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL for --generator openai")
-    parser.add_argument(
-        "--tokenizer", default=None, help="tokenizer dir for --generator openai (enables ALP)"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per item")
-    parser.add_argument("--alp-tokens", type=int, default=1000, help="ALP over the first N completion tokens")
-    parser.add_argument("--no-alp", action="store_true", help="skip ALP scoring")
-    parser.add_argument(
-        "--batch-size", type=int, default=16, help="prompts per batch (openai: concurrent requests)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="benchmark seed (GPQA choice order, synthetic split)"
-    )
-    parser.add_argument(
-        "--out", required=True, help="output directory (eval.json, eval.md, predictions.jsonl)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add("--limit", type=int, help="first N items of each benchmark")
+    add("--generator", choices=GENERATOR_KINDS, default="hf", help="backend (default hf)")
+    add("--endpoint", help="OpenAI-compatible base URL for --generator openai")
+    add("--tokenizer", help="tokenizer dir for --generator openai (enables ALP)")
+    add("--max-new-tokens", type=int, default=512, help="generation budget per item")
+    add("--alp-tokens", type=int, default=1000, help="ALP over the first N completion tokens")
+    add("--no-alp", action="store_true", help="skip ALP scoring")
+    add("--batch-size", type=int, default=16, help="prompts per batch (openai: concurrent requests)")
+    add("--seed", type=int, default=0, help="benchmark seed (GPQA choice order, synthetic split)")
+    add("--out", required=True, help="output directory (eval.json, eval.md, predictions.jsonl)")
+    add("--quiet", action="store_true", help="no progress bars")
 
 
 def benchmark_names(values: list[str]) -> list[str]:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from revmix.config import ExperimentConfig
-from revmix.platform.evaluation.benchmarks import EvalItem
+from revmix.objectives.reference import eval_mode
+from revmix.platform.evaluation.benchmarks import EvalItem, load_benchmark
 
 SYNTHETIC_PREFIX = "synthetic/"
 
@@ -62,22 +63,17 @@ def evaluate_policy(
     from revmix.platform.evaluation.runner import evaluate
 
     items = heldout_items(eval_rows)
-    was_training = policy.training
-    policy.eval()
-    try:
+    with eval_mode(policy):
+        alp = alp_table(
+            policy, _balanced(items, cfg.eval.alp_limit), cfg.eval.alp_tokens, tokenizer=tokenizer
+        )
         if alp_only:
-            table = alp_table(
-                policy, _balanced(items, cfg.eval.alp_limit), cfg.eval.alp_tokens, tokenizer=tokenizer
-            )
-            return flatten_alp(table)
+            return flatten_alp(alp)
         name = "synthetic" if cfg.data.source == "synthetic" else "heldout"
         per_dir = None if cfg.eval.limit is None else max(1, cfg.eval.limit // 2)
         benches: dict[str, Sequence[Any]] = {name: _balanced(items, per_dir)}
-        others = [b for b in cfg.eval.benchmarks if b not in ("synthetic", "heldout")]
-        if others:
-            from revmix.platform.evaluation.benchmarks import load_benchmark
-
-            for b in others:
+        for b in cfg.eval.benchmarks:
+            if b not in ("synthetic", "heldout"):
                 benches[b] = load_benchmark(b, limit=cfg.eval.limit)
         result = evaluate(
             policy,
@@ -86,11 +82,6 @@ def evaluate_policy(
             alp_tokens=cfg.eval.alp_tokens,
             tokenizer=tokenizer,
             progress=False,
-            alp=False,  # ALP below, on its own (alp_limit) slice
+            alp=False,  # ALP above, on its own (alp_limit) slice
         )
-        result["alp"] = alp_table(
-            policy, _balanced(items, cfg.eval.alp_limit), cfg.eval.alp_tokens, tokenizer=tokenizer
-        )
-        return result
-    finally:
-        policy.train(was_training)
+    return {**result, "alp": alp}

@@ -16,44 +16,9 @@ from typing import Any
 
 from revmix.platform.evaluation import alp as alp_mod
 from revmix.platform.evaluation.answers import score_completion
-from revmix.platform.generation.protocol import SamplingParams, make_generator, prepare_prompts
+from revmix.platform.generation.protocol import SamplingParams, as_generator, prepare_prompts
 
 Scorer = Callable[[str, str, str], bool]
-
-
-def build_generator(
-    model: Any,
-    generator: str = "hf",
-    endpoint: str | None = None,
-    tokenizer: Any = None,
-    batch_size: int = 16,
-) -> Any:
-    """A ``Generator`` for ``evaluate``: passed through if it is one; else built by kind.
-
-    ``generator="openai"`` needs ``endpoint``; ``model`` is then the served model name (None: the first
-    the endpoint lists) and ``tokenizer`` (optional) enables ALP scoring through it.
-    """
-    import torch
-
-    if isinstance(model, torch.nn.Module):
-        from revmix.platform.generation.hf import HFGenerator
-
-        return HFGenerator(model, tokenizer=tokenizer, batch_size=batch_size)
-    if (
-        model is not None
-        and not isinstance(model, str)
-        and hasattr(model, "generate")
-        and hasattr(model, "score")
-    ):
-        return model
-    if generator == "openai":
-        if not endpoint:
-            raise ValueError("generator 'openai' needs endpoint= (e.g. http://127.0.0.1:8000/v1)")
-        return make_generator("openai", model, base_url=endpoint, tokenizer=tokenizer, concurrency=batch_size)
-    if model is None:
-        raise ValueError(f"generator {generator!r} needs a model path or run directory")
-    kwargs = {"batch_size": batch_size} if generator == "hf" else {}
-    return make_generator(generator, model, **kwargs)
 
 
 def _accuracy(flags: Sequence[bool]) -> float | None:
@@ -90,7 +55,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    gen = build_generator(model_path_or_generator, generator, endpoint, tokenizer, batch_size)
+    gen = as_generator(model_path_or_generator, generator, endpoint, tokenizer, batch_size)
     params = sampling or SamplingParams(max_new_tokens=max_new_tokens)
     chunk = max(1, batch_size) * 4  # progress granularity; each chunk is still decoded in batches
     t0 = time.perf_counter()

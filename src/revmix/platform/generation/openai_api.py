@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # hf imports torch; `revmix serve` reads ServerLimits while i
 
 GenerateFn = Callable[[list[int], SamplingParams], Awaitable[list["Completion"]]]
 MAX_LOGPROBS = 20
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+API_KEY_ENV = "REVMIX_API_KEY"  # where `revmix serve` reads its API key when --api-key is not given
 log = logging.getLogger(__name__)
 
 
@@ -323,6 +325,11 @@ class OpenAIHandler:
             )
         return wanted
 
+    def _completion_max_tokens(self, body: dict[str, Any]) -> int:
+        """``max_tokens`` of /v1/completions: OpenAI's default is 16 (this server's limit, if lower)."""
+        wanted = _int(body, "max_tokens", None, 0)
+        return min(COMPLETIONS_MAX_TOKENS, self.limits.max_tokens) if wanted is None else wanted
+
     def _decode(self, ids: list[int]) -> list[str]:
         return [self.gen.decode([t]) for t in ids]
 
@@ -368,7 +375,7 @@ class OpenAIHandler:
         prompts = self._prompts(body)
         echo = bool(body.get("echo", False))
         top = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-        wanted = _int(body, "max_tokens", 16, 0)
+        wanted = self._completion_max_tokens(body)
         max_tokens = min(self._room(len(ids), wanted) for _, ids in prompts)
         params = parse_sampling(body, max_tokens, self.limits)
         if max_tokens > 0:
@@ -508,7 +515,7 @@ class OpenAIHandler:
             if len(prompts) != 1 or body.get("echo") or body.get("logprobs") is not None:
                 raise APIError(400, "stream=True supports one prompt without echo or logprobs", "stream")
             ids = prompts[0][1]
-            max_tokens = self._room(len(ids), _int(body, "max_tokens", 16, 0))
+            max_tokens = self._room(len(ids), self._completion_max_tokens(body))
         params = parse_sampling(body, max_tokens, self.limits)
         if params.n != 1:
             raise APIError(400, "stream=True supports n=1 only", "n")

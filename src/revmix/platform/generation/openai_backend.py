@@ -37,14 +37,14 @@ class OpenAIGenerator:
     ``chat=True`` sends each prompt as one user message to ``/chat/completions`` (the server applies its
     chat template, so prompts are bare questions: see ``protocol.prepare_prompts``); ``chat=False`` sends
     raw prompts to ``/completions``. ``model=None`` uses the first model the endpoint lists.
-    ``timeout`` (seconds per attempt) and ``max_retries`` go to the ``openai`` client as they are.
+    ``api_key=None`` reads ``REVMIX_API_KEY`` (the key ``revmix serve`` reads), then ``OPENAI_API_KEY``.
     """
 
     def __init__(
         self,
         base_url: str,
         model: str | None = None,
-        api_key: str = "EMPTY",
+        api_key: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 3,
         concurrency: int = 8,
@@ -60,6 +60,8 @@ class OpenAIGenerator:
             )
         self.base_url = base_url.rstrip("/")
         self.max_retries, self.concurrency, self.chat = max_retries, concurrency, chat
+        if api_key is None:  # a server started with a key accepts the same variable's value
+            api_key = os.environ.get("REVMIX_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         self.client = openai.OpenAI(
             base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
         )

@@ -202,3 +202,24 @@ def make_generator(kind: str, model: Any = None, **kwargs: Any) -> Generator:
     if model is None:
         raise ValueError(f"make_generator({kind!r}) needs model= (a model directory or run directory)")
     return cls(model, **kwargs)
+
+
+def as_generator(
+    model: Any, kind: str = "hf", endpoint: str | None = None, tokenizer: Any = None, batch_size: int = 16
+) -> Generator:
+    """``model`` as a ``Generator``: returned as is when it is one; an in-memory model (pass ``tokenizer``)
+    is served by ``hf``; a model path or run directory by backend ``kind``. For ``openai``, ``model`` is the
+    served model name (None: the first ``endpoint`` lists) and ``tokenizer`` enables ALP scoring."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        return make_generator("hf", model, tokenizer=tokenizer, batch_size=batch_size)
+    if isinstance(model, Generator):
+        return model
+    if kind == "openai":
+        if not endpoint:
+            raise ValueError("generator 'openai' needs endpoint= (e.g. http://127.0.0.1:8000/v1)")
+        return make_generator("openai", model, base_url=endpoint, tokenizer=tokenizer, concurrency=batch_size)
+    if model is None:
+        raise ValueError(f"generator {kind!r} needs a model path or run directory")
+    return make_generator(kind, model, **({"batch_size": batch_size} if kind == "hf" else {}))

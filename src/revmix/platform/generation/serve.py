@@ -36,7 +36,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from revmix.platform.generation.openai_api import APIError, ServerLimits, internal_error, limit_error
+from revmix.platform.generation.openai_api import (
+    API_KEY_ENV,
+    APIError,
+    ServerLimits,
+    internal_error,
+    limit_error,
+)
 from revmix.platform.generation.protocol import SamplingParams, resolve_model_dir, vllm_usable
 
 if TYPE_CHECKING:  # hf.py imports torch; the deployment imports it in the replica, not at module import
@@ -46,7 +52,6 @@ if TYPE_CHECKING:  # hf.py imports torch; the deployment imports it in the repli
 APP_NAME = "revmix-llm"
 BACKENDS: tuple[str, ...] = ("hf", "vllm", "auto")
 MAX_BATCH_SIZE = 16
-API_KEY_ENV = "REVMIX_API_KEY"
 
 api = FastAPI(title="revmix OpenAI-compatible server")
 
@@ -152,7 +157,8 @@ class HFOpenAIServer:
             try:
                 return JSONResponse(await asyncio.wait_for(call(body, self._generate), timeout))
             except TimeoutError:
-                raise limit_error(408, f"the request ran past {timeout:g} s", "request_timeout_s", self.limits)
+                what = f"the request ran past {timeout:g} s"
+                raise limit_error(408, what, "request_timeout_s", self.limits) from None
         except Exception as e:  # answered, not dropped
             return error_response(e)
 
@@ -239,9 +245,52 @@ def _context_len(model_path: str, cap: int) -> int:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Raise OSError naming ``host:port`` when it cannot be listened on (most often: another server has it).
+    Checked before Serve starts: its proxy would fail to bind, and polling the port would find the other
+    server. The check runs where this process runs, which is the head node for ``revmix serve``."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            what = (
+                "is already in use"
+                if e.errno == errno.EADDRINUSE
+                else f"cannot be listened on ({e.strerror})"
+            )
+            raise OSError(
+                e.errno,
+                f"{host}:{port} {what}; stop what holds it, or choose another --port (0 = any free port)",
+            ) from e
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (a host name other than localhost may resolve to anything)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """Refuse (ValueError) to serve on an address other machines can reach without an API key."""
+    if not api_key and not is_loopback(host):
+        raise ValueError(
+            f"--host {host} can be reached from other machines, and without an API key anyone who reaches it "
+            f"can use the model: set one (--api-key, or ${API_KEY_ENV}), or serve on --host 127.0.0.1"
+        )
 
 
 def resolve_backend(backend: str) -> str:
@@ -256,19 +305,40 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def wait_ready(base_url: str, timeout_s: float = 300.0) -> None:
-    """Poll ``GET {base_url}/models`` until it answers 200; raise TimeoutError naming the URL otherwise."""
+def wait_ready(
+    base_url: str, timeout_s: float = 300.0, name: str | None = None, api_key: str | None = None
+) -> None:
+    """Poll ``GET {base_url}/models`` until it answers 200 (listing ``name``, when given); raise TimeoutError
+    naming the URL otherwise, or RuntimeError at once when the server there serves something else."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{base_url}/models", timeout=5) as r:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"{base_url}/models", headers=headers), timeout=5
+            ) as r:
                 if r.status == 200:
+                    _check_serves(base_url, r.read(), name)
                     return
                 last = f"HTTP {r.status}"
         except (urllib.error.URLError, OSError) as e:
             last = str(e)
         time.sleep(0.5)
     raise TimeoutError(f"{base_url}/models not ready after {timeout_s:.0f} s (last: {last})")
+
+
+def _check_serves(base_url: str, answer: bytes, name: str | None) -> None:
+    if name is None:
+        return
+    try:
+        served = [m["id"] for m in json.loads(answer)["data"]]
+    except (ValueError, KeyError, TypeError):
+        served = []
+    if name not in served:
+        raise RuntimeError(
+            f"{base_url}/models answers, but without model {name!r} (it lists {served}): another server holds "
+            "this address"
+        )
 
 
 def start_server(
@@ -282,43 +352,61 @@ def start_server(
     dtype: str | None = None,
     app_name: str = APP_NAME,
     ready_timeout_s: float = 600.0,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
 ) -> str:
     """Deploy ``model_path`` (model dir, run dir or ``tiny:<scale>``) and return its base URL (``.../v1``).
 
     Starts a local Ray instance if none is connected (``RAY_ADDRESS`` is honoured). ``port=None`` or 0
-    picks a free port. Serve's HTTP options are fixed when Serve first starts in a cluster, so a second
-    ``start_server`` on another port needs ``stop_server()`` first.
+    picks a free port; a given port that is taken raises OSError naming it, before Serve starts. Serve's
+    HTTP options are fixed when Serve first starts in a cluster, so a second ``start_server`` on another
+    port needs ``stop_server()`` and ``serve.shutdown()`` first. A non-loopback ``host`` needs ``api_key``;
+    ``api_key`` and ``limits`` are the hf backend's (Ray Serve LLM's app enforces neither: ValueError).
     """
     import ray
 
     path = resolve_model_dir(model_path)
     name = name or default_name(model_path)
     kind = resolve_backend(backend)
+    check_exposure(host, api_key)
+    if kind == "vllm" and (api_key or limits):
+        raise ValueError("an API key and request limits need the hf backend: Ray Serve LLM enforces neither")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-    wanted = port
-    port = port or free_port(host)
-    serve.start(http_options={"host": host, "port": port})
-    actual = _serve_http_address()
-    if actual is not None and actual != (host, port):
-        if wanted and actual[1] != wanted:
-            raise RuntimeError(
-                f"Ray Serve already runs in this cluster on {actual[0]}:{actual[1]}; it cannot move to "
-                f"{host}:{wanted}. Call stop_server() first, or pass port={actual[1]}"
-            )
-        host, port = actual  # an earlier Serve instance (e.g. another test) fixed the address
+    host, port = _http_address(host, port, api_key)
     if kind == "hf":
-        app = build_hf_app(path, name, num_cpus=num_cpus, batch_size=batch_size, dtype=dtype)
+        app = build_hf_app(path, name, num_cpus, batch_size, dtype, limits, api_key)
     else:
         app = build_vllm_app(path, name, num_cpus=num_cpus, dtype=dtype)
     serve.run(app, name=app_name, route_prefix="/")
     base_url = f"http://{host}:{port}/v1"
-    wait_ready(base_url, ready_timeout_s)
+    wait_ready(base_url, ready_timeout_s, name, api_key)
     return base_url
 
 
+def _http_address(host: str, port: int | None, api_key: str | None) -> tuple[str, int]:
+    """Where Serve's HTTP proxy listens: started on (host, port), or the one already running in the
+    cluster when no port was asked for (it must then be as private as ``host``, or have a key)."""
+    actual = _serve_http_address()
+    if port and actual != (host, port):
+        ensure_port_free(host, port)
+    if actual is None:
+        port = port or free_port(host)
+        serve.start(http_options={"host": host, "port": port})
+        actual = _serve_http_address() or (host, port)
+    if actual != (host, port):
+        if port and actual[1] != port:
+            raise RuntimeError(
+                f"Ray Serve already runs in this cluster on {actual[0]}:{actual[1]}; it cannot move to "
+                f"{host}:{port}. Call stop_server() and serve.shutdown() first, or pass port={actual[1]}"
+            )
+        check_exposure(actual[0], api_key)  # an earlier Serve instance (e.g. another test) fixed the address
+    return actual
+
+
 def _serve_http_address() -> tuple[str, int] | None:
-    """(host, port) of the running Serve proxy; None where Serve's (private) client API has moved."""
+    """(host, port) of the Serve proxy running in the cluster; None when Serve is not running (or where
+    Serve's private client API has moved)."""
     try:
         from ray.serve.context import _get_global_client
 
@@ -330,9 +418,12 @@ def _serve_http_address() -> tuple[str, int] | None:
         return None
 
 
-def stop_server() -> None:
-    """Shut Ray Serve down (all applications and the HTTP proxy); Ray itself keeps running."""
-    serve.shutdown()
+def stop_server(app_name: str = APP_NAME) -> None:
+    """Delete this server's Serve application, and only it: other applications in the cluster and Serve's
+    HTTP proxy keep running (``serve.shutdown()`` would end every application, on a shared cluster too).
+    Nothing to do when Serve is not running (a server that failed before it started)."""
+    if _serve_http_address() is not None:
+        serve.delete(app_name)
 
 
 def default_name(model_path: str) -> str:

@@ -5,20 +5,35 @@ Examples::
     revmix serve runs/sft_tiny                  # the run's final model (runs/sft_tiny/model)
     revmix serve tiny:tiny --port 8000          # the locally built tiny model
     revmix serve /models/qwen --backend vllm    # Ray Serve LLM (vLLM); the default where a GPU is present
+    REVMIX_API_KEY=... revmix serve runs/x --host 0.0.0.0   # reachable from other machines: key required
 
 Then ``curl http://127.0.0.1:8000/v1/models`` or point any OpenAI client (or ``revmix eval --generator
-openai --endpoint http://127.0.0.1:8000/v1``) at it. Ctrl-C shuts Serve down.
+openai --endpoint http://127.0.0.1:8000/v1``) at it. Ctrl-C deletes this server's Serve application (and
+stops the local Ray instance it started; other applications on a shared cluster keep running).
+
+Exit codes: 0 stopped by Ctrl-C/SIGTERM, 2 a bad argument (no such model, a non-loopback --host without an
+API key, a taken --port, a limit that is not positive).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 import time
 
+from revmix.platform.generation.openai_api import API_KEY_ENV, ServerLimits, limit_flag
+
 DEFAULT_PORT = 8000
+LIMIT_HELP = {
+    "max_body_bytes": "largest request body, in bytes (413 above)",
+    "max_prompts": "most prompts in one /v1/completions request",
+    "max_n": "most completions per prompt ('n')",
+    "max_tokens": "most new tokens per completion ('max_tokens')",
+    "request_timeout_s": "longest generation time of one request, streams included (408 after)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", metavar="MODEL_OR_RUN_DIR", help="model dir, run dir (uses DIR/model) or tiny:<scale>"
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: Serve has no auth)"
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1); any other needs an API key",
     )
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT}; 0 = free port)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"clients must send 'Authorization: Bearer KEY' (hf backend); default ${API_KEY_ENV}, which is "
+        "safer: a command line is visible to every user of the machine",
     )
     parser.add_argument(
         "--backend",
@@ -51,29 +74,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)"
     )
+    limits = parser.add_argument_group("request limits (hf backend)")
+    for field in dataclasses.fields(ServerLimits):
+        default = field.default
+        limits.add_argument(
+            limit_flag(field.name),
+            type=type(default),
+            default=None,
+            help=f"{LIMIT_HELP[field.name]}; default {default}",
+        )
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits | None:
+    """The limits given on the command line (None when none was: the server's defaults apply)."""
+    given = {
+        f.name: vars(args)[f.name] for f in dataclasses.fields(ServerLimits) if vars(args)[f.name] is not None
+    }
+    return ServerLimits(**given) if given else None
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key``, else ``$REVMIX_API_KEY``; an empty one is no key."""
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
-
     from revmix.platform.generation.protocol import resolve_model_dir
-    from revmix.platform.generation.serve import default_name, resolve_backend, start_server, stop_server
+    from revmix.platform.generation.serve import (
+        check_exposure,
+        default_name,
+        ensure_port_free,
+        resolve_backend,
+    )
 
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         path = resolve_model_dir(args.model)
         backend = resolve_backend(args.backend)
-    except (FileNotFoundError, ValueError) as e:
+        key, limits = api_key(args), server_limits(args)
+        check_exposure(args.host, key)
+        if backend == "vllm" and (key or limits):
+            raise ValueError(
+                "--api-key and the request limits need --backend hf: Ray Serve LLM enforces neither"
+            )
+        if args.port and address == "local":  # a fresh local Ray: nothing of ours can hold the port yet
+            ensure_port_free(args.host, args.port)
+    except (OSError, ValueError) as e:
         print(f"revmix serve: {e}", file=sys.stderr)
         return 2
     name = args.name or default_name(args.model)
+    return _serve(args, address, path, backend, name, key, limits)
+
+
+def _serve(
+    args: argparse.Namespace,
+    address: str,
+    path: str,
+    backend: str,
+    name: str,
+    key: str | None,
+    limits: ServerLimits | None,
+) -> int:
+    import ray
+
+    from revmix.platform.generation.serve import APP_NAME, start_server, stop_server
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    # Ctrl-C and SIGTERM both shut Serve down (a background job inherits SIGINT ignored; restore it)
+    # Ctrl-C and SIGTERM both stop the server (a background job inherits SIGINT ignored; restore it)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupt)
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, log_to_driver=False)
     try:
         url = start_server(
@@ -85,16 +156,22 @@ def run(args: argparse.Namespace) -> int:
             num_cpus=args.num_cpus,
             batch_size=args.batch_size,
             dtype=args.dtype,
+            api_key=key,
+            limits=limits,
         )
         print(f"revmix serve: {name!r} ({backend}) at {url}", flush=True)
-        print(f"  curl {url}/models", flush=True)
+        auth = f" -H 'Authorization: Bearer ${API_KEY_ENV}'" if key else ""
+        print(f"  curl{auth} {url}/models", flush=True)
         print("  Ctrl-C (or SIGTERM) to stop", flush=True)
         while True:
             time.sleep(3600)
+    except (OSError, ValueError) as e:  # found once connected: a port taken, a proxy already public
+        print(f"revmix serve: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     finally:
         try:
-            stop_server()
+            stop_server(APP_NAME)
         finally:
             ray.shutdown()

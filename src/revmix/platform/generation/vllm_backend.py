@@ -119,9 +119,7 @@ class VLLMGenerator:
         if not gpu:
             self.engine_kwargs["enforce_eager"] = True
         if max_model_len is not None or not gpu:
-            self.engine_kwargs["max_model_len"] = max_model_len or min(
-                2048, getattr(self.tokenizer, "model_max_length", 2048) or 2048
-            )
+            self.engine_kwargs["max_model_len"] = max_model_len or min(2048, self.tokenizer.model_max_length)
         self.engine_kwargs.update(engine_kwargs or {})
         self.env = {} if gpu else vllm_cpu_env()
         self.use_actor, self.num_cpus = use_actor, num_cpus

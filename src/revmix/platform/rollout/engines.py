@@ -111,8 +111,7 @@ def build_rollout_engine(
 ) -> RolloutEngine:
     """The stage's rollout engine from ``objective.rollout_backend`` (``auto``: vllm on a GPU where vLLM
     is usable, else hf — on CPU even the CPU build of vLLM gives way to hf, whose engine starts in no time).
-    A vLLM engine starts from ``init_path`` (the stage's starting model) and is the caller's to ``close()``;
-    it receives the live weights at every rollout."""
+    A vLLM engine starts from ``init_path`` (the stage's starting model) and is the caller's to ``close()``."""
     from revmix.platform.generation.protocol import vllm_usable
     from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine
 

@@ -1,11 +1,8 @@
 """What the rollout step needs from an objective that learns from its own samples.
 
-An objective with ``needs_rollouts`` is trained by :func:`revmix.platform.rollout.step.ppo_step` instead
-of the supervised step: the step samples ``samples_per_prompt`` responses per prompt with a rollout engine
-(``rollout_backend``, ``vllm_engine``), scores them with ``reward``, lets the objective turn them into a
-rollout batch (:meth:`RolloutObjective.make_rollout`) and runs ``ppo_epochs`` × ``num_mini_batches``
-optimizer steps on its :meth:`RolloutObjective.loss`. :class:`~revmix.objectives.ppo.PPO` implements it;
-the stage recipe checks the contract once, when it builds the objective.
+An objective with ``needs_rollouts`` is trained by :func:`revmix.platform.rollout.step.ppo_step` (see
+there for how it uses each member) instead of the supervised step. :class:`~revmix.objectives.ppo.PPO`
+implements it; the stage recipe checks the contract once, when it builds the objective.
 """
 
 from __future__ import annotations

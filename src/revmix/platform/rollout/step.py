@@ -16,8 +16,6 @@ The stage recipe calls :func:`ppo_step` instead of ``supervised_step`` when ``ob
 Dropout is off for the whole step (the model is in eval mode, gradients still flow), so the first
 mini-batch sees ratio 1 exactly and the clipped objective measures only the policy's own change — TRL's
 PPO trainer disables dropout for the same reason.
-
-Engines (hf, vLLM) live in :mod:`revmix.platform.rollout.engines`.
 """
 
 from __future__ import annotations

@@ -41,10 +41,11 @@ from typing import Any
 
 import torch
 
-from revmix.objectives.ppo import VALUE_HEAD_ATTR
+from revmix.objectives.ppo import VALUE_HEAD_ATTR, VLLM_PLACEMENTS
 from revmix.platform.generation.protocol import SamplingParams, vllm_usable
+from revmix.platform.generation.vllm_backend import vllm_cpu_env, vllm_sampling_kwargs
 
-PLACEMENTS = ("auto", "local", "actor")
+PLACEMENTS = VLLM_PLACEMENTS  # one list: the objective validates it before Ray starts
 
 
 def vllm_missing_message(what: str) -> str:
@@ -61,10 +62,13 @@ def vllm_missing_message(what: str) -> str:
 
 
 def _base_model(policy: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
-    model = policy  # the policy itself: the rollout step never hands an engine a DDP wrapper
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        return model.get_base_model(), True
-    return model, False
+    """The transformers model under a peft wrapper (and whether there was one); the rollout step never
+    hands an engine a DDP wrapper."""
+    from peft import PeftModel
+
+    if isinstance(policy, PeftModel):
+        return policy.get_base_model(), True
+    return policy, False
 
 
 def checkpoint_names(policy: torch.nn.Module) -> list[str]:
@@ -73,7 +77,9 @@ def checkpoint_names(policy: torch.nn.Module) -> list[str]:
     Adapter tensors, the value head and (with tied embeddings) ``lm_head.weight`` are not among them.
     """
     base, _ = _base_model(policy)
-    tied = bool(getattr(getattr(base, "config", None), "tie_word_embeddings", False))
+    from transformers import PreTrainedModel
+
+    tied = isinstance(base, PreTrainedModel) and bool(base.config.tie_word_embeddings)
     names: list[str] = []
     for name in base.state_dict():
         if "lora_" in name or name.split(".")[0] == VALUE_HEAD_ATTR:
@@ -103,14 +109,15 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
             if not isinstance(module, LoraLayer) or module.merged:
                 continue
             for adapter in module.active_adapters:
-                if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
+                if adapter not in module.lora_A and adapter not in module.lora_embedding_A:
                     continue
                 if module.use_dora.get(adapter, False):
                     raise NotImplementedError(
                         f"vLLM rollouts: DoRA adapter on {mname} cannot be merged on the fly; use "
                         "rollout_backend 'hf'"
                     )
-                delta = module.get_delta_weight(adapter)
+                # peft declares get_delta_weight on each layer type (Linear, Embedding), not on LoraLayer
+                delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]
                 key = f"{mname}.weight"
                 deltas[key] = deltas[key] + delta if key in deltas else delta
     wanted = set(checkpoint_names(policy))
@@ -125,14 +132,6 @@ def merged_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 # --------------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------------
-
-
-def engine_env(on_gpu: bool) -> dict[str, str]:
-    """vLLM's environment (on CPU: docs/vllm_cpu.md); values already set in the environment win."""
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    if not on_gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
 def _context_length(model_dir: str | os.PathLike[str]) -> int:
@@ -233,7 +232,9 @@ class VLLMRolloutEngine:
         self.engine_kwargs = kwargs
         self.syncs = 0  # weight pushes so far (one per generate)
         self.sync_seconds = 0.0  # wall time spent pushing them
-        env = engine_env(self.on_gpu)
+        env = vllm_cpu_env()
+        if self.on_gpu:
+            del env["VLLM_CPU_KVCACHE_SPACE"]
         if placement == "local":
             self._local: RolloutLLM | None = RolloutLLM(str(model_dir), kwargs, env)
             self._actor: Any = None
@@ -264,13 +265,9 @@ class VLLMRolloutEngine:
         self.sync_seconds += time.perf_counter() - t0
 
     def sampling(self, params: SamplingParams, n_prompts: int) -> list[dict[str, Any]]:
-        """Per-prompt ``vllm.SamplingParams`` arguments: prompt i is seeded ``params.seed + i``."""
-        base = {
-            "n": params.n,
-            "max_tokens": params.max_new_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p if not params.greedy else 1.0,
-            "repetition_penalty": 1.0,
+        """Per-prompt ``vllm.SamplingParams`` arguments: prompt i is seeded ``params.seed + i``; token ids,
+        not text, end at an EOS id."""
+        base = vllm_sampling_kwargs(params.replace(stop=())) | {
             "stop_token_ids": self.eos_ids,
             "detokenize": False,
         }
