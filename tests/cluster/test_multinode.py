@@ -150,9 +150,10 @@ def test_losing_a_node_mid_sweep_retries_its_trial_and_keeps_every_result(
         assert meta["attempts"] == (2 if trial == victim else 1), (trial, meta)
         if trial != victim:
             assert len(nodes) == 1 and nodes[0] in survivors
-    # the retry resumed from the run's last checkpoint (one every 4 steps), not from step 0
-    logged = logged_steps(out, victim)
-    restart = next(i for i in range(1, len(logged)) if logged[i] <= logged[i - 1])
-    assert logged[restart] > 1 and logged[restart] % 4 == 1 and logged[-1] == steps, logged
+    # the retry resumed from the run's last checkpoint (one every 4 steps), not from step 0, and the steps
+    # it ran again replaced their first records in metrics.jsonl (one record per step)
+    result = json.loads((out / "trials" / victim / "run" / "stages" / "0" / "result.json").read_text())
+    assert result["start_step"] > 0 and result["start_step"] % 4 == 0, result
+    assert logged_steps(out, victim) == list(range(1, steps + 1))
     check_node_column(rows, attempts)
     print(f"fault sweep: kill at {t_kill:.1f} s, done at {time.monotonic() - t0:.1f} s")

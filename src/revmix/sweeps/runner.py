@@ -40,7 +40,7 @@ from typing import Any
 from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
 from revmix.sweeps.resources import TrialResources, plan_resources
-from revmix.sweeps.space import plain_value as _plain
+from revmix.sweeps.space import plain_value
 from revmix.sweeps.spec import SweepSpec
 from revmix.validation import did_you_mean
 
@@ -140,7 +140,7 @@ def trial_fn(config: dict, ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     tdir = Path(ctx["out_dir"]) / "trials" / trial_id
     tdir.mkdir(parents=True, exist_ok=True)
-    point = {p: _plain(v) for p, v in dict(config["point"]).items()}
+    point = {p: plain_value(v) for p, v in dict(config["point"]).items()}
     seed = trial_seed(spec, config)
     meta = TrialMeta(tdir, trial_id, point, seed)
     (tdir / res.STATUS_FILE).unlink(missing_ok=True)  # a verdict belongs to a trial that has ended
@@ -465,7 +465,7 @@ def _save_verdict(spec: SweepSpec, tdir: Path, result: Any) -> None:
     tdir.mkdir(parents=True, exist_ok=True)
     if not (tdir / res.TRIAL_META).exists():
         config = result.config or {}
-        point = {p: _plain(v) for p, v in dict(config.get("point") or {}).items()}
+        point = {p: plain_value(v) for p, v in dict(config.get("point") or {}).items()}
         seed = trial_seed(spec, config) if config else spec.seeds[0]
         meta = {"trial_id": tdir.name, "point": point, "seed": seed, "attempts": 0, "elapsed_s": None}
         _write_json(tdir / res.TRIAL_META, meta)
