@@ -62,7 +62,8 @@ def _experiment(
     args: argparse.Namespace, objective: str, buckets: int | None = None, shared_prompt: bool = True
 ) -> Any:
     """``dpo_tiny.yaml`` reduced to one stage (no SFT warm start) at the benchmark's scale/batch/steps."""
-    from revmix.config import build_config, load_raw
+    from revmix.config import build_config
+    from revmix.validation import load_raw
 
     raw = load_raw(CONFIG)
     dpo = next(s for s in raw["stages"] if s["objective"]["name"] == "dpo")

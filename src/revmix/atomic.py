@@ -26,11 +26,7 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -46,14 +42,16 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable; file systems that cannot sync a folder need not."""
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; file systems that cannot sync a folder need not."""
+    with contextlib.suppress(OSError):
+        fsync_path(folder)

@@ -13,12 +13,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from revmix.objectives import Objective, objective_union
 from revmix.objectives.sft import SFT
-from revmix.validation import ConfigError, Strict, describe_fields, set_path, validate
+from revmix.validation import (
+    ConfigError,
+    Strict,
+    describe_fields,
+    load_raw,
+    parse_override,
+    set_path,
+    validate,
+)
 
 if typing.TYPE_CHECKING:
     ObjectiveSpec = Objective
@@ -175,34 +182,6 @@ class ExperimentConfig(Strict):
 def to_dict(obj: Any) -> Any:
     """Plain-data form of a config (what ``config.yaml`` of a run holds)."""
     return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=1"`` → ``("a.b", 1)``; the value is parsed as YAML (numbers, lists, null, …)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected PATH=VALUE, e.g. stages.0.lr=0.001")
-    path, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; users mean a number
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return path.strip(), value
-
-
-def load_raw(path: str | Path, what: str = "config") -> dict:
-    """The top-level mapping of a YAML ``what`` file (config, sweep, …); errors name the file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such {what} file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return raw
 
 
 def build_config(

@@ -14,9 +14,11 @@ import functools
 import types
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import annotated_types as at
+import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -209,6 +211,34 @@ def validate(tp: Any, data: Any, path: str = "") -> Any:
         return tp.model_validate(data) if is_model(tp) else _adapter(tp).validate_python(data)
     except ValidationError as e:
         raise ConfigError(explain(e, tp, path)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=1"`` → ``("a.b", 1)``; the value is parsed as YAML (numbers, lists, null, …)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected PATH=VALUE, e.g. stages.0.lr=0.001")
+    path, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; users mean a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return path.strip(), value
+
+
+def load_raw(path: str | Path, what: str = "config") -> dict:
+    """The top-level mapping of a YAML ``what`` file (config, sweep, …); errors name the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what} file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
 
 
 def set_path(raw: dict, path: str, value: Any, model: type[BaseModel]) -> None:

@@ -129,6 +129,22 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def ray_head_command(ports: list[int], num_cpus: str, temp_dir: Path, extra: list[str]) -> list[str]:
+    """``ray start --head --block`` on 127.0.0.1 with every port given (seven, from :func:`free_ports`):
+    nothing listens on a default port another test or user may hold."""
+    gcs, dash, agent, agent_grpc, runtime_env, metrics, client = ports
+    return [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
+        "--ray-client-server-port", str(client),
+        "--num-cpus", num_cpus, "--num-gpus", "0", "--temp-dir", str(temp_dir),
+        "--include-dashboard", "true", "--disable-usage-stats", *extra,
+    ]  # fmt: skip
+
+
 def fake_autoscaling_config(
     worker_cpus: int = 1,
     max_workers: int = 2,
@@ -331,7 +347,8 @@ class LocalCluster:
 
     def _start_head(self) -> None:
         assert self.root is not None
-        gcs, dash, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
+        ports = free_ports(7)
+        gcs, dash = ports[:2]
         temp_dir = self.root / f"h{gcs}"
         temp_dir.mkdir()
         env = self.node_env()
@@ -348,17 +365,13 @@ class LocalCluster:
             env.setdefault("AUTOSCALER_METRIC_PORT", str(free_ports(1)[0]))  # default 44217 may be taken
         if self.head_resources:
             extra += ["--resources", json.dumps(self.head_resources)]
-        cmd = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-            "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-            "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-            "--ray-client-server-port", str(client),
-            "--num-cpus", _num(cpus), "--num-gpus", "0", "--temp-dir", str(temp_dir),
-            "--object-store-memory", str(self.object_store_bytes), "--labels", f"{NODE_LABEL}={HEAD_NAME}",
-            "--include-dashboard", "true", "--disable-usage-stats", *extra,
-        ]  # fmt: skip
+        extra += [
+            "--object-store-memory",
+            str(self.object_store_bytes),
+            "--labels",
+            f"{NODE_LABEL}={HEAD_NAME}",
+        ]
+        cmd = ray_head_command(ports, _num(cpus), temp_dir, extra)
         head = self._popen(HEAD_NAME, cpus, temp_dir, cmd, env)
         self.head = head
         self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"

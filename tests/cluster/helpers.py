@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.cluster.harness import free_ports, start_process
+from tests.cluster.harness import free_ports, ray_head_command, start_process
 
 
 @dataclass
@@ -78,7 +78,8 @@ def stop_head(head: LocalHead, grace_s: float = 10.0) -> None:
 
 def _start(temp_dir: Path, token: str, num_cpus: int, timeout_s: float, extra: list[str]) -> LocalHead:
     """One attempt: start the head and wait for its dashboard; raise (after cleanup) if it dies."""
-    gcs, dash, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
+    ports = free_ports(7)
+    gcs, dash = ports[:2]
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -90,16 +91,7 @@ def _start(temp_dir: Path, token: str, num_cpus: int, timeout_s: float, extra: l
     }
     env.pop("RAY_ADDRESS", None)
     log = temp_dir / f"head-{gcs}.log"
-    cmd = [
-        os.path.join(bin_dir, "ray"), "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-        "--ray-client-server-port", str(client),
-        "--num-cpus", str(num_cpus), "--num-gpus", "0", "--temp-dir", str(temp_dir),
-        "--include-dashboard", "true", "--disable-usage-stats", *extra,
-    ]  # fmt: skip
+    cmd = ray_head_command(ports, str(num_cpus), temp_dir, extra)
     proc = start_process(cmd, env, log)
     head = LocalHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", token, temp_dir, log, proc)
     deadline = time.monotonic() + timeout_s

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from revmix.config import load_config, load_raw
+from revmix.config import load_config
 from revmix.objectives.base import sequence_logps
 from revmix.platform.data.tokenize import collate
 from revmix.platform.train import run_experiment
+from revmix.validation import load_raw
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs" / "runs").glob("*_tiny.yaml"))

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
+import contextlib
 import os
 import shlex
 import stat
@@ -91,47 +91,42 @@ def find_token(environ: dict[str, str] | None = None, home: Path | None = None) 
     if env.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
         try:
-            make_private(path)
-            token = path.read_text().strip()
+            token = read_token(path)
         except OSError as e:
             raise LaunchError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {e.strerror}", code=2) from None
         if not token:
             raise LaunchError(f"RAY_AUTH_TOKEN_PATH={path} is empty", code=2)
         return token, f"RAY_AUTH_TOKEN_PATH={path}"
     default = (Path.home() if home is None else home) / ".ray" / "auth_token"
-    try:
-        make_private(default)
-        token = default.read_text().strip()
-    except OSError:  # absent (the usual case) or unreadable: Ray treats both as "no token"
-        token = ""
-    if token:
-        return token, str(default)
+    with contextlib.suppress(OSError):  # absent (the usual case) or unreadable: Ray treats both as "no token"
+        if token := read_token(default):
+            return token, str(default)
     return None, "no RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 
-def make_private(path: Path) -> None:
-    """Take group and other permissions off a token file the current user owns (Ray writes
-    ``~/.ray/auth_token`` with the umask, often 0644), saying so on stderr; leave anyone else's file be.
-
-    Raises OSError when ``path`` cannot be examined (absent), like the read that follows would.
+def read_token(path: Path) -> str:
+    """The token in ``path``, stripped. A token file the current user owns loses its group and other
+    permissions first (Ray writes ``~/.ray/auth_token`` with the umask, often 0644), saying so on stderr;
+    anyone else's file is left be. Raises OSError when ``path`` cannot be read (absent).
     """
     info = path.stat()
     mode = stat.S_IMODE(info.st_mode)
-    if not mode & 0o077 or info.st_uid != os.getuid():
-        return
-    try:
-        os.chmod(path, 0o600)
-    except OSError as e:  # a read-only mount: the token is still usable, say what is wrong
-        print(
-            f"revmix launch: WARNING: {path} is readable by others (mode {mode:o}) and chmod failed: {e.strerror}",
-            file=sys.stderr,
-        )
-        return
-    print(
-        f"revmix launch: {path} was readable by others (mode {mode:o}); it holds the cluster's auth token, "
-        "so it is now 0600",
-        file=sys.stderr,
-    )
+    if mode & 0o077 and info.st_uid == os.getuid():
+        try:
+            os.chmod(path, 0o600)
+        except OSError as e:  # a read-only mount: the token is still usable, say what is wrong
+            print(
+                f"revmix launch: WARNING: {path} is readable by others (mode {mode:o}) and chmod failed: "
+                f"{e.strerror}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"revmix launch: {path} was readable by others (mode {mode:o}); it holds the cluster's auth "
+                "token, so it is now 0600",
+                file=sys.stderr,
+            )
+    return path.read_text().strip()
 
 
 def project_root(start: Path) -> Path:
@@ -162,16 +157,10 @@ def project_root(start: Path) -> Path:
 def plain_http_to_remote(address: str) -> bool:
     """Whether ``address`` is plain ``http`` to a host other than this machine (the token would cross a
     network in clear text). Host names other than ``localhost`` count as remote: they are not resolved."""
+    from revmix.platform.generation.serve import is_loopback
+
     parts = urlsplit(address)
-    if parts.scheme != "http":
-        return False
-    host = parts.hostname or ""
-    if host == "localhost":
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True
+    return parts.scheme == "http" and not is_loopback(parts.hostname or "")
 
 
 def build_entrypoint(command: list[str], python: str = "python") -> str:

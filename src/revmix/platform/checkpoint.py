@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from revmix.atomic import fsync_dir
+from revmix.atomic import fsync_dir, fsync_path
 
 CKPT_STATE = "state.json"
 CKPT_MARKER = "complete.json"
@@ -73,11 +73,7 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, stat
 
 
 def _synced_size(file: Path) -> int:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(file)
     return file.stat().st_size
 
 

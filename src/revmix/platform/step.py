@@ -93,14 +93,16 @@ def mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
-def _mean_grads_over_workers(params: list[torch.nn.Parameter]) -> None:
+def _mean_grads(params: list[torch.nn.Parameter], micro_batches: int) -> None:
+    """Gradients summed over ``micro_batches`` (and the Ray Train workers, if any) → their mean."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        for p in params:
-            if p.grad is not None:
+    workers = dist.is_available() and dist.is_initialized()
+    for p in params:
+        if p.grad is not None:
+            if workers:
                 dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+            p.grad /= micro_batches * (dist.get_world_size() if workers else 1)
 
 
 def _any_worker(flag: bool, device: torch.device) -> bool:
@@ -170,12 +172,7 @@ def supervised_step(ctx: StepContext, batch_rows: list[dict], step: int) -> tupl
         n_tokens += _count_tokens(ctx, mb)
         means.add(out.metrics)
     if grads_applied:  # the objective wrote .grad itself (PCGrad): average micro-batches and workers
-        if stage.grad_accum > 1:
-            for p in ctx.trainable:
-                if p.grad is not None:
-                    p.grad /= stage.grad_accum
-        if ctx.world > 1:
-            _mean_grads_over_workers(ctx.trainable)
+        _mean_grads(ctx.trainable, stage.grad_accum)
     grad_norm, skipped = apply_update(ctx, loss_sum / stage.grad_accum)
     metrics = means.means()
     metrics["grad_norm"] = grad_norm

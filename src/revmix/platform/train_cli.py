@@ -68,18 +68,10 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         summary = run_experiment(
             cfg, args.out, resume=args.resume, allow_changes=args.allow_change, evaluate=not args.no_eval
         )
-    except (RunDirError, ConfigError) as e:
-        print(f"revmix train: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"revmix train: data error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"revmix train: {e}", file=sys.stderr)
-        return 1
-    except TrainingStopped as e:
-        print(f"revmix train: stopped: {e}", file=sys.stderr)
-        return 1
+    except (RunDirError, ConfigError, DataError, CheckpointError, TrainingStopped) as e:
+        prefix = {DataError: "data error: ", TrainingStopped: "stopped: "}.get(type(e), "")
+        print(f"revmix train: {prefix}{e}", file=sys.stderr)
+        return 1 if isinstance(e, (CheckpointError, TrainingStopped)) else 2  # 2: nothing was written
     print(
         json.dumps({"out": os.path.abspath(args.out), "steps": summary["steps"], "final": summary["final"]})
     )

@@ -59,26 +59,17 @@ def as_float(v: Any) -> float | None:
 
 def flatten_eval(ev: dict | None, prefix: str = "eval") -> dict[str, float]:
     """``summary["eval"]`` → ``{eval/accuracy/<bench>[/<dir>], eval/n/<bench>, eval/alp/<dir>/<part>}``."""
-    out: dict[str, float] = {}
-    if not ev:
-        return out
-    for bench, b in (ev.get("benchmarks") or {}).items():
-        if not isinstance(b, dict):
-            continue
-        if as_float(b.get("accuracy")) is not None:
-            out[f"{prefix}/accuracy/{bench}"] = float(b["accuracy"])
-        if as_float(b.get("n")) is not None:
-            out[f"{prefix}/n/{bench}"] = float(b["n"])
-        for d, bd in (b.get("by_direction") or {}).items():
-            if isinstance(bd, dict) and as_float(bd.get("accuracy")) is not None:
-                out[f"{prefix}/accuracy/{bench}/{d}"] = float(bd["accuracy"])
-    for d, a in (ev.get("alp") or {}).items():
-        if not isinstance(a, dict):
-            continue
+    found: dict[str, Any] = {}
+    for bench, b in ((ev or {}).get("benchmarks") or {}).items():
+        if isinstance(b, dict):
+            found[f"{prefix}/accuracy/{bench}"] = b.get("accuracy")
+            found[f"{prefix}/n/{bench}"] = b.get("n")
+            for d, bd in (b.get("by_direction") or {}).items():
+                found[f"{prefix}/accuracy/{bench}/{d}"] = bd.get("accuracy") if isinstance(bd, dict) else None
+    for d, a in ((ev or {}).get("alp") or {}).items():
         for part in ALP_PARTS:
-            if as_float(a.get(part)) is not None:
-                out[f"{prefix}/alp/{d}/{part}"] = float(a[part])
-    return out
+            found[f"{prefix}/alp/{d}/{part}"] = a.get(part) if isinstance(a, dict) else None
+    return {key: float(v) for key, v in found.items() if as_float(v) is not None}
 
 
 def flatten_metrics(record: dict, prefix: str) -> dict[str, float]:
@@ -178,12 +169,8 @@ def make_row(
         row.update(describe_config(spec.trial_config(point, seed), spec))
     except Exception:  # a point the config rejects still gets its row (the error column says why)
         row.update({k: None for k in DESCRIPTORS})
-    metrics = {k: v for k, v in (final or {}).items() if k != FINAL_MARKER}
-    row.update(metrics)
-    row["wall_s"] = wall_s
-    row["error"] = error
-    row["run_dir"] = run_dir
-    row["node_id"] = node_id
+    row.update({k: v for k, v in (final or {}).items() if k != FINAL_MARKER})
+    row.update(wall_s=wall_s, error=error, run_dir=run_dir, node_id=node_id)
     return row
 
 
@@ -333,9 +320,7 @@ def summary_text(df, metric: str, mode: str, max_rows: int = 20, paths: list[str
     if metric in df.columns:
         cols.append(metric)
     cols += [c for c in extra if c != metric] + ["wall_s"]
-    view = df.copy()
-    if metric in view.columns:
-        view = view.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
+    view = best_rows(df, metric, mode)
     view = view[[c for c in cols if c in view.columns]].head(max_rows)
 
     def short(c: str) -> str:

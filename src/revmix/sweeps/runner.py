@@ -200,13 +200,9 @@ def _run_trial(spec: SweepSpec, cfg: Any, tdir: Path, meta: TrialMeta) -> dict:
                 on_report=on_report if in_process else None,
                 callbacks=callbacks,
             )
-    except SystemExit as e:  # Tune stopping the trial (a scheduler decision) exits with code 0
-        if e.code not in (0, None):
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):  # Tune stopping a trial exits with 0
             _record_error(tdir, meta.attempt)
-        meta.save(force=True)
-        raise
-    except BaseException:
-        _record_error(tdir, meta.attempt)
         meta.save(force=True)
         raise
 

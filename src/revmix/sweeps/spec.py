@@ -26,10 +26,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, field_validator, model_validator
 
-from revmix.config import ExperimentConfig, build_config, load_raw, parse_override
+from revmix.config import ExperimentConfig, build_config
 from revmix.objectives.base import DIRECTIONS
 from revmix.sweeps.space import Distribution, parse_distribution, plain_value
-from revmix.validation import ConfigError, Strict, SweepError, validate
+from revmix.validation import ConfigError, Strict, SweepError, load_raw, parse_override, validate
 
 ALP_PARTS: tuple[str, ...] = ("chosen", "rejected", "margin")
 

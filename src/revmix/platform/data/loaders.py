@@ -98,12 +98,12 @@ def stable_item_id(text: str) -> str:
     return f"q-{digest[:16]}"
 
 
-def _finish(
+def load_records(
     records: Iterable[Record],
     source: str,
     *,
-    skip_invalid: bool,
-    require_pairs: bool,
+    skip_invalid: bool = False,
+    require_pairs: bool = False,
     field_names: dict[str, str] | None = None,
 ) -> LoadReport:
     """Validate converted records; keep the valid ones as canonical dicts or raise :class:`DataError`."""
@@ -147,12 +147,12 @@ def _read_all(records: Iterable[Record], source: str) -> list[Record]:
 
 def load_jsonl(path: str | Path, *, skip_invalid: bool = False, require_pairs: bool = False) -> LoadReport:
     """Canonical rows from JSON Lines (``.json`` holding one ``[...]`` array works too)."""
-    return _finish(iter_records(path), str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
+    return load_records(iter_records(path), str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
 
 
 def load_parquet(path: str | Path, *, skip_invalid: bool = False, require_pairs: bool = False) -> LoadReport:
     """Canonical rows from Parquet; problems name ``row index + 1`` as the line."""
-    return _finish(iter_parquet(path), str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
+    return load_records(iter_parquet(path), str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
 
 
 # --------------------------------------------------------------------------------------------- HF datasets
@@ -245,7 +245,9 @@ def load_hf(
 
     names = {canon: f"{src} (as {canon})" for src, canon in field_map.items()}
     records = ((i, convert(rec)) for i, rec in enumerate(ds, start=1))
-    return _finish(records, source, skip_invalid=skip_invalid, require_pairs=require_pairs, field_names=names)
+    return load_records(
+        records, source, skip_invalid=skip_invalid, require_pairs=require_pairs, field_names=names
+    )
 
 
 # ------------------------------------------------------------------------------------ r1k sample pairs
@@ -347,19 +349,14 @@ def load_r1k_pairs(
     path = Path(path) if path else r1k_asset_path()
     records: Iterator[Record] = iter_parquet(path) if path.suffix == ".parquet" else iter_jsonl(path)
     converted = ((i, _r1k_convert(r) if isinstance(r, dict) else r) for i, r in records)
-    return _finish(converted, str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
+    return load_records(converted, str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
 
 
 def r1k_asset_path() -> Path:
-    """The shipped sample (``revmix.assets.asset_path`` when that helper exists)."""
-    try:
-        from revmix.assets import asset_path
+    """The shipped sample, ``revmix/assets/r1k_sample_pairs.jsonl``."""
+    from revmix.assets import asset_path
 
-        return Path(asset_path(R1K_ASSET))
-    except ImportError:
-        from importlib.resources import files
-
-        return Path(str(files("revmix") / "assets" / R1K_ASSET))
+    return asset_path(R1K_ASSET)
 
 
 # ----------------------------------------------------------------------------------------- preference
@@ -415,7 +412,7 @@ def load_preference(
 
     records = iter_parquet(path) if path.suffix == ".parquet" else iter_jsonl(path)
     converted = ((i, convert(r) if isinstance(r, dict) else r) for i, r in records)
-    return _finish(converted, str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
+    return load_records(converted, str(path), skip_invalid=skip_invalid, require_pairs=require_pairs)
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -440,7 +437,7 @@ def _load_synthetic(
     rows = synthetic.generate_mix(families, n=n, seed=seed)
     records = ((i, r.to_dict() if isinstance(r, Row) else r) for i, r in enumerate(rows, start=1))
     source = f"synthetic:{','.join(families)}"
-    return _finish(records, source, skip_invalid=skip_invalid, require_pairs=require_pairs)
+    return load_records(records, source, skip_invalid=skip_invalid, require_pairs=require_pairs)
 
 
 SOURCE_FORMS = (
@@ -477,12 +474,9 @@ def _canonical(rows: Iterable[dict[str, Any] | Row], path: str | Path) -> list[d
     """Validate before writing, so that no tool ever writes a file ``revmix data validate`` rejects."""
     dicts = [r.to_dict() if isinstance(r, Row) else r for r in rows]
     source = f"{path} (rows to write)"
-    result = check_rows(enumerate(dicts, start=1), source)
     if not dicts:
         raise DataError(source, [Problem(source, 1, FILE, "expected at least one row to write")], 0)
-    if result.problems:
-        raise DataError(source, result.problems, len(dicts))
-    return [{f: r.get(f) for f in ALL_FIELDS} for r in dicts]
+    return load_records(enumerate(dicts, start=1), source).rows
 
 
 def write_jsonl(rows: Iterable[dict[str, Any] | Row], path: str | Path) -> int:

@@ -48,15 +48,16 @@ import sys
 import threading
 import traceback
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from revmix.platform.data.loaders import DataError, stable_item_id
-from revmix.platform.data.schema import ALL_FIELDS
-from revmix.platform.data.validate import FILE, Problem, check_rows, iter_records
+from revmix.atomic import atomic_write
+from revmix.platform.data.loaders import DataError, load_records, stable_item_id
+from revmix.platform.data.validate import FILE, Problem, Record, check_rows, iter_records
 from revmix.platform.evaluation.answers import KINDS, extract_answer, normalize_text
 from revmix.platform.generation.protocol import SamplingParams
 
@@ -254,26 +255,24 @@ def load_forward(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     source = str(path)
     if not Path(path).is_file():
         raise DataError(source, [Problem(source, 1, FILE, "expected an existing JSONL file")], 0)
-    records: list[tuple[int, Any]] = []
-    for line, rec in iter_records(path):
+    rows = load_records(_as_canonical(iter_records(path), Path(path).stem), source).rows
+    forward = [r for r in rows if r["direction"] == "forward"]
+    return forward, len(rows) - len(forward)
+
+
+def _as_canonical(records: Iterable[Record], task: str) -> Iterator[Record]:
+    """Plain rows (no ``direction``) completed as forward canonical rows; other records unchanged."""
+    for line, rec in records:
         if isinstance(rec, dict) and "direction" not in rec:
             rec = dict(rec)
             rec["direction"] = "forward"
             prompt = rec.get("prompt")
             if rec.get("item_id") is None and isinstance(prompt, str) and prompt.strip():
                 rec["item_id"] = stable_item_id(prompt)
-            rec.setdefault("task", Path(path).stem)
+            rec.setdefault("task", task)
             if isinstance(rec.get("answer"), int | float) and not isinstance(rec["answer"], bool):
                 rec["answer"] = str(rec["answer"])
-        records.append((line, rec))
-    if not records:
-        raise DataError(source, [Problem(source, 1, FILE, "expected at least one row, found none")], 0)
-    result = check_rows(records, source)
-    if result.problems:
-        raise DataError(source, result.problems, len(records))
-    rows = [{f: rec.get(f) for f in ALL_FIELDS} for _, rec in records]
-    forward = [r for r in rows if r["direction"] == "forward"]
-    return forward, len(rows) - len(forward)
+        yield line, rec
 
 
 # ------------------------------------------------------------------------------------------------ one item
@@ -465,10 +464,8 @@ class ResumableWriter:
                 "traceback": _clip(outcome.traceback),
             }
             path, text = self.dropped_path, json.dumps(entry, ensure_ascii=False) + "\n"
-        with self._lock, open(path, "a", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with self._lock:
+            _append_durably(path, text.encode("utf-8"))
             if outcome.rows:
                 self.kept.add(outcome.item_id)
             else:
@@ -551,9 +548,7 @@ def make_report(
         "this_run": {key: this_run[key] for key in ("kept", *REASONS)},
         "skipped_already_done": skipped,
     }
-    tmp = writer.report_path.with_name(writer.report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, writer.report_path)
+    atomic_write(writer.report_path, json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -609,19 +604,15 @@ def run(args: argparse.Namespace, generator: TextGenerator | None = None) -> int
     """Exit 0 when every item is kept or finally dropped, 1 for bad input or items left to retry (endpoint
     errors, failures), 2 for usage errors (bad option, template, output path, a log that cannot resume)."""
     cmd = "revmix data reverse"
-    if Path(args.out).suffix != ".jsonl":
-        print(f"{cmd}: --out must be a .jsonl file (it is appended to), got {args.out!r}", file=sys.stderr)
-        return 2
-    if (args.limit is not None and args.limit < 1) or args.concurrency < 1:
-        print(f"{cmd}: --limit and --concurrency must be >= 1", file=sys.stderr)
-        return 2
-    if not 0 < args.check_timeout < float("inf"):
-        print(
-            f"{cmd}: --check-timeout must be a positive number of seconds, got {args.check_timeout}",
-            file=sys.stderr,
-        )
-        return 2
-    try:
+    try:  # usage errors: each is one line on stderr and exit code 2
+        if Path(args.out).suffix != ".jsonl":
+            raise ValueError(f"--out must be a .jsonl file (it is appended to), got {args.out!r}")
+        if (args.limit is not None and args.limit < 1) or args.concurrency < 1:
+            raise ValueError("--limit and --concurrency must be >= 1")
+        if not 0 < args.check_timeout < float("inf"):
+            raise ValueError(
+                f"--check-timeout must be a positive number of seconds, got {args.check_timeout}"
+            )
         qt = load_template(args.prompt_template, QUESTION_TEMPLATE, QUESTION_FIELDS)
         ct = load_template(args.check_template, CHECK_TEMPLATE, CHECK_FIELDS)
         params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature)

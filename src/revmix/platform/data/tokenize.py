@@ -10,6 +10,7 @@ names their ``FILE:LINE``), :func:`tokenise_rows` raises on the first.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -138,18 +139,14 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int, with_other: bool = True
         item_id=[r["item_id"] for r in rows],
     )
     if with_other and all(len(r["other_ids"]) for r in rows):
-        o_ids, o_mask, o_labels = _pad(
-            [p + list(r["other_ids"]) for p, r in zip(prompts, rows)], plens, pad_id
-        )
-        batch.other_input_ids, batch.other_attention_mask, batch.other_labels = o_ids, o_mask, o_labels
+        others = [p + list(r["other_ids"]) for p, r in zip(prompts, rows)]
+        batch.other_input_ids, batch.other_attention_mask, batch.other_labels = _pad(others, plens, pad_id)
     return batch
 
 
 def fingerprint(rows: Iterable[dict[str, Any]], *extra: Any) -> str:
     """A stable hash of rows (and extra identity such as the tokenizer and max_length) for cache keys."""
     h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps(r, sort_keys=True, default=str).encode())
-    for e in extra:
-        h.update(json.dumps(e, sort_keys=True, default=str).encode())
+    for part in itertools.chain(rows, extra):
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

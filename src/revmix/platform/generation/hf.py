@@ -163,9 +163,6 @@ class HFGenerator:
                 mask[i, width - len(s) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _generation_config(self, params: SamplingParams) -> Any:
-        return exact_generation_config(params, self.pad_id, self.eos_ids)
-
     def _finish(self, tokens: list[int], params: SamplingParams) -> Completion:
         """Cut one generated row at EOS (or trailing pad), decode, cut at the first stop string."""
         n, hit_eos = len(tokens), False
@@ -217,16 +214,15 @@ class HFGenerator:
                 "HFGenerator.generate got an empty prompt (no tokens); give every prompt some text"
             )
         check_token_ids(prompt_ids, self.vocab_size)
-        ids = prompt_ids
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
-        cfg = self._generation_config(params)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), reverse=True)
+        cfg = exact_generation_config(params, self.pad_id, self.eos_ids)
         gen_kwargs: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
         if should_stop is not None:
             gen_kwargs["stopping_criteria"] = stop_when(should_stop)
         with self._inference():
             for b, start in enumerate(range(0, len(order), self.batch_size)):
                 chunk = order[start : start + self.batch_size]
-                input_ids, mask = self._left_pad([ids[i] for i in chunk])
+                input_ids, mask = self._left_pad([prompt_ids[i] for i in chunk])
                 with torch.random.fork_rng(devices=self._fork_devices):
                     torch.manual_seed(params.seed + b)
                     seqs = self.model.generate(
@@ -241,8 +237,6 @@ class HFGenerator:
         self, prompts: list[str], completions: list[str], max_tokens: int | None = None
     ) -> list[list[float]]:
         """Per-token log-probs of each completion given its prompt (see ``Generator.score``)."""
-        if len(prompts) != len(completions):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
         targets = self.encode(completions)
         if max_tokens is not None:
             targets = [t[:max_tokens] for t in targets]
@@ -334,7 +328,7 @@ class HFGenerator:
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         input_ids, mask = self._left_pad([prompt_ids])
-        cfg = self._generation_config(params)
+        cfg = exact_generation_config(params, self.pad_id, self.eos_ids)
         errors: list[BaseException] = []
 
         def work() -> None:

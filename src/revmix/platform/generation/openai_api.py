@@ -382,13 +382,15 @@ class OpenAIHandler:
             results = await asyncio.gather(*(generate(ids, params) for _, ids in prompts))
         else:
             results = [no_tokens(params.n) for _ in prompts]
-        texts = [text if text is not None else self.gen.decode(ids) for text, ids in prompts]
         jobs: list[tuple[list[int], list[int], bool]] = []
+        sources: list[tuple[str | None, list[int], str, Completion]] = []  # what each choice was made of
         choices: list[dict[str, Any]] = []  # JSON response objects
-        for (_, ids), ptext, comps in zip(prompts, texts, results):
+        for (text, ids), comps in zip(prompts, results):
+            ptext = text if text is not None else self.gen.decode(ids)
             for comp in comps:
                 gen_ids = list(comp.token_ids)
                 jobs.append((ids, ids + gen_ids if echo else gen_ids, echo))
+                sources.append((text, ids, ptext, comp))
                 choices.append(
                     {
                         "index": len(choices),
@@ -398,24 +400,19 @@ class OpenAIHandler:
                     }
                 )
         if top is not None:
-            scored = await self._score(jobs, top)
-            k = 0
-            for (text, ids), ptext, comps in zip(prompts, texts, results):
-                for comp in comps:
-                    s = scored[k]
-                    n_prompt = len(ids) if echo else 0
-                    offsets = (self._offsets(text, ids, 0) if echo else []) + self._offsets(
-                        comp.text, s.ids[n_prompt:], len(ptext) if echo else 0
-                    )
-                    choices[k]["logprobs"] = {
-                        "tokens": self._decode(s.ids),
-                        "token_logprobs": s.logps,
-                        "top_logprobs": [
-                            None if lp is None else self._top_dict(alts) for lp, alts in zip(s.logps, s.tops)
-                        ],
-                        "text_offset": offsets,
-                    }
-                    k += 1
+            for choice, s, (text, ids, ptext, comp) in zip(choices, await self._score(jobs, top), sources):
+                n_prompt = len(ids) if echo else 0
+                offsets = (self._offsets(text, ids, 0) if echo else []) + self._offsets(
+                    comp.text, s.ids[n_prompt:], len(ptext) if echo else 0
+                )
+                choice["logprobs"] = {
+                    "tokens": self._decode(s.ids),
+                    "token_logprobs": s.logps,
+                    "top_logprobs": [
+                        None if lp is None else self._top_dict(alts) for lp, alts in zip(s.logps, s.tops)
+                    ],
+                    "text_offset": offsets,
+                }
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -468,19 +465,7 @@ class OpenAIHandler:
             for choice, s in zip(choices, await self._score(jobs, top)):
                 choice["logprobs"] = {
                     "content": [
-                        {
-                            "token": self.gen.decode([t]),
-                            "logprob": lp,
-                            "bytes": list(self.gen.decode([t]).encode()),
-                            "top_logprobs": [
-                                {
-                                    "token": self.gen.decode([a]),
-                                    "logprob": v,
-                                    "bytes": list(self.gen.decode([a]).encode()),
-                                }
-                                for a, v in alts
-                            ],
-                        }
+                        {**self._chat_logprob(t, lp), "top_logprobs": [self._chat_logprob(*a) for a in alts]}
                         for t, lp, alts in zip(s.ids, s.logps, s.tops)
                     ]
                 }
@@ -492,6 +477,11 @@ class OpenAIHandler:
             "choices": choices,
             "usage": self._usage(len(ids), [comps]),
         }
+
+    def _chat_logprob(self, token: int, logprob: float | None) -> dict[str, Any]:
+        """One token of a chat ``logprobs.content`` list: its text, log-prob and UTF-8 bytes."""
+        text = self.gen.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     @staticmethod
     def _usage(prompt_tokens: int, results: list[list[Completion]]) -> dict[str, int]:
