@@ -11,6 +11,7 @@ from revmix.config import (
     parse_override,
     to_dict,
 )
+from revmix.objectives import objective_names
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((ROOT / "configs" / "runs").glob("*.yaml"))
@@ -44,7 +45,7 @@ def test_overrides_reach_nested_paths_and_list_items():
         ),
         (
             "stages.0.objective.name=dpx",
-            "stages.0.objective.name: 'dpx' is not one of dpo, multitask, ppo, sft, unlikelihood",
+            f"stages.0.objective.name: 'dpx' is not one of {', '.join(objective_names())}",
         ),
         ("stages.0.lr=fast", "stages.0.lr: expected a number, got 'fast'"),
         (

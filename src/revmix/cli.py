@@ -1,4 +1,4 @@
-"""The ``revmix`` command line: ``revmix train | sweep | eval | data | report | serve | launch``.
+"""The ``revmix`` command line: ``revmix train | sweep | eval | data | report | serve | launch | objectives``.
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; this file
 only dispatches, so ``revmix --help`` stays fast (no torch or ray import until a command runs).
@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("revmix.sweeps.report_cli", "turn a sweep directory into report.md / report.html"),
     "serve": ("revmix.platform.generation.serve_cli", "serve a model with an OpenAI-compatible API"),
     "launch": ("revmix.cluster.launch", "submit a revmix command to a Ray cluster (Jobs API)"),
+    "objectives": (
+        "revmix.objectives.cli",
+        "list objectives; check a plug-in objective against the contract",
+    ),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from revmix.objectives import Objective, objective_union
+from revmix.objectives import AnyObjective, Objective
 from revmix.objectives.sft import SFT
 from revmix.validation import (
     ConfigError,
@@ -29,8 +29,8 @@ from revmix.validation import (
 
 if typing.TYPE_CHECKING:
     ObjectiveSpec = Objective
-else:  # any registered objective, chosen by its `name`
-    ObjectiveSpec = objective_union()
+else:  # any objective (registered, installed or pkg.module:Class), looked up by its `name` when read
+    ObjectiveSpec = AnyObjective
 
 
 def _f(default: Any, doc: str, **limits: Any) -> Any:
@@ -59,6 +59,9 @@ class ModelConfig(Strict):
         "auto", "parameter dtype; auto: fp32 on CPU, bf16 on GPU"
     )
     lora: LoraConfig = _f(LoraConfig, "LoRA adapter settings")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = _f(
+        "auto", "attention kernel; auto: flash_attention_2 on GPU when flash_attn imports, else sdpa"
+    )
 
 
 class DataConfig(Strict):
@@ -67,7 +70,10 @@ class DataConfig(Strict):
     n_items: int = _f(600, "synthetic items (each gives a forward and a reverse row)", ge=1)
     test_fraction: float = _f(0.2, "held-out fraction, split by item so no fact leaks", gt=0.0, lt=1.0)
     seed: int = _f(0, "seed of data generation and the train/test split")
-    max_length: int = _f(256, "token cap of prompt + response; longer rows are truncated, counted", ge=1)
+    max_length: int = _f(256, "token cap of prompt + response; longer rows follow `truncation`", ge=1)
+    truncation: Literal["truncate", "drop", "error"] = _f(
+        "truncate", "rows over max_length: cut the response, leave the row out, or fail naming it (counted)"
+    )
     skip_invalid: bool = _f(False, "skip (and count) invalid rows instead of failing")
     cache_dir: str | None = _f(None, "tokenised Parquet cache dir (default $REVMIX_CACHE/tokenised)")
     stream_threshold_rows: int = _f(200_000, "above this many rows, stream from the Parquet cache", ge=0)
@@ -115,7 +121,7 @@ class EvalConfig(Strict):
 
 class StageConfig(Strict):
     name: str = _f("sft", "stage label in metrics and summaries")
-    objective: ObjectiveSpec = _f(SFT, "objective name and hyper-parameters (any registered objective)")
+    objective: ObjectiveSpec = _f(SFT, "objective name and hyper-parameters (built-in or plug-in)")
     mix: MixConfig = _f(MixConfig, "direction mix and curriculum")
     epochs: float | None = _f(None, "stage length in passes over the mixed stream", gt=0.0)
     steps: int | None = _f(None, "stage length in optimizer steps (overrides epochs)", ge=1)
@@ -142,11 +148,20 @@ class RuntimeConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 autocast on GPU, fp32 on CPU")
     torch_threads: int = _f(0, "torch intra-op threads per worker (0: torch default)", ge=0)
     length_buckets: int = _f(2, "forward each batch in up to N groups of similar length (1: one pass)", ge=1)
+    activation_checkpointing: Literal["auto", "on", "off"] = _f(
+        "auto", "recompute activations in backward (~30% more compute, far less memory); auto: on on GPU"
+    )
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint (-1: no limit)", ge=-1)
     on_nonfinite: Literal["stop", "skip_step"] = _f(
         "stop", "non-finite loss or grad norm: stop (keeping the last good checkpoint) or skip that step"
     )
     storage_path: str | None = _f(None, "Ray storage (local path, s3://, gs://); default: the run dir")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``on`` / ``off`` as a boolean: take it as the word written."""
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
 
 class CheckpointConfig(Strict):

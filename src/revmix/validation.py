@@ -13,7 +13,7 @@ import difflib
 import functools
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -65,9 +65,21 @@ def is_model(tp: Any) -> typing.TypeGuard[type[BaseModel]]:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def tagged_members(tp: Any) -> dict[str, type[BaseModel]]:
+class OpenTagged:
+    """Base of a type told apart by its ``name`` key like a tagged union, whose members are known only when
+    a value is read (plug-ins): ``members()`` maps names to models, and a lookup may resolve a name that
+    iteration does not list. :func:`tagged_members` answers with it, so paths, overrides and help work alike."""
+
+    @classmethod
+    def members(cls) -> Mapping[str, type[BaseModel]]:
+        raise NotImplementedError(f"{cls.__name__} must implement members()")
+
+
+def tagged_members(tp: Any) -> Mapping[str, type[BaseModel]]:
     """The models of a union told apart by their ``name`` literal, by name (empty for any other type)."""
     tp = unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, OpenTagged):
+        return tp.members()
     if not _is_union(tp):
         return {}
     members = [m for m in typing.get_args(tp) if is_model(m) and "name" in m.model_fields]
@@ -295,7 +307,9 @@ def describe_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
         elif members := tagged_members(tp):
             lines.append(f"{path}: {f.description}")
             for tag, member in members.items():
-                lines.append(f"{path} (name: {tag}): {(member.__doc__ or '').strip().splitlines()[0]}")
+                # the docstring's first line; a plug-in may have no docstring at all
+                summary = next(iter((member.__doc__ or "").strip().splitlines()), "")
+                lines.append(f"{path} (name: {tag}): {summary}")
                 own = describe_fields(member, f"{path}.")
                 lines.extend(ln for ln in own if not ln.startswith(f"{path}.name "))
         else:

@@ -1,74 +1,17 @@
-"""Small torch-only fixtures for objective tests: a random tiny causal LM and a hand-made batch."""
+"""Hand-computed reference values for objective tests. The fixtures (a random tiny causal LM, a hand-made
+batch) moved to :mod:`revmix.objectives.fixtures`, where plug-ins' checks use them too; re-exported here."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from revmix.objectives.base import IGNORE_INDEX, Batch
-
-VOCAB = 48
-
-
-def tiny_lm(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(cfg)
-    model.eval()  # no dropout: deterministic losses
-    return model
-
-
-def _pack(prompts: list[list[int]], responses: list[list[int]], pad: int = 0):
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        mask[i, :n] = 1
-        labels[i, len(p) : n] = torch.tensor(r)
-    return ids, mask, labels
-
-
-def make_batch(seed: int = 0, batch_size: int = 4, with_other: bool = True) -> Batch:
-    """A batch with both directions, different prompt/response lengths and padding."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(n: int) -> list[int]:
-        return torch.randint(1, VOCAB, (n,), generator=g).tolist()
-
-    prompts = [rand(3 + i % 3) for i in range(batch_size)]
-    responses = [rand(4 + (i * 2) % 5) for i in range(batch_size)]
-    others = [rand(3 + (i * 3) % 4) for i in range(batch_size)]
-    ids, mask, labels = _pack(prompts, responses)
-    batch = Batch(
-        input_ids=ids,
-        attention_mask=mask,
-        labels=labels,
-        direction=torch.tensor([i % 2 for i in range(batch_size)]),
-        task=["synthetic/test"] * batch_size,
-        prompt_ids=prompts,
-        answer=[str(i) for i in range(batch_size)],
-        item_id=[f"item-{i // 2}" for i in range(batch_size)],
-    )
-    if with_other:
-        o_ids, o_mask, o_labels = _pack(prompts, others)
-        batch.other_input_ids, batch.other_attention_mask, batch.other_labels = o_ids, o_mask, o_labels
-    return batch
-
+from revmix.objectives.base import IGNORE_INDEX
+from revmix.objectives.fixtures import VOCAB as VOCAB
+from revmix.objectives.fixtures import make_batch as make_batch
+from revmix.objectives.fixtures import pack as _pack  # noqa: F401 - test_multitask imports it from here
+from revmix.objectives.fixtures import tiny_lm as tiny_lm
 
 # --------------------------------------------------------------------------------------------------
 # Hand-computed reference values for the contract suite
@@ -174,10 +117,72 @@ def _ppo_value(
     return policy_loss + vf_coef * sum(sq) / len(sq)
 
 
+def _kto_value(policy, batch, ref_model, beta: float = 0.1) -> float:
+    """Ethayarajh et al. 2024 as TRL 1.16 (loss_type="kto"): examples e_k = (x_k mod B, y_k), y+ rows then
+    y− rows; r = Σ log π − Σ log π_ref; z0 = max(0, mean_k r(x of e_k, y of e_(k−1 mod 2B))) (TRL's rotated
+    KL pairs); loss = mean over e_k of 1 − σ(β(r − z0)) (y+) or 1 − σ(β(z0 − r)) (y−)."""
+
+    def r(prompt: list[int], y: list[int]) -> float:
+        return sum(row_token_logps(policy, prompt, y)) - sum(row_token_logps(ref_model, prompt, y))
+
+    prompts = list(batch.prompt_ids) * 2
+    ys = responses(batch.labels) + responses(batch.other_labels)
+    n = len(ys)
+    z0 = max(0.0, sum(r(prompts[k], ys[k - 1]) for k in range(n)) / n)
+    terms = []
+    for k in range(n):
+        gain = r(prompts[k], ys[k]) - z0 if k < n // 2 else z0 - r(prompts[k], ys[k])
+        terms.append(1.0 - 1.0 / (1.0 + math.exp(-beta * gain)))
+    return sum(terms) / n
+
+
+def _pair_logps(policy, batch) -> list[tuple[list[float], list[float]]]:
+    """(token log-probs of y+, of y−) per row, each from its own unpadded float64 forward pass."""
+    return [
+        (row_token_logps(policy, p, yc), row_token_logps(policy, p, yr))
+        for p, yc, yr in zip(batch.prompt_ids, responses(batch.labels), responses(batch.other_labels))
+    ]
+
+
+def _chosen_nll(pairs) -> float:
+    """The token mean of −log π over every y+ token of the batch (TRL's NLL term)."""
+    return -sum(sum(c) for c, _ in pairs) / sum(len(c) for c, _ in pairs)
+
+
+def _simpo_value(policy, batch, ref_model, beta: float = 2.0, gamma_beta_ratio: float = 0.5) -> float:
+    """Meng et al. 2024: mean of −log σ(β·mean log π(y+) − β·mean log π(y−) − γ), γ = β·ratio."""
+    pairs = _pair_logps(policy, batch)
+    z = [beta * (sum(c) / len(c) - sum(r) / len(r)) - beta * gamma_beta_ratio for c, r in pairs]
+    return sum(math.log1p(math.exp(-v)) for v in z) / len(z)
+
+
+def _cpo_value(policy, batch, ref_model, beta: float = 0.1, alpha: float = 1.0) -> float:
+    """Xu et al. 2024: mean of −log σ(β(Σ log π(y+) − Σ log π(y−))) + α·NLL(y+)."""
+    pairs = _pair_logps(policy, batch)
+    pref = [math.log1p(math.exp(-beta * (sum(c) - sum(r)))) for c, r in pairs]
+    return sum(pref) / len(pref) + alpha * _chosen_nll(pairs)
+
+
+def _orpo_value(policy, batch, ref_model, lam: float = 0.1) -> float:
+    """Hong et al. 2024: NLL(y+) − λ·mean log σ(log odds(y+) − log odds(y−)), odds of p = exp(mean log π)."""
+
+    def log_odds(lps: list[float]) -> float:
+        m = sum(lps) / len(lps)
+        return m - math.log(1.0 - math.exp(m))
+
+    pairs = _pair_logps(policy, batch)
+    log_sig = [-math.log1p(math.exp(-(log_odds(c) - log_odds(r)))) for c, r in pairs]
+    return _chosen_nll(pairs) - lam * sum(log_sig) / len(log_sig)
+
+
 REFERENCE_VALUES = {
     "sft": _sft_value,
     "dpo": _dpo_value,
+    "kto": _kto_value,
     "unlikelihood": _unlikelihood_value,
     "multitask": _multitask_value,
     "ppo": _ppo_value,
+    "simpo": _simpo_value,
+    "cpo": _cpo_value,
+    "orpo": _orpo_value,
 }

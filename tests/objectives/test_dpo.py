@@ -13,7 +13,7 @@ import torch
 from revmix.objectives.base import IGNORE_INDEX, PolicyForward, build_objective
 from revmix.objectives.dpo import dpo_loss
 from revmix.objectives.reference import FrozenCopyReference, concatenated_inputs, reference_logps
-from tests.objectives.helpers import make_batch, tiny_lm
+from tests.objectives.helpers import make_batch, responses, row_token_logps, tiny_lm
 
 # --------------------------------------------------------------------------------------------------
 # The pure loss, by hand
@@ -53,11 +53,74 @@ def test_ipo_hand_computed():
     assert losses.tolist() == pytest.approx([0.0, 16.0, 4.0])
 
 
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _softplus(x: float) -> float:  # −log σ(−x)
+    return math.log1p(math.exp(x))
+
+
+# Log-ratios of the rows above: u_w = pc − rc, u_l = pr − rr (h = u_w − u_l = H).
+UW = [1.0, -1.0, -1.0]
+UL = [-1.0, 1.0, -1.0]
+
+
+def test_hinge_hand_computed():
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="hinge")
+    # max(0, 1 − βh), βh = 1, −1, 0
+    assert losses.tolist() == pytest.approx([0.0, 2.0, 1.0])
+
+
+def test_robust_hand_computed():
+    eps, beta = 0.1, 0.5
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="robust", label_smoothing=eps)
+    # (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1 − 2ε), with −log σ(z) = softplus(−z)
+    expected = [((1 - eps) * _softplus(-beta * h) - eps * _softplus(beta * h)) / (1 - 2 * eps) for h in H]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert losses[0].item() == pytest.approx((0.9 * 0.3132617 - 0.1 * 1.3132617) / 0.8, rel=1e-5)
+    plain, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="robust")
+    assert plain.tolist() == pytest.approx(dpo_loss(PC, PR, RC, RR, beta=beta)[0].tolist())  # ε = 0: DPO
+
+
+def test_apo_hand_computed():
+    beta = 0.5
+    zero, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="apo_zero")
+    # 1 − σ(β u_w) + σ(β u_l); row 0: 1 − σ(0.5) + σ(−0.5) = 2σ(−0.5)
+    assert zero.tolist() == pytest.approx(
+        [1 - _sigmoid(beta * w) + _sigmoid(beta * v) for w, v in zip(UW, UL)], rel=1e-5, abs=1e-6
+    )
+    assert zero.tolist() == pytest.approx([0.7550813, 1.2449187, 1.0], abs=1e-6)
+    down, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="apo_down")
+    # σ(β u_w) + 1 − σ(βh); row 0: σ(0.5) + 1 − σ(1)
+    assert down.tolist() == pytest.approx(
+        [_sigmoid(beta * w) + 1 - _sigmoid(beta * h) for w, h in zip(UW, H)], rel=1e-5, abs=1e-6
+    )
+    assert down.tolist() == pytest.approx([0.8914007, 1.1085993, 0.8775407], abs=1e-6)
+
+
+def test_dpop_hand_computed():
+    beta, lam = 0.5, 2.0
+    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta, dpop_lambda=lam)
+    # −log σ(β(h − λ·max(0, −u_w))): penalties 0, 1, 1, so βh' = 1, −2, −1
+    assert losses.tolist() == pytest.approx(
+        [_softplus(-beta * (h - lam * max(0.0, -w))) for h, w in zip(H, UW)], rel=1e-5, abs=1e-6
+    )
+    assert losses.tolist() == pytest.approx([0.3132617, 2.1269280, 1.3132617], abs=1e-6)
+
+
 def test_bad_hyperparameters_are_loud():
-    with pytest.raises(ValueError, match="dpo.loss_type: 'hinge' is not one of sigmoid, ipo"):
-        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hinge")
-    with pytest.raises(ValueError, match="sigmoid' only"):
+    with pytest.raises(
+        ValueError,
+        match="dpo.loss_type: 'hnge' is not one of sigmoid, ipo, hinge, robust, apo_zero, apo_down",
+    ):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hnge")
+    with pytest.raises(ValueError, match="'sigmoid' or 'robust' only"):
         build_objective({"name": "dpo", "loss_type": "ipo", "label_smoothing": 0.1})
+    with pytest.raises(ValueError, match="dpop_lambda applies to loss_type 'sigmoid' only"):
+        build_objective({"name": "dpo", "loss_type": "hinge", "dpop_lambda": 1.0})
+    with pytest.raises(ValueError, match="objective.rpo_alpha: expected a number >= 0"):
+        build_objective({"name": "dpo", "rpo_alpha": -1.0})
     with pytest.raises(ValueError, match="objective.beta: expected a number > 0, got 0.0"):
         build_objective({"name": "dpo", "beta": 0.0})
     with pytest.raises(ValueError, match="objective.betta: unknown key .*did you mean 'beta'"):
@@ -70,7 +133,14 @@ def test_bad_hyperparameters_are_loud():
 
 
 def _trl_loss(
-    policy, ref_model, batch, loss_type: str, beta: float, label_smoothing: float = 0.0, cached=None
+    policy,
+    ref_model,
+    batch,
+    loss_type: str | list[str],
+    beta: float,
+    label_smoothing: float = 0.0,
+    cached=None,
+    loss_weights: list[float] | None = None,
 ):
     """TRL 1.16's own DPO loss on our batch, through ``DPOTrainer._compute_loss`` unbound.
 
@@ -80,9 +150,11 @@ def _trl_loss(
     log-probs from ``inputs["ref_chosen_logps"]`` when ``precompute_ref_logps`` (1319-1320) or from
     ``self.ref_model`` under ``no_grad`` (1321-1346); ``sigmoid`` = ``-logsigmoid(β·Δ)`` (1387-1388),
     ``ipo`` = ``(Δ/len - 1/(2β))²`` with per-token normalisation (1393-1403), ``sigmoid_norm`` the
-    normalised sigmoid (1504-1509), ``aot`` the sorted cDPO form with label smoothing (1447-1456);
-    rewards/margins/accuracies metrics at 1580-1601. The attributes below are exactly those it reads;
-    TRL's fused head scores tokens with its own chunked kernel, so the log-probs are computed
+    normalised sigmoid (1504-1509), ``aot`` the sorted cDPO form with label smoothing (1447-1456),
+    ``hinge`` (1390-1391), ``robust`` (1428-1431), ``apo_zero`` / ``apo_down`` (1467-1481), ``sft`` the
+    token-mean NLL of the chosen half (1495-1502); several loss types are summed with ``loss_weights``
+    (1386-1528); rewards/margins/accuracies metrics at 1580-1601. The attributes below are exactly those
+    it reads; TRL's fused head scores tokens with its own chunked kernel, so the log-probs are computed
     independently of ours.
     """
     from trl.trainer.dpo_trainer import DPOTrainer
@@ -109,8 +181,8 @@ def _trl_loss(
         ld_alpha=None,
         precompute_ref_logps=cached is not None,
         f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
+        loss_types=[loss_type] if isinstance(loss_type, str) else loss_type,
+        loss_weights=loss_weights or [1.0],
         beta=beta,
         label_smoothing=label_smoothing,
         use_weighting=False,
@@ -132,33 +204,63 @@ def setup():
 
 
 @pytest.mark.parametrize(
-    ("spec", "trl_type"),
+    ("spec", "trl_types", "trl_weights"),
     [
-        ({"beta": 0.1}, "sigmoid"),
-        ({"beta": 0.5}, "sigmoid"),
-        ({"beta": 0.1, "average_log_prob": True}, "sigmoid_norm"),
-        ({"beta": 0.1, "loss_type": "ipo"}, "ipo"),
-        ({"beta": 0.5, "loss_type": "ipo"}, "ipo"),
+        ({"beta": 0.1}, "sigmoid", None),
+        ({"beta": 0.5}, "sigmoid", None),
+        ({"beta": 0.1, "average_log_prob": True}, "sigmoid_norm", None),
+        ({"beta": 0.1, "loss_type": "ipo"}, "ipo", None),
+        ({"beta": 0.5, "loss_type": "ipo"}, "ipo", None),
+        ({"beta": 0.5, "loss_type": "hinge"}, "hinge", None),
+        ({"beta": 0.3, "loss_type": "robust", "label_smoothing": 0.2}, "robust", None),
+        ({"beta": 0.5, "loss_type": "apo_zero"}, "apo_zero", None),
+        ({"beta": 0.5, "loss_type": "apo_down"}, "apo_down", None),
+        # RPO: TRL 1.16 has no rpo_alpha; its recipe is loss_type=["sigmoid", "sft"] weighted [1, α].
+        ({"beta": 0.1, "rpo_alpha": 0.7}, ["sigmoid", "sft"], [1.0, 0.7]),
+        ({"beta": 0.5, "loss_type": "hinge", "rpo_alpha": 1.0}, ["hinge", "sft"], [1.0, 1.0]),
     ],
 )
-def test_equals_trl(setup, spec, trl_type):
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_equals_trl(setup, spec, trl_types, trl_weights, shared_prompt):
     policy, ref_model, batch = setup
-    out = build_objective({"name": "dpo", **spec})(policy, batch, FrozenCopyReference(ref_model))
-    out.loss = out.loss.detach()
-    trl_loss, trl_metrics = _trl_loss(policy, ref_model, batch, trl_type, spec["beta"])
+    objective = build_objective({"name": "dpo", "shared_prompt": shared_prompt, **spec})
+    out = objective(policy, batch, FrozenCopyReference(ref_model))
+    trl_loss, trl_metrics = _trl_loss(
+        policy, ref_model, batch, trl_types, spec["beta"], spec.get("label_smoothing", 0.0), None, trl_weights
+    )
     assert float(out.loss.detach()) == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
     assert out.metrics["loss"] == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
-    if not (spec.get("average_log_prob") or spec.get("loss_type") == "ipo"):
-        # Rewards are β·(summed) log-ratios in both; with normalisation TRL keeps summed ones in its logs.
-        for ours, theirs in [
-            ("rewards/chosen", "rewards/chosen"),
-            ("rewards/rejected", "rewards/rejected"),
-            ("rewards/margin", "rewards/margins"),
-            ("rewards/accuracy", "rewards/accuracies"),
-            ("logps/chosen", "logps/chosen"),
-            ("logps/rejected", "logps/rejected"),
-        ]:
-            assert out.metrics[ours] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=1e-6), ours
+    # Rewards and log-probs are summed in both, whatever the loss normalisation (TRL's logs).
+    for ours, theirs in [
+        ("rewards/chosen", "rewards/chosen"),
+        ("rewards/rejected", "rewards/rejected"),
+        ("rewards/margin", "rewards/margins"),
+        ("rewards/accuracy", "rewards/accuracies"),
+        ("logps/chosen", "logps/chosen"),
+        ("logps/rejected", "logps/rejected"),
+    ]:
+        assert out.metrics[ours] == pytest.approx(trl_metrics[theirs], rel=1e-5, abs=1e-5), ours
+    margin = trl_metrics["logps/chosen"] - trl_metrics["logps/rejected"]
+    assert out.metrics["logps/margin"] == pytest.approx(margin, rel=1e-5, abs=1e-5)
+
+
+def test_dpop_equals_a_float64_recomputation(setup):
+    """TRL 1.16 has no DPOP: compare with Pal et al. 2024, Eq. 3, recomputed per row (unpadded, float64)."""
+    policy, ref_model, batch = setup
+    beta, lam = 0.5, 5.0
+    ref = FrozenCopyReference(ref_model)
+    out = build_objective({"name": "dpo", "beta": beta, "dpop_lambda": lam})(policy, batch, ref)
+    losses, penalised = [], 0
+    for p, yc, yr in zip(batch.prompt_ids, responses(batch.labels), responses(batch.other_labels)):
+        pc, pr = sum(row_token_logps(policy, p, yc)), sum(row_token_logps(policy, p, yr))
+        rc, rr = sum(row_token_logps(ref_model, p, yc)), sum(row_token_logps(ref_model, p, yr))
+        penalised += rc > pc
+        h = (pc - rc) - (pr - rr) - lam * max(0.0, rc - pc)
+        losses.append(_softplus(-beta * h))
+    assert 0 < penalised < batch.size  # both sides of the max(0, ·) are exercised
+    assert float(out.loss.detach()) == pytest.approx(sum(losses) / len(losses), rel=1e-5, abs=1e-6)
+    plain = build_objective({"name": "dpo", "beta": beta})(policy, batch, ref)
+    assert float(out.loss.detach()) > float(plain.loss.detach()) + 1e-3
 
 
 def test_equals_trl_with_precomputed_reference(setup):

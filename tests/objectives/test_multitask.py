@@ -108,7 +108,7 @@ def test_empty_routes_contribute_zero():
         ),
         (
             {"routes": [{"objective": {"name": "nope"}}]},
-            r"routes\.0\.objective\.name: 'nope' is not one of dpo, multitask, ppo, sft, unlikelihood",
+            r"routes\.0\.objective\.name: 'nope' is not one of (\w+, )*dpo, (\w+, )*sft, (\w+, )*unlikelihood",
         ),
         (
             {"routes": [{"objective": {"name": "sft"}, "weight": -1}]},

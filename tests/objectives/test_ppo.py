@@ -147,9 +147,9 @@ def test_group_advantages_hand_computed():
 
 
 def test_config_errors_are_loud():
-    with pytest.raises(ValueError, match="objective.baseline: 'value' is not one of critic, group"):
+    with pytest.raises(ValueError, match="objective.baseline: 'value' is not one of critic, group, rloo"):
         build_objective({"name": "ppo", "baseline": "value"})
-    with pytest.raises(ValueError, match="group_size >= 2"):
+    with pytest.raises(ValueError, match="baseline 'group' needs group_size >= 2"):
         build_objective({"name": "ppo", "baseline": "group", "group_size": 1})
     with pytest.raises(
         ValueError,

@@ -108,17 +108,18 @@ def test_report_has_every_plot_and_is_self_contained(tmp_path: Path):
         "alp_margin_curves.png",
         "loss_curves.png",
         "metric_by_path.png",
+        "objectives.png",  # the objective name is swept
     ]
     for p in (out / "plots").glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     page = html_path.read_text()
-    assert page.count('src="data:image/png;base64,') == 5
+    assert page.count('src="data:image/png;base64,') == 6
     assert not re.search(r'src="(?!data:)', page)  # nothing external: the file travels alone
     assert "<li><code>t_99999</code>: RuntimeError: worker died</li>" in page
     assert "<td>forward → forward</td><td>paper</td><td>+0.323</td>" in page  # the paper's table
     assert "<li><b>holds</b> — Same-direction margins" in page
     md = (out / "report.md").read_text()
-    assert md.count("](plots/") == 5 and "skipped" not in md
+    assert md.count("](plots/") == 6 and "skipped" not in md
     assert "| forward → forward | paper | +0.323 |" in md and "- **holds** — Same-direction margins" in md
     assert "| t_99999 | ERROR | 0.5 | sft | 2 | — |" in md  # a metric the failed trial never reported
 
@@ -181,6 +182,7 @@ def test_report_without_r_axis_or_eval_skips_with_reasons(tmp_path: Path):
     md = (tmp_path / "report.md").read_text()
     assert "accuracy vs reverse fraction: skipped (the trials do not vary the reverse fraction)" in md
     assert "ALP margin over training: skipped" in md
+    assert "## Objectives" not in md  # no objective varies
     assert "## final/loss by swept value" in md or "## loss by swept value" in md
     assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
         "loss_curves.png",

@@ -52,6 +52,7 @@ def test_flatten_summary_names_and_values():
         "train/steps": 7.0,
         "train/wall_s": 12.5,
         "train/tokens_per_s": 100.0,
+        "train/stage0/tokens_per_s": 100.0,
     }
 
 
@@ -63,6 +64,7 @@ def test_flatten_summary_without_eval_and_with_two_stages():
     assert flat["stage0/loss"] == 3.0 and flat["stage0/eval/alp/reverse/margin"] == 0.3
     assert not any(k.startswith("eval/") for k in flat)  # the last stage was not evaluated
     assert flat["train/tokens_per_s"] == 20.0
+    assert flat["train/stage0/tokens_per_s"] == 10.0 and flat["train/stage1/tokens_per_s"] == 30.0
 
 
 def test_short_error_picks_the_exception_line():

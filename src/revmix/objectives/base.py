@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import ConfigDict, Discriminator, Field
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, ValidationError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, PydanticKnownError, core_schema
 from torch import Tensor
 
-from revmix.validation import Strict, did_you_mean, validate
+from revmix.objectives.plugins import PluginError, import_path, installed
+from revmix.validation import OpenTagged, Strict, did_you_mean, validate
 
 IGNORE_INDEX = -100
 DirectionName = Literal["forward", "reverse"]
@@ -190,33 +194,144 @@ def policy_logits(model: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
     return logits_of(model(input_ids=input_ids, attention_mask=attention_mask, **kwargs))
 
 
-def shifted_log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """float32 log-probs over the vocabulary at positions ``0 … T-2``, each predicting the next token
-    (``[B, T-1, V]``); the logits are divided by a sampling ``temperature`` other than 1 first."""
-    logits = logits[:, :-1, :].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
+LOGP_CHUNK_TOKENS = 1024
+"""Positions (summed over the rows) whose float32 vocabulary rows :func:`target_logps` holds at once.
+
+The extra memory of a log-prob pass is then a few ``[chunk, V]`` float32 blocks (1024 × 151,936 × 4 B ≈
+0.6 GB each) instead of two float32 copies of ``[B, T, V]`` (20 GB each at B=8, T=4096). On GPU a fused
+linear + cross-entropy kernel (Liger Kernel, Cut Cross-Entropy) would go further, never materialising the
+logits at all: it would replace the model's ``lm_head`` call *and* this function, taking hidden states."""
 
 
-def gather_logps(logp_all: Tensor, targets: Tensor) -> Tensor:
-    """The log-prob of each target token: ``logp_all[..., targets]``, shaped like ``targets``."""
-    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """One chunk of logits in float32, divided by a sampling temperature other than 1."""
+    x = logits.float()
+    return x / temperature if temperature != 1.0 else x
 
 
-def label_logps(logp_all: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token log p(label) from :func:`shifted_log_softmax` output and the response mask, ``[B, T-1]``.
+class _ChunkedTargetLogps(torch.autograd.Function):
+    """Forward and backward of :func:`target_logps`, ``step`` positions of every row at a time.
 
-    Masked positions get log-prob 0 so that sums over a row equal the sum over its response tokens.
+    Position ``t < L`` of ``logits`` (``[B, T, V]``, ``T >= L``) is scored against ``targets[:, t]``
+    (``[B, L]``); later positions get zero gradient, so a causal shift needs no sliced copy of the logits
+    or of their gradient. Only the logits (already alive, in their own dtype) and the float32
+    ``logsumexp`` per position are kept for backward; each chunk's softmax is recomputed there. With
+    ``x = logits / τ`` and ``p = softmax(x)``: ∂ log p_y / ∂x = onehot(y) − p; ∂H / ∂x = −p ⊙ (x − E_p[x])
+    for the entropy ``H = lse − E_p[x]``; ∂ mean_v log p_v / ∂x = 1/V − p; each then divided by τ.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: Tensor, targets: Tensor, temperature: float, chunk: int, stats: bool
+    ) -> tuple[Tensor, ...]:
+        rows, width = targets.shape
+        step = max(1, chunk // max(rows, 1))
+        lse = logits.new_empty((rows, width), dtype=torch.float32)
+        logp = torch.empty_like(lse)
+        entropy, mean = torch.empty_like(lse), torch.empty_like(lse)  # filled only with stats
+        for s in range(0, width, step):
+            sl = slice(s, min(s + step, width))
+            x = _scaled(logits[:, sl], temperature)
+            lse[:, sl] = torch.logsumexp(x, dim=-1)
+            logp[:, sl] = x.gather(-1, targets[:, sl, None]).squeeze(-1) - lse[:, sl]
+            if stats:
+                p = (x - lse[:, sl, None]).exp_()
+                entropy[:, sl] = lse[:, sl] - (p * x).sum(-1)
+                mean[:, sl] = x.mean(-1) - lse[:, sl]
+        ctx.set_materialize_grads(False)  # an output no loss uses gets None: its term is skipped
+        ctx.temperature, ctx.step = temperature, step
+        ctx.save_for_backward(logits, targets, lse, lse - entropy if stats else lse)  # lse − H = E_p[x]
+        return (logp, entropy, mean) if stats else (logp,)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        logits, targets, lse, expected_x = ctx.saved_tensors
+        g_logp, g_ent, g_mean = (*grads, None, None)[:3]
+        rows, width = targets.shape
+        vocab, tau = logits.shape[-1], ctx.temperature
+        grad = torch.empty_like(logits)
+        grad[:, width:] = 0
+        # Per position, ∂L/∂x = p ⊙ coef (+ the entropy term) + g_logp at the target + g_mean / V.
+        coef = torch.zeros_like(lse)
+        for g in (g_logp, g_mean):
+            if g is not None:
+                coef -= g
+        for s in range(0, width, ctx.step):
+            sl = slice(s, min(s + ctx.step, width))
+            x = _scaled(logits[:, sl], tau)
+            p = (x - lse[:, sl, None]).exp_()
+            if g_ent is not None:  # x may be the logits themselves: no in-place op on it
+                p.mul_((x - expected_x[:, sl, None]).mul_(-g_ent[:, sl, None]).add_(coef[:, sl, None]))
+            else:
+                del x
+                p.mul_(coef[:, sl, None])
+            if g_logp is not None:
+                p.scatter_add_(-1, targets[:, sl, None], g_logp[:, sl, None])
+            if g_mean is not None:
+                p.add_(g_mean[:, sl, None] / vocab)
+            grad[:, sl] = p.div_(tau) if tau != 1.0 else p
+        return grad, None, None, None, None
+
+
+def target_logps(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk: int = LOGP_CHUNK_TOKENS
+) -> Tensor:
+    """float32 ``log softmax(logits / temperature)[..., target]`` without the float32 ``[B, L, V]`` tensor.
+
+    .. math::  \\log p(y) = x_y - \\log \\sum_v e^{x_v}, \\qquad x = \\text{logits} / \\tau
+
+    computed ``chunk`` positions (summed over rows) at a time, forward and backward
+    (:data:`LOGP_CHUNK_TOKENS`); equal to ``torch.log_softmax(logits.float() / τ, -1).gather(-1, targets)``.
+
+    Args:
+        logits: ``[B, T, V]`` with ``T >= L``, any float dtype (gradients come back in it); positions from
+            ``L`` on are not scored (the causal shift: ``token_logps`` passes all ``T`` and ``L = T - 1``).
+        targets: ``[B, L]`` token ids, all valid (fill masked positions with any id and mask afterwards).
+    """
+    return _ChunkedTargetLogps.apply(logits, targets, temperature, chunk, False)[0]
+
+
+def token_logps(
+    logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk: int = LOGP_CHUNK_TOKENS
+) -> tuple[Tensor, Tensor]:
+    """Per-token log p(label) and the response mask, both ``[B, T-1]`` after the causal shift.
+
+    Position ``t`` of ``logits`` (``[B, T, V]``) predicts ``labels[:, t + 1]`` (``[B, T]``, ``-100`` off
+    the response); masked positions get log-prob 0 so that a row's sum is the sum over its response tokens.
+    The logits are divided by a sampling ``temperature`` other than 1 first. Chunked: :func:`target_logps`.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    return gather_logps(logp_all, targets.masked_fill(~mask, 0)) * mask, mask
+    logp = target_logps(logits, targets.masked_fill(~mask, 0), temperature, chunk)
+    return logp * mask, mask
 
 
-def token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token log p(label) and the response mask, both ``[B, T-1]`` after the causal shift."""
-    return label_logps(shifted_log_softmax(logits), labels)
+class TokenStats(typing.NamedTuple):
+    """Per-position statistics of the next-token distribution, each ``[B, T-1]``, 0 off the response."""
+
+    logp: Tensor  # log p(label)
+    mask: Tensor  # response positions
+    entropy: Tensor  # −Σ_v p_v log p_v (PPO's entropy bonus)
+    mean_logp: Tensor  # (1/V) Σ_v log p_v (SFT's label smoothing)
+
+
+def token_stats(
+    logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk: int = LOGP_CHUNK_TOKENS
+) -> TokenStats:
+    """:func:`token_logps` plus the entropy and the vocabulary-mean log-prob of each position, chunked the
+    same way (no float32 ``[B, T-1, V]``); a statistic no loss uses costs no backward work.
+
+    .. math::  H = \\log Z - E_p[x], \\qquad \\tfrac{1}{V}\\sum_v \\log p_v = \\bar{x} - \\log Z
+
+    Args:
+        logits: ``[B, T, V]``; labels: ``[B, T]`` with ``-100`` off the response.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    outs = _ChunkedTargetLogps.apply(logits[:, :-1], targets.masked_fill(~mask, 0), temperature, chunk, True)
+    logp, entropy, mean_logp = (o * mask for o in outs)
+    return TokenStats(logp, mask, entropy, mean_logp)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, average: bool = False) -> Tensor:
@@ -246,13 +361,28 @@ def per_direction(values: Tensor, direction: Tensor, name: str) -> dict[str, flo
 _REGISTRY: dict[str, type[Objective]] = {}
 
 
-def register_objective(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: register an :class:`Objective` under its ``name`` literal (one class per name)."""
-    if not issubclass(cls, Objective):
-        raise TypeError(f"{cls.__qualname__} must subclass revmix.objectives.base.Objective")
+class UnknownObjective(KeyError):
+    """A name that no objective answers to; the message says why and what would (printed unquoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def declared_name(cls: Any) -> str:
+    """The name ``cls`` answers to, from its ``name: Literal["x"] = "x"``; a :class:`TypeError` when ``cls`` is
+    not an :class:`Objective` subclass or declares its name any other way."""
+    if not (isinstance(cls, type) and issubclass(cls, Objective)):
+        what = f"class {cls.__qualname__}" if isinstance(cls, type) else f"{cls!r} (a {type(cls).__name__})"
+        raise TypeError(f"{what} is not a subclass of revmix.objectives.base.Objective")
     name = cls.model_fields["name"].default
     if not isinstance(name, str) or typing.get_args(cls.model_fields["name"].annotation) != (name,):
         raise TypeError(f'{cls.__qualname__} must declare its name as name: Literal["x"] = "x"')
+    return name
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: register an :class:`Objective` under its ``name`` literal (one class per name)."""
+    name = declared_name(cls)
     if name in _REGISTRY:
         raise ValueError(f"objective {name!r} is already registered by {_REGISTRY[name].__qualname__}")
     _REGISTRY[name] = cls
@@ -260,24 +390,139 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 
 
 def objective_names() -> list[str]:
+    """The registered objectives (the built-ins and any registered since), sorted; plug-ins are not here."""
     return sorted(_REGISTRY)
 
 
+def known_objective_names() -> list[str]:
+    """Every objective a config can name without an import path: registered and installed, sorted."""
+    return sorted({*_REGISTRY, *installed()})
+
+
 def objective_class(name: str) -> type[Objective]:
-    if name not in _REGISTRY:
-        raise KeyError(
-            f"unknown objective {name!r}{did_you_mean(name, _REGISTRY)}; valid objectives: {', '.join(sorted(_REGISTRY))}"
+    """The class ``name`` stands for: a registered objective (which wins a clash), an installed plug-in
+    (entry-point group ``revmix.objectives``) or a ``pkg.module:ClassName`` import path
+    (:mod:`revmix.objectives.plugins`). A plug-in class's ``name`` literal must be that same name, so an
+    objective dumps to a config that loads again. Raises :class:`UnknownObjective` saying why not."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    builtin = f"built-in objectives: {', '.join(sorted(_REGISTRY))}"
+    loaders = {} if ":" in name else installed()
+    if ":" not in name and name not in loaders:
+        valid = sorted({*_REGISTRY, *loaders})
+        raise UnknownObjective(
+            f"{name!r} is not one of {', '.join(valid)}{did_you_mean(name, valid)}; a plug-in is named by its "
+            "import path, pkg.module:ClassName"
         )
-    return _REGISTRY[name]
-
-
-def objective_union() -> Any:
-    """Every registered objective as one type, told apart by ``name`` (the config's ``objective`` field)."""
-    members = tuple(_REGISTRY[n] for n in sorted(_REGISTRY))
-    return Annotated[Union[members], Discriminator("name")]  # noqa: UP007 - built from a runtime tuple
+    try:
+        found = loaders[name]() if name in loaders else import_path(name)
+        declared = declared_name(found)
+    except (PluginError, TypeError) as e:
+        raise UnknownObjective(f"objective {name!r}: {e}; {builtin}") from e
+    if declared != name:
+        raise UnknownObjective(
+            f"objective {name!r}: {found.__qualname__} declares name {declared!r}; a plug-in's name literal is "
+            f"the name configs use: name: Literal[{name!r}] = {name!r}"
+        )
+    return found
 
 
 def build_objective(spec: Mapping[str, Any], path: str = "objective") -> Objective:
     """Build from ``{"name": ..., **hyperparams}``; a bad name, key or value is a :class:`ConfigError`
     naming its dotted path under ``path``."""
-    return validate(objective_union(), dict(spec), path)
+    return validate(AnyObjective, dict(spec), path)
+
+
+class _Objectives(Mapping[str, type[BaseModel]]):
+    """Name → class of every objective, for :mod:`revmix.validation`: iteration lists the registered and
+    installed ones; a lookup also finds import paths (a name that finds nothing is absent)."""
+
+    def __getitem__(self, name: str) -> type[BaseModel]:
+        return objective_class(name)  # UnknownObjective is a KeyError: `in` answers False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(known_objective_names())
+
+    def __len__(self) -> int:
+        return len(known_objective_names())
+
+
+def _tagged(error: ValidationError, name: str) -> ValidationError:
+    """``error`` with ``name`` after the objective's own location, as pydantic's tagged unions report it, so
+    :func:`revmix.validation.explain` walks into that class's fields (their bounds, the valid keys)."""
+    errors = [
+        {
+            "type": PydanticCustomError(e["type"], e["msg"], e.get("ctx")),
+            "loc": (name, *e["loc"]),
+            "input": e["input"],
+        }
+        for e in error.errors()
+    ]
+    return ValidationError.from_exception_data(error.title, errors)  # type: ignore[arg-type]
+
+
+def _name_error(reason: str, value: Any) -> ValidationError:
+    line = {
+        "type": PydanticCustomError("objective_name", "{reason}", {"reason": reason}),
+        "loc": ("name",),
+        "input": value,
+    }
+    return ValidationError.from_exception_data("Objective", [line])  # type: ignore[list-item]
+
+
+def _validate_objective(value: Any) -> Objective:
+    """An :class:`Objective` from ``{"name": ..., **hyper-parameters}`` (an instance passes as it is)."""
+    if isinstance(value, Objective):
+        return value
+    if not isinstance(value, Mapping):
+        raise PydanticKnownError("dict_type")
+    name = value.get("name")
+    if not isinstance(name, str):
+        names = ", ".join(known_objective_names())
+        reason = f"expected an objective name, got {name!r}" if "name" in value else "required key missing"
+        raise _name_error(f"{reason}; one of {names}, or a plug-in's import path pkg.module:ClassName", name)
+    try:
+        cls = objective_class(name)
+    except UnknownObjective as e:
+        raise _name_error(str(e), name) from None
+    try:
+        return cls.model_validate(value)
+    except ValidationError as e:
+        raise _tagged(e, name) from None
+
+
+_IN_JSON_SCHEMA: ContextVar[bool] = ContextVar("_IN_JSON_SCHEMA", default=False)
+
+
+class AnyObjective(OpenTagged):
+    """The type of a config's ``objective``: any objective, chosen by its ``name`` when the value is read
+    (:func:`objective_class`), so objectives registered or installed after import count; the other keys
+    are validated by that class's own fields. Dumps with the class's own fields, as ``SerializeAsAny``."""
+
+    @classmethod
+    def members(cls) -> Mapping[str, type[BaseModel]]:
+        return _Objectives()
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            _validate_objective,
+            serialization=core_schema.wrap_serializer_function_ser_schema(
+                lambda value, dump: dump(value), schema=core_schema.any_schema()
+            ),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """One of the registered and installed objectives, told apart by ``name`` (import paths are open);
+        inside one of them (a multitask route) an object with a ``name``, which keeps the schema finite."""
+        if _IN_JSON_SCHEMA.get():
+            return {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+        token = _IN_JSON_SCHEMA.set(True)
+        try:
+            refs = {name: handler(member.__pydantic_core_schema__) for name, member in _Objectives().items()}
+        finally:
+            _IN_JSON_SCHEMA.reset(token)
+        return {"oneOf": list(refs.values()), "discriminator": {"propertyName": "name"}}

@@ -1,12 +1,11 @@
-"""Registers every built-in objective (importing its module runs its ``@register_objective``), then types
-multitask's routes over all of them (a route may hold any registered objective)."""
+"""Registers every built-in objective (importing its module runs its ``@register_objective``)."""
 
-from revmix.objectives.base import objective_union
 from revmix.objectives.dpo import DPO
-from revmix.objectives.multitask import MultiTask, type_routes
+from revmix.objectives.kto import KTO
+from revmix.objectives.multitask import MultiTask
 from revmix.objectives.ppo import PPO
+from revmix.objectives.reference_free import CPO, ORPO, SimPO
 from revmix.objectives.sft import SFT
 from revmix.objectives.unlikelihood import Unlikelihood
 
-BUILTINS = (DPO, MultiTask, PPO, SFT, Unlikelihood)
-type_routes(objective_union())
+BUILTINS = (CPO, DPO, KTO, MultiTask, ORPO, PPO, SFT, SimPO, Unlikelihood)

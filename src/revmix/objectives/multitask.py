@@ -37,6 +37,7 @@ from torch import Tensor
 
 from revmix.objectives.base import (
     DIRECTIONS,
+    AnyObjective,
     Batch,
     DirectionName,
     LossOutput,
@@ -47,8 +48,10 @@ from revmix.objectives.base import (
 from revmix.objectives.surgery import cosine, flat_grad, pcgrad, trainable_parameters
 from revmix.validation import Strict
 
-if TYPE_CHECKING:  # at run time: the union of every registered objective, set by `type_routes`
+if TYPE_CHECKING:
     ObjectiveSpec = Objective
+else:  # any objective, multitask and plug-ins included, looked up by `name` when a route is read
+    ObjectiveSpec = AnyObjective
 
 DEFAULT_ROUTES: tuple[dict[str, Any], ...] = (
     {"objective": {"name": "sft"}, "direction": "forward"},
@@ -99,7 +102,7 @@ class RouteSpec(Strict):
 
     model_config = ConfigDict(frozen=True)
 
-    objective: ObjectiveSpec = Field(description="the sub-objective (any registered objective)")
+    objective: ObjectiveSpec = Field(description="the sub-objective (any objective, plug-ins included)")
     direction: DirectionName | None = Field(None, description="rows of this direction only (null: both)")
     task: str | None = Field(None, description="rows whose task starts with this prefix only (null: any)")
     weight: float = Field(1.0, ge=0.0, description="weight of this route's loss in the sum")
@@ -118,15 +121,6 @@ def parse_routes(routes: Sequence[RouteSpec]) -> tuple[Route, ...]:
         )
         for i, (r, name) in enumerate(zip(routes, names))
     )
-
-
-def type_routes(objective_spec: Any) -> None:
-    """Type a route's ``objective`` as ``objective_spec`` (the union of every registered objective); called
-    once all built-ins are registered, since a route may hold any of them — multitask included."""
-    global ObjectiveSpec
-    ObjectiveSpec = objective_spec
-    RouteSpec.model_rebuild(force=True)
-    MultiTask.model_rebuild(force=True)
 
 
 def _with_direction(metrics: dict[str, float], direction: str) -> dict[str, float]:

@@ -20,13 +20,32 @@ reference, β = ``kl_coef`` and R(x, y) the scalar score of the reward function:
 
 **Group baseline** (``baseline="group"``, GRPO §4.1.2 outcome supervision): ``group_size`` responses per
 prompt, no value head; every token of response i gets :math:`\hat A_i = (R_i - \mathrm{mean}_g R) /
-(\mathrm{std}_g R + 10^{-4})` (÷ std only with ``scale_rewards``), and the KL enters the *loss*, not the
-reward, with GRPO's unbiased k3 estimator (Eq. 4):
+(\mathrm{std}_g R + 10^{-4})` (÷ std only with ``scale_rewards``: on unless ``dr_grpo``), and the KL enters
+the *loss*, not the reward, with GRPO's unbiased k3 estimator (Eq. 4):
 :math:`L = L^{CLIP} + β\,\mathbb{E}_t[e^{\log π_{ref} - \log π_θ} - (\log π_{ref} - \log π_θ) - 1]`.
 
-Losses are token means over the mini-batch (every response token weighs the same, as TRL's PPO). Sampling
-temperature τ also divides the logits whenever log-probs are computed (policy, old and reference), so the
-ratio compares the distribution that actually sampled the tokens (as TRL does).
+**RLOO baseline** (``baseline="rloo"``; Kool et al. 2019, Ahmadian et al. 2024, arXiv 2402.14740): as the
+group baseline, but :math:`\hat A_i = R_i - \frac{1}{k-1}\sum_{j \ne i} R_j` — the mean of the *other* k−1
+scores of the prompt (:func:`rloo_advantages`), never divided by a std; the k3 KL term stays in the loss
+(TRL's RLOO instead puts a k1 penalty in the reward and clips a sequence-level ratio).
+
+**Loss aggregation** (``loss_aggregation``, :func:`aggregate_loss`): the clipped surrogate plus the k3 term,
+per token, are reduced as ``token_mean`` (default, every token weighs the same: DAPO, TRL's PPO and GRPO
+``bnpo``), ``sequence_mean`` (GRPO Eq. 3: per-response means, then their mean) or ``dr_grpo`` (sum ÷ (rows ×
+``max_new_tokens``), Liu et al. 2025, arXiv 2503.20783; it implies ``scale_rewards`` false). The rollout
+step weighs each micro-batch by its share of rows, so ``sequence_mean`` and ``dr_grpo`` are exact over a
+mini-batch split into ``grad_accum`` micro-batches, while ``token_mean`` is then a row-weighted mean of the
+micro-batches' token means (exact with ``grad_accum: 1``).
+
+**DAPO** (Yu et al. 2025, arXiv 2503.14476): ``clip_eps_high`` clips the ratio to :math:`[1-ε, 1+ε_{high}]`
+(clip-higher), and ``dynamic_sampling`` drops the groups whose scores are all equal before the update
+(:func:`informative_rows`, metric ``rollout/kept_groups_fraction``; when none is left the step makes no
+update and reports ``rollout/no_update`` 1). DAPO re-samples until the batch is full again; here the batch
+just shrinks, so the step costs no extra generation. Each worker would drop a different number of rows, so
+the rollout step allows dynamic sampling on one worker only.
+
+Sampling temperature τ also divides the logits whenever log-probs are computed (policy, old and
+reference), so the ratio compares the distribution that actually sampled the tokens (as TRL does).
 
 This module is torch only: the pure functions above, the value head, and :class:`PPO`, whose
 :meth:`PPO.make_rollout` / :meth:`PPO.loss` the rollout step (``revmix.platform.rollout.step.ppo_step``)
@@ -46,15 +65,16 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from revmix.objectives.base import (
+    IGNORE_INDEX,
     Batch,
     LossOutput,
     Objective,
     Reference,
-    label_logps,
     logits_of,
     per_direction,
     register_objective,
-    shifted_log_softmax,
+    token_logps,
+    token_stats,
 )
 
 VALUE_HEAD_ATTR = "v_head"
@@ -142,15 +162,24 @@ class ClippedLoss(NamedTuple):
     clipped: Tensor
 
 
-def clipped_policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, eps: float) -> ClippedLoss:
-    """PPO's clipped surrogate (Eq. 7), negated for minimisation: ``max(−A ρ, −A clip(ρ, 1−ε, 1+ε))``.
+def clipped_policy_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, eps: float, eps_high: float | None = None
+) -> ClippedLoss:
+    r"""PPO's clipped surrogate (Eq. 7), negated for minimisation: ``max(−A ρ, −A clip(ρ, 1−ε, 1+ε_high))``.
 
+    ``eps_high`` is DAPO's *clip-higher* (Yu et al. 2025, arXiv 2503.14476, §3.1): the ratio is clipped to
+    :math:`[1-ε_{low}, 1+ε_{high}]` with :math:`ε_{high} > ε_{low}`, so a low-probability token with a
+    positive advantage may grow further before its gradient is cut (against entropy collapse); None keeps
+    PPO's symmetric range. TRL's GRPO ``epsilon``/``epsilon_high`` compute the same.
     ``clipped`` marks tokens where the clipped term is the larger (the gradient is then zero) — its masked
     mean is the usual clip fraction.
+
+    Args:
+        logp, old_logp, adv, mask: ``[B, T]`` (current and sampling log-probs, advantages, response mask).
     """
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
-    clipped_term = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + eps)
+    clipped_term = -adv * torch.clamp(ratio, 1.0 - eps, 1.0 + (eps if eps_high is None else eps_high))
     per_token = torch.maximum(unclipped, clipped_term)
     return ClippedLoss(masked_mean(per_token, mask), per_token, (clipped_term > unclipped) & mask.bool())
 
@@ -178,6 +207,80 @@ def group_advantages(scores: Tensor, group: Tensor, scale: bool = True, eps: flo
         centred = s - s.mean()
         adv[sel] = centred / (s.std() + eps) if scale else centred
     return adv
+
+
+def rloo_advantages(scores: Tensor, group: Tensor) -> Tensor:
+    r"""REINFORCE leave-one-out advantage per response (Kool et al. 2019, "Buy 4 REINFORCE samples, get a
+    baseline for free"; Ahmadian et al. 2024, arXiv 2402.14740, "RLOO"): each response's baseline is the
+    mean score of the *other* k−1 responses to its prompt,
+
+    .. math::  \hat A_i = R_i - \frac{1}{k-1}\sum_{j \ne i} R_j = \frac{k}{k-1}\,(R_i - \bar R_g),
+
+    an unbiased baseline (it does not depend on :math:`y_i`) with no std scaling. A group of one response
+    has advantage 0 (no other sample to compare with), as TRL's RLOO.
+
+    Args:
+        scores: ``[N]`` rewards; group: ``[N]`` ints, the prompt each response answers.
+    """
+    adv = torch.zeros_like(scores, dtype=torch.float32)
+    for g in torch.unique(group):
+        sel = group == g
+        s = scores[sel].float()
+        k = s.numel()
+        if k < 2:
+            continue
+        adv[sel] = s - (s.sum() - s) / (k - 1)
+    return adv
+
+
+def informative_rows(scores: Tensor, group: Tensor) -> Tensor:
+    r"""DAPO's dynamic-sampling filter (Yu et al. 2025, arXiv 2503.14476, §3.2): keep a prompt's group only
+    when its scores are not all equal, :math:`\max_g R > \min_g R` (DAPO's constraint
+    :math:`0 < |\{o_i : o_i \text{ correct}\}| < G` for a 0/1 reward). An all-equal group has advantage
+    exactly 0 under the group and RLOO baselines, so it adds no policy gradient, only dilutes the batch.
+    Exact comparison on purpose: equal rewards give bitwise-equal floats, and any difference is signal.
+
+    Args:
+        scores: ``[N]`` rewards; group: ``[N]`` ints, the prompt each response answers.
+
+    Returns:
+        ``[N]`` bool, true on the rows of the groups that are kept.
+    """
+    keep = torch.zeros_like(group, dtype=torch.bool)
+    for g in torch.unique(group):
+        sel = group == g
+        keep[sel] = bool(scores[sel].max() > scores[sel].min())
+    return keep
+
+
+LOSS_AGGREGATIONS: tuple[str, ...] = ("token_mean", "sequence_mean", "dr_grpo")
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str, max_new_tokens: int) -> Tensor:
+    r"""Reduce a per-token loss :math:`\ell_{i,t}` over the batch's response tokens (masked) to a scalar.
+
+    * ``token_mean`` — :math:`\sum_{i,t}\ell_{i,t} / \sum_i |o_i|`: every token weighs the same (DAPO §3.3
+      "token-level policy gradient loss"; TRL GRPO's ``bnpo``; TRL's PPO).
+    * ``sequence_mean`` — :math:`\frac1B\sum_i \frac1{|o_i|}\sum_t \ell_{i,t}`: GRPO's Eq. 3 (Shao et al.
+      2024); every response weighs the same, so tokens of short ones weigh more (TRL GRPO's ``grpo``).
+    * ``dr_grpo`` — :math:`\sum_{i,t}\ell_{i,t} / (B \cdot L_{max})` with :math:`L_{max}` = ``max_new_tokens``
+      (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783, Dr. GRPO): a constant
+      normaliser, so no response-length bias (TRL GRPO's ``dr_grpo``, same formula).
+
+    A row without response tokens adds 0 and still counts as a row (as TRL's ``clamp(min=1)``).
+
+    Args:
+        per_token: ``[B, T]``; mask: ``[B, T]`` response positions; mode: one of :data:`LOSS_AGGREGATIONS`.
+    """
+    m = mask.to(per_token.dtype)
+    total = per_token * m
+    if mode == "token_mean":
+        return total.sum() / m.sum().clamp(min=1)
+    if mode == "sequence_mean":
+        return (total.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if mode == "dr_grpo":
+        return total.sum() / (per_token.shape[0] * max_new_tokens)
+    raise ValueError(f"loss_aggregation {mode!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +389,14 @@ class Rollout:
         return Rollout(**out)
 
 
+def _empty_rollout(input_ids: Tensor) -> Rollout:
+    """A rollout of zero rows as wide as ``input_ids`` ([N, T]): dynamic sampling dropped every group."""
+    ids = input_ids.new_zeros(0, input_ids.shape[1])
+    rows = input_ids.new_zeros(0)
+    z = torch.zeros(0, max(input_ids.shape[1] - 1, 0), device=input_ids.device)
+    return Rollout(ids, ids, ids, rows, rows, rows.float(), z.bool(), z, z, z)
+
+
 # --------------------------------------------------------------------------------------------------
 # The objective
 # --------------------------------------------------------------------------------------------------
@@ -304,11 +415,21 @@ class PPO(Objective):
     """
 
     name: Literal["ppo"] = "ppo"
-    baseline: Literal["critic", "group"] = Field(
-        "critic", description="critic: value head + GAE; group: GRPO's group-mean baseline, no value head"
+    baseline: Literal["critic", "group", "rloo"] = Field(
+        "critic",
+        description="critic: value head + GAE; group: GRPO's group-mean baseline; rloo: leave-one-out mean",
     )
     group_size: int | None = Field(
-        None, ge=1, description="responses sampled per prompt (null: 1 for critic, 4 for group)"
+        None, ge=1, description="responses sampled per prompt (null: 1 for critic, 4 for group and rloo)"
+    )
+    loss_aggregation: Literal["token_mean", "sequence_mean", "dr_grpo"] = Field(
+        "token_mean", description="how per-token policy losses become one number (see aggregate_loss)"
+    )
+    clip_eps_high: float | None = Field(
+        None, gt=0.0, description="DAPO clip-higher: upper clip range of the ratio (null: clip_eps)"
+    )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop groups whose scores are all equal (no signal); group or rloo only"
     )
     kl_coef: float = Field(0.05, ge=0.0, description="beta of the KL to the reference")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="GAE discount")
@@ -320,7 +441,9 @@ class PPO(Objective):
     ppo_epochs: int = Field(4, ge=1, description="optimisation passes per rollout batch")
     num_mini_batches: int = Field(1, ge=1, description="optimizer steps per pass")
     whiten_advantages: bool = Field(True, description="critic: normalise advantages over the batch")
-    scale_rewards: bool = Field(True, description="group: divide group advantages by the group std")
+    scale_rewards: bool | None = Field(
+        None, description="group: divide advantages by the group std (null: yes, but no with dr_grpo)"
+    )
     temperature: float = Field(
         1.0, gt=0.0, description="rollout sampling temperature (greedy rollouts give PPO nothing to compare)"
     )
@@ -342,10 +465,32 @@ class PPO(Objective):
         return engine
 
     @model_validator(mode="after")
-    def _group_needs_a_group(self) -> PPO:
-        if self.baseline == "group" and self.samples_per_prompt < 2:
+    def _options_fit_the_baseline(self) -> PPO:
+        if self.uses_groups and self.samples_per_prompt < 2:
             raise ValueError(
-                f"baseline 'group' needs group_size >= 2 (the baseline is the group mean), got {self.group_size}"
+                f"baseline {self.baseline!r} needs group_size >= 2 (the baseline is a mean over the prompt's "
+                f"responses), got {self.group_size}"
+            )
+        if self.clip_eps_high is not None and self.clip_eps_high < self.clip_eps:
+            raise ValueError(
+                f"clip_eps_high={self.clip_eps_high} is below clip_eps={self.clip_eps}; DAPO's clip-higher "
+                "widens the upper range only (null: symmetric)"
+            )
+        if self.dynamic_sampling and not self.uses_groups:
+            raise ValueError(
+                "dynamic_sampling drops groups whose scores are all equal, so it needs baseline 'group' or "
+                f"'rloo', got {self.baseline!r}"
+            )
+        # Explicit True only: null resolves per baseline (see scales_group_rewards).
+        if self.scale_rewards and self.baseline != "group":
+            raise ValueError(
+                f"scale_rewards divides GRPO's group advantages by their std; baseline {self.baseline!r} has "
+                "none (rloo is unscaled, critic whitens over the batch): remove it or set it to false"
+            )
+        if self.scale_rewards and self.loss_aggregation == "dr_grpo":
+            raise ValueError(
+                "loss_aggregation 'dr_grpo' removes GRPO's std normalisation too (Liu et al. 2025): set "
+                "scale_rewards to false or leave it null"
             )
         return self
 
@@ -355,11 +500,24 @@ class PPO(Objective):
     def samples_per_prompt(self) -> int:
         if self.group_size is not None:
             return self.group_size
-        return 4 if self.baseline == "group" else 1
+        return 4 if self.uses_groups else 1
 
     @property
     def uses_critic(self) -> bool:
         return self.baseline == "critic"
+
+    @property
+    def uses_groups(self) -> bool:
+        """The baseline is computed from the other responses to the same prompt (group or rloo)."""
+        return self.baseline in ("group", "rloo")
+
+    @property
+    def scales_group_rewards(self) -> bool:
+        """Whether GRPO's group advantages are divided by the group std: ``scale_rewards``, which defaults to
+        true except with ``dr_grpo`` (whose point is to drop that scaling)."""
+        if self.scale_rewards is not None:
+            return self.scale_rewards
+        return self.loss_aggregation != "dr_grpo"
 
     def prepare_policy(self, policy: torch.nn.Module) -> list[torch.nn.Parameter]:
         """Attach what the policy needs before an optimizer is built: the value head (critic only).
@@ -409,21 +567,32 @@ class PPO(Objective):
 
         ``scores`` ([N]) are the reward function's outputs; ``group`` ([N]) the prompt index of each
         response (default: every response its own group). Returns the rollout and its metrics (reward,
-        KL to the reference, response length; per direction).
+        KL to the reference, response length; per direction). With ``dynamic_sampling`` the groups whose
+        scores are all equal are dropped first (:func:`informative_rows`; score and length metrics still
+        cover every response): the rollout may hold fewer rows, or none — then the step makes no update.
         """
         if ref is None:
             raise ValueError("ppo needs a reference policy for its KL term: pass ref (the stage-start model)")
         if group is None:
             group = torch.arange(input_ids.shape[0], device=input_ids.device)
         scores = scores.to(input_ids.device).float()
+        metrics = per_direction(scores, direction, "ppo/score")  # every sampled response, kept or not
+        response_lengths = (labels[:, 1:] != IGNORE_INDEX).sum(-1).float()
+        metrics |= per_direction(response_lengths, direction, "ppo/response_length")
+        if self.dynamic_sampling:
+            keep = informative_rows(scores, group)
+            kept = torch.unique(group[keep]).numel() / torch.unique(group).numel()
+            metrics |= {"rollout/kept_groups_fraction": kept, "rollout/no_update": float(not keep.any())}
+            if not bool(keep.any()):  # no signal anywhere: the rollout step makes no update
+                return _empty_rollout(input_ids), metrics
+            input_ids, attention_mask, labels, direction, group, scores = (
+                t[keep] for t in (input_ids, attention_mask, labels, direction, group, scores)
+            )
         logits, values = self._forward(policy, input_ids, attention_mask)
-        old_logps, mask = label_logps(shifted_log_softmax(logits, self.temperature), labels)
+        old_logps, mask = token_logps(logits, labels, self.temperature)
         del logits
-        ref_logps, _ = label_logps(
-            shifted_log_softmax(ref.logits(input_ids, attention_mask), self.temperature), labels
-        )
+        ref_logps, _ = token_logps(ref.logits(input_ids, attention_mask), labels, self.temperature)
         kl = kl_penalty(old_logps, ref_logps) * mask
-        lengths = mask.sum(-1)
         token_rewards = None
         returns = None
         if self.uses_critic:
@@ -432,14 +601,16 @@ class PPO(Objective):
             width = mask.shape[1]
             last = width - 1 - mask.flip(-1).float().argmax(-1)  # each row's last response token
             idx = last.unsqueeze(-1)
-            has = (lengths > 0).float().unsqueeze(-1)
+            has = (mask.sum(-1) > 0).float().unsqueeze(-1)
             token_rewards = token_rewards.scatter_add(1, idx, scores.unsqueeze(-1) * has)
             values = values * mask
             advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
             if self.whiten_advantages:
                 advantages = whiten(advantages, mask)
+        elif self.baseline == "rloo":
+            advantages = rloo_advantages(scores, group).unsqueeze(-1) * mask
         else:
-            advantages = group_advantages(scores, group, self.scale_rewards).unsqueeze(-1) * mask
+            advantages = group_advantages(scores, group, self.scales_group_rewards).unsqueeze(-1) * mask
         rollout = Rollout(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -455,27 +626,26 @@ class PPO(Objective):
             returns=returns,
             token_rewards=token_rewards,
         )
-        d = direction
-        metrics: dict[str, float] = {}
-        metrics |= per_direction(scores, d, "ppo/score")
         total_reward = (
             token_rewards.sum(-1) if token_rewards is not None else scores - self.kl_coef * kl.sum(-1)
         )
-        metrics |= per_direction(total_reward, d, "ppo/reward")
-        metrics |= per_direction(kl.sum(-1), d, "ppo/kl")
-        metrics |= per_direction(lengths.float(), d, "ppo/response_length")
+        metrics |= per_direction(total_reward, direction, "ppo/reward")
+        metrics |= per_direction(kl.sum(-1), direction, "ppo/kl")
         return rollout, metrics
 
     def loss(self, policy: torch.nn.Module, rb: Rollout) -> LossOutput:
-        """The PPO (or GRPO) loss of one mini-batch under the current policy; metrics per direction."""
+        """The PPO (or GRPO / RLOO) loss of one mini-batch under the current policy; metrics per direction.
+
+        The clipped surrogate and the group baselines' k3 KL term are reduced by ``loss_aggregation``
+        (:func:`aggregate_loss`); the value loss and the entropy bonus stay token means (as TRL's).
+        """
         logits, values = self._forward(policy, rb.input_ids, rb.attention_mask)
-        logp_all = shifted_log_softmax(logits, self.temperature)
-        logp, _ = label_logps(logp_all, rb.labels)
+        # Chunked (no fp32 [N, T, V]); the entropy gets backward work only when it is in the loss.
+        logp, _, entropy, _ = token_stats(logits, rb.labels, self.temperature)
         mask = rb.mask
-        with torch.set_grad_enabled(bool(self.entropy_coef) and torch.is_grad_enabled()):
-            entropy = -(logp_all.exp() * logp_all).sum(-1)  # in the graph only when it is in the loss
-        pg = clipped_policy_loss(logp, rb.old_logps, rb.advantages, mask, self.clip_eps)
-        loss = pg.loss
+        pg = clipped_policy_loss(logp, rb.old_logps, rb.advantages, mask, self.clip_eps, self.clip_eps_high)
+        policy_loss = aggregate_loss(pg.per_token, mask, self.loss_aggregation, self.max_new_tokens)
+        loss = policy_loss
         if self.entropy_coef:
             loss = loss - self.entropy_coef * masked_mean(entropy, mask)
         d = rb.direction
@@ -489,12 +659,12 @@ class PPO(Objective):
             metrics |= per_direction(row_mean(vf.clipped.float(), mask), d, "ppo/value_clip_fraction")
         else:
             k3 = kl_k3(logp, rb.ref_logps)
-            kl_loss = masked_mean(k3, mask)
+            kl_loss = aggregate_loss(k3, mask, self.loss_aggregation, self.max_new_tokens)
             if self.kl_coef:
                 loss = loss + self.kl_coef * kl_loss
             metrics |= per_direction(row_mean(k3.detach(), mask), d, "ppo/kl_k3")
         metrics |= per_direction(row_mean(pg.per_token.detach(), mask), d, "ppo/policy_loss")
-        metrics["ppo/policy_loss"] = float(pg.loss.detach())
+        metrics["ppo/policy_loss"] = float(policy_loss.detach())
         metrics |= per_direction(row_mean(pg.clipped.float(), mask), d, "ppo/clip_fraction")
         metrics |= per_direction(row_mean(entropy.detach(), mask), d, "ppo/entropy")
         approx_kl = 0.5 * (logp.detach() - rb.old_logps) ** 2
@@ -512,7 +682,9 @@ class PPO(Objective):
         :meth:`prepare_policy` before building its optimizer, or the head is never trained.
         """
         self.prepare_policy(policy)
-        rollout, rollout_metrics = self.make_rollout(
+        # Every row scores 1, so dynamic sampling would drop them all: this pass keeps every row.
+        keep_all = self.model_copy(update={"dynamic_sampling": False}) if self.dynamic_sampling else self
+        rollout, rollout_metrics = keep_all.make_rollout(
             policy,
             ref,
             batch.input_ids,

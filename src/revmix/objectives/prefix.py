@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from revmix.objectives.base import IGNORE_INDEX, Batch, gather_logps
+from revmix.objectives.base import IGNORE_INDEX, Batch, target_logps
 from revmix.objectives.buckets import length_buckets
 
 MASK_AWARE_ATTENTION = ("sdpa", "eager")
@@ -125,7 +125,7 @@ def shared_prompt_logps(
         mask = packed.allowed[idx, :w, :w].unsqueeze(1)
         logits = forward(packed.input_ids[idx, :w], mask, packed.position_ids[idx, :w])
         rows = logits.gather(1, packed.predictor[idx].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        lp = gather_logps(torch.log_softmax(rows.float(), dim=-1), packed.target[idx])
+        lp = target_logps(rows, packed.target[idx])
         logps = logps.index_put((idx,), lp * packed.valid[idx])
     chosen_sel = packed.valid & ~packed.is_rejected
     rejected_sel = packed.valid & packed.is_rejected

@@ -18,11 +18,11 @@ from revmix.objectives.base import (
     LossOutput,
     Objective,
     Reference,
-    label_logps,
     per_direction,
     policy_logits,
     register_objective,
-    shifted_log_softmax,
+    token_logps,
+    token_stats,
 )
 
 
@@ -36,13 +36,15 @@ class SFT(Objective):
     )
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
-        logp_all = shifted_log_softmax(policy_logits(policy, batch.input_ids, batch.attention_mask))
-        logp, mask = label_logps(logp_all, batch.labels)
-        n_tok = mask.sum().clamp(min=1)
-        if self.label_smoothing:
-            smooth = -(logp_all.mean(-1) * mask).sum() / n_tok
+        logits = policy_logits(policy, batch.input_ids, batch.attention_mask)
+        if self.label_smoothing:  # the vocabulary-mean log-prob too, chunked (no fp32 [B, T, V])
+            logp, mask, _, mean_logp = token_stats(logits, batch.labels)
+            n_tok = mask.sum().clamp(min=1)
+            smooth = -mean_logp.sum() / n_tok
             loss = (1 - self.label_smoothing) * (-logp.sum() / n_tok) + self.label_smoothing * smooth
         else:
+            logp, mask = token_logps(logits, batch.labels)
+            n_tok = mask.sum().clamp(min=1)
             loss = -logp.sum() / n_tok
         row_nll = -logp.sum(-1) / mask.sum(-1).clamp(min=1)
         metrics = per_direction(row_nll, batch.direction, "nll")

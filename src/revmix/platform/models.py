@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -354,13 +355,70 @@ def load_tokenizer(path: str, *, padding_side: str | None = None) -> PreTrainedT
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", device: str | torch.device = "cpu") -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` moved to ``device``, in eval mode."""
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def choose_attn_implementation(requested: str, device: str | torch.device) -> tuple[str, str]:
+    """The attention kernel ``from_pretrained`` gets for ``requested`` on ``device``, and why (one line).
+
+    ``auto``: ``flash_attention_2`` on a CUDA device when the ``flash_attn`` package imports (no
+    ``[T, T]`` score matrix, fastest at long T, but it ignores custom 4-D masks, so DPO then scores pairs
+    concatenated), else ``sdpa`` (PyTorch's fused kernels; honours the 4-D shared-prompt mask).
+    """
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attn_implementation {requested!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if requested != "auto":
+        return requested, "set by model.attn_implementation"
+    if torch.device(device).type != "cuda":
+        return "sdpa", "auto: not on a CUDA device (flash_attention_2 needs one)"
+    try:
+        importlib.import_module("flash_attn")  # only whether it imports matters
+    except Exception as e:  # a missing package or a build for another CUDA/torch: both mean no kernel
+        return "sdpa", f"auto: on CUDA but flash_attn does not import ({type(e).__name__}: {e})"
+    return "flash_attention_2", "auto: on CUDA and flash_attn imports"
+
+
+def load_model(
+    path: str,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(path, dtype=..., attn_implementation=...)`` moved to
+    ``device``, in eval mode. ``attn_implementation``: None keeps transformers' default; ``auto`` follows
+    :func:`choose_attn_implementation`."""
     if dtype not in DTYPES:
         raise ValueError(f"load_model: unknown dtype {dtype!r}; valid: {list(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    kwargs = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = choose_attn_implementation(attn_implementation, device)[0]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], **kwargs)
     # transformers declares .to through functools.wraps(nn.Module.to), which mypy reads as unbound.
     return model.to(device)  # type: ignore[arg-type]
+
+
+def apply_activation_checkpointing(model: PreTrainedModel, setting: str, device: str | torch.device) -> bool:
+    """``runtime.activation_checkpointing`` on ``model``: ``on``, ``off``, or ``auto`` = on when training
+    on a GPU; returns whether it is on.
+
+    Checkpointing keeps only each decoder layer's input and recomputes the layer in backward: ~30% more
+    compute for activation memory that no longer grows with the layer count. CPU runs (tiny models, short
+    rows) are not memory-bound, so ``auto`` keeps the faster path there. It is Hugging Face activation
+    checkpointing (``gradient_checkpointing_enable``, renamed ``activation_checkpointing_enable`` in
+    transformers 5) with ``use_reentrant=False``: that variant needs no checkpointed input to require grad —
+    the LoRA case, with frozen embeddings — and transformers also calls ``enable_input_require_grads``
+    itself, so LoRA needs nothing more. Call it on the base model, before :func:`apply_lora`. Layers are
+    recomputed only in ``train()`` mode with gradients on.
+    """
+    choices = ("auto", "on", "off")
+    if setting not in choices:
+        raise ValueError(f"unknown activation_checkpointing {setting!r}; valid: {', '.join(choices)}")
+    on = setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+    if on:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return on
 
 
 # --------------------------------------------------------------------------------------------------

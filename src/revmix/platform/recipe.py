@@ -157,7 +157,9 @@ class StageRecipe:
 
     def _setup_model(self) -> None:
         self.lora = self.cfg.model.lora.enabled if self.stage.lora is None else self.stage.lora
-        self.policy, self.tokenizer = _build_policy(self.cfg, self.job.init_path, self.device, self.lora)
+        self.policy, self.tokenizer = _build_policy(
+            self.cfg, self.job.init_path, self.device, self.lora, log=self.rank == 0
+        )
 
     def _setup_objective(self) -> None:
         path = f"stages.{self.job.stage_index}.objective"
@@ -172,8 +174,6 @@ class StageRecipe:
 
     def _setup_forward(self) -> None:
         """The model forward passes go through, and what objectives may ask of it (decided here, once)."""
-        from revmix.objectives.prefix import supports_shared_prompt
-
         self.objective.prepare_policy(self.policy)  # e.g. PPO's value head: before DDP and the optimizer
         groups = self.cfg.runtime.length_buckets
         self.train_model: torch.nn.Module = self.policy
@@ -185,10 +185,7 @@ class StageRecipe:
             import ray.train.torch as rtt
 
             self.train_model = rtt.prepare_model(self.train_model, move_to_device=False)
-        self.policy_forward = PolicyForward(
-            shared_prompt=supports_shared_prompt(self.policy),
-            length_groups=groups if self.world == 1 else 1,  # DDP allows one forward call per backward
-        )
+        self.policy_forward = policy_forward(self.policy, groups, self.world)
 
     def _setup_optimizer(self) -> None:
         self.trainable = trainable_parameters(self.policy)
@@ -470,13 +467,44 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _build_policy(cfg: ExperimentConfig, init_path: str, device: torch.device, lora: bool) -> tuple[Any, Any]:
-    from revmix.platform.models import LoraSpec, apply_lora, load_model, load_tokenizer
+def policy_forward(policy: torch.nn.Module, length_groups: int, world: int) -> PolicyForward:
+    """What objectives may ask of the policy's forward pass. Shared-prompt DPO rows need an attention
+    kernel that honours a boolean 4-D mask (sdpa, eager); with ``flash_attention_2`` (or flex attention)
+    DPO falls back to concatenated pairs. DDP allows one forward call per backward: one length group."""
+    from revmix.objectives.prefix import supports_shared_prompt
+
+    return PolicyForward(
+        shared_prompt=supports_shared_prompt(policy),
+        length_groups=length_groups if world == 1 else 1,
+    )
+
+
+def _build_policy(
+    cfg: ExperimentConfig, init_path: str, device: torch.device, lora: bool, log: bool = False
+) -> tuple[Any, Any]:
+    """The policy (attention kernel and activation checkpointing as configured, LoRA when asked) and its
+    tokenizer; ``log``: print one line naming the attention kernel and why it was chosen."""
+    from revmix.platform.models import (
+        LoraSpec,
+        apply_activation_checkpointing,
+        apply_lora,
+        choose_attn_implementation,
+        load_model,
+        load_tokenizer,
+    )
 
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    model: Any = load_model(init_path, dtype=dtype, device=device)
+    attn, why = choose_attn_implementation(cfg.model.attn_implementation, device)
+    model: Any = load_model(init_path, dtype=dtype, device=device, attn_implementation=attn)
+    # Before the adapter: on the base model, so the PeftModel's forward goes through checkpointed layers.
+    checkpointing = apply_activation_checkpointing(model, cfg.runtime.activation_checkpointing, device)
+    if log:
+        print(
+            f"attention: {attn} ({why}); activation checkpointing: {'on' if checkpointing else 'off'}",
+            flush=True,
+        )
     if lora:
         lo = cfg.model.lora
         model = apply_lora(model, LoraSpec(lo.r, lo.alpha, lo.dropout, tuple(lo.target_modules)))

@@ -157,7 +157,8 @@ def _summary_head(cfg: ExperimentConfig, out_dir: Path, inputs: _Inputs) -> dict
             "train_items": data.n_items,
             "train_rows": {d: len(data.train[d]) for d in DIRECTIONS},
             "test_rows": len(data.test_rows),
-            "truncated_rows": data.truncated,
+            "truncated": data.truncated,  # direction -> {rows, tokens} cut to data.max_length
+            "dropped": data.dropped,  # direction -> {rows, tokens} left out (data.truncation=drop)
             "rejected_rows": data.rejected,
         },
         "stages": [],

@@ -9,14 +9,18 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from revmix.sweeps import results as res
+from revmix.sweeps.intervals import mean_interval
 from revmix.sweeps.spec import ALP_PARTS, SweepSpec
 
 DIRS = ("forward", "reverse")
 _COND_SKIP = ("seed",)
+OBJECTIVE_PATH = re.compile(r"^stages\.(\d+)\.objective(\.|$)")  # a swept path that changes an objective
 
 
 def _mpl():
@@ -67,7 +71,9 @@ def condition_columns(df, spec_paths: list[str]) -> list[str]:
     text = df.astype(str) if len(df) else df
     cols = [c for c in res.DESCRIPTORS if c in df.columns and text[c].nunique() > 1]
     for p in spec_paths:
-        if p not in df.columns or p in _COND_SKIP or text[p].nunique() < 2:
+        if OBJECTIVE_PATH.match(p) and res.OBJECTIVE_CONFIG in df.columns:  # "dpo(ipo)", not the dict
+            p = res.OBJECTIVE_CONFIG
+        if p not in df.columns or p in _COND_SKIP or p in cols or text[p].nunique() < 2:
             continue
         # A swept path the chosen columns already determine (``stages.0.mix`` given mix + r) adds nothing.
         if cols and len(text[[*cols, p]].drop_duplicates()) == len(text[cols].drop_duplicates()):
@@ -81,9 +87,8 @@ def _label(row: Any, cols: list[str]) -> str:
     for c in cols:
         v = row[c]
         name = "r" if c == "reverse_fraction" else c.split(".")[-1] if "." in c else c
-        parts.append(
-            f"{name}={v:g}" if isinstance(v, float) else (str(v) if c in res.DESCRIPTORS else f"{name}={v}")
-        )
+        bare = c in res.DESCRIPTORS or c == res.OBJECTIVE_CONFIG  # values that name themselves
+        parts.append(f"{name}={v:g}" if isinstance(v, float) else (str(v) if bare else f"{name}={v}"))
     return " · ".join(parts) or "all trials"
 
 
@@ -344,6 +349,184 @@ def plot_alp_cross(rows: list[dict[str, Any]], plots: Path) -> Path | None:
         fig.colorbar(im, ax=ax, fraction=0.046).set_label("ALP margin (nats/token)")
     fig.suptitle("Cross-direction ALP margin: training data × test direction")
     return _save(fig, plots / "alp_cross_direction.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# The objectives view
+# --------------------------------------------------------------------------------------------------
+
+# (key, table header, plot panel, series) of the objectives view; each key holds one value per trial.
+OBJECTIVE_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("accuracy", "accuracy", "accuracy", "all"),
+    ("accuracy/forward", "accuracy (fwd)", "accuracy", "forward"),
+    ("accuracy/reverse", "accuracy (rev)", "accuracy", "reverse"),
+    ("alp/forward", "ALP margin (fwd)", "ALP margin (nats/token)", "forward"),
+    ("alp/reverse", "ALP margin (rev)", "ALP margin (nats/token)", "reverse"),
+    ("chosen/forward", "Δ log p(y+) (fwd)", "Δ log p(y+) over the stage", "forward"),
+    ("chosen/reverse", "Δ log p(y+) (rev)", "Δ log p(y+) over the stage", "reverse"),
+    ("rejected/forward", "Δ log p(y−) (fwd)", "Δ log p(y−) over the stage", "forward"),
+    ("rejected/reverse", "Δ log p(y−) (rev)", "Δ log p(y−) over the stage", "reverse"),
+    ("tokens/s", "tokens/s", "", ""),  # table only
+)
+BASELINE_OBJECTIVE = "dpo"  # listed first and compared against when present
+_SERIES_COLOURS = {"all": "black", "forward": "#2166ac", "reverse": "#b2182b"}
+
+
+@dataclass(frozen=True)
+class ObjectiveGroup:
+    """The finished trials of one objective configuration under one condition."""
+
+    condition: str  # the other varying conditions ("r=0.5 · tiny-small"), "" when none vary
+    objective: str  # the stage's objective label, e.g. "dpo(ipo)"
+    seeds: tuple[int, ...]
+    values: dict[str, dict[int, float]]  # OBJECTIVE_COLUMNS key → seed → value
+
+
+def objective_stage(df, spec_paths: list[str]) -> int | None:
+    """The stage whose objective the sweep varies: a swept ``stages.<i>.objective[.<field>]`` path, else
+    the first stage whose objective configuration differs between trials; None when none varies."""
+    for p in spec_paths:
+        if m := OBJECTIVE_PATH.match(p):
+            return int(m.group(1))
+    if res.OBJECTIVE_CONFIG not in df.columns:
+        return None
+    chains = [str(v).split("→") for v in df[res.OBJECTIVE_CONFIG].dropna()]
+    for i in range(min((len(c) for c in chains), default=0)):
+        if len({c[i] for c in chains}) > 1:
+            return i
+    return None
+
+
+def logp_drift(records: list[dict], stage: int, key: str) -> float | None:
+    """Last minus first logged value of ``key`` within ``stage`` (None with fewer than two records)."""
+    vals = [v for r in records if int(r.get("stage", 0)) == stage and (v := _finite(r.get(key))) is not None]
+    return vals[-1] - vals[0] if len(vals) > 1 else None
+
+
+def _objective_values(row: Any, out_dir: Path, stage: int, bench: str) -> dict[str, float]:
+    """One trial's values under the OBJECTIVE_COLUMNS keys (missing ones left out)."""
+    acc = f"eval/accuracy/{bench}"
+    tokens = _finite(row.get(f"train/stage{stage}/tokens_per_s"))  # older tables: the whole run's
+    found: dict[str, Any] = {
+        "accuracy": row.get(acc),
+        "tokens/s": row.get("train/tokens_per_s") if tokens is None else tokens,
+    }
+    for d in DIRS:
+        found[f"accuracy/{d}"] = row.get(f"{acc}/{d}")
+        found[f"alp/{d}"] = row.get(f"eval/alp/{d}/margin")
+    if isinstance(row.get("run_dir"), str):
+        recs = read_metrics(out_dir / row["run_dir"] / "metrics.jsonl")
+        for part in ("chosen", "rejected"):
+            for d in DIRS:
+                found[f"{part}/{d}"] = logp_drift(recs, stage, f"logps/{part}/{d}")
+    return {k: f for k, v in found.items() if (f := _finite(v)) is not None}
+
+
+def _stage_objective(row: Any, stage: int, spec_paths: list[str]) -> str:
+    """The label of ``stage``'s objective in one row (``objective_config``, else the swept value)."""
+    chain = row.get(res.OBJECTIVE_CONFIG)
+    if isinstance(chain, str) and len(labels := chain.split("→")) > stage:
+        return labels[stage]
+    swept = [str(row.get(p)) for p in spec_paths if OBJECTIVE_PATH.match(p)]
+    return " · ".join(swept) or str(row.get("objective"))
+
+
+def objective_groups(
+    df, spec_paths: list[str], out_dir: Path, stage: int, bench: str
+) -> list[ObjectiveGroup]:
+    """Finished trials grouped by (other conditions, objective of ``stage``): objectives in sweep order
+    with the baseline (plain dpo when present) first; ``bench`` names the accuracy columns."""
+    objective_cols = {"objective", res.OBJECTIVE_CONFIG}
+    cond_cols = [
+        c
+        for c in condition_columns(df, spec_paths)
+        if c not in objective_cols and not OBJECTIVE_PATH.match(c)
+    ]
+    found: dict[str, dict[str, list[tuple[int, dict[str, float]]]]] = {}
+    order: list[str] = []
+    for _, row in df.iterrows():
+        label = _stage_objective(row, stage, spec_paths)
+        order += [label] if label not in order else []
+        trial = (int(row["seed"]), _objective_values(row, out_dir, stage, bench))
+        found.setdefault(_label(row, cond_cols) if cond_cols else "", {}).setdefault(label, []).append(trial)
+    if BASELINE_OBJECTIVE in order:
+        order.insert(0, order.pop(order.index(BASELINE_OBJECTIVE)))
+    groups = []
+    for cond, by_label in found.items():
+        for label in (x for x in order if x in by_label):
+            trials = by_label[label]
+            keys = dict.fromkeys(k for _, v in trials for k in v)
+            values = {k: {seed: v[k] for seed, v in trials if k in v} for k in keys}
+            groups.append(ObjectiveGroup(cond, label, tuple(sorted(s for s, _ in trials)), values))
+    return groups
+
+
+def _objective_panel(
+    ax: Any, mine: dict[str, ObjectiveGroup], labels: list[str], series: list[tuple[str, str]]
+):
+    """One measure under one condition: per series (direction), the objectives' means with interval bars."""
+    for j, (key, name) in enumerate(series):
+        offset = (j - (len(series) - 1) / 2) * 0.18  # side by side within a category
+        pts = [
+            (i + offset, mean_interval(list(mine[lab].values[key].values())))
+            for i, lab in enumerate(labels)
+            if lab in mine and mine[lab].values.get(key)
+        ]
+        if pts:
+            ivs = [iv for _, iv in pts]
+            bars = [
+                [iv.mean - iv.low if iv.n > 1 else 0.0 for iv in ivs],
+                [iv.high - iv.mean if iv.n > 1 else 0.0 for iv in ivs],
+            ]
+            ax.errorbar(
+                [x for x, _ in pts],
+                [iv.mean for iv in ivs],
+                yerr=bars,
+                fmt="o",
+                ls="none",  # categories: no lines between them
+                capsize=3,
+                color=_SERIES_COLOURS[name],
+                label=f"{name} questions",
+            )
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_objectives(groups: list[ObjectiveGroup], plots: Path) -> Path | None:
+    """Mean and 95% t interval over seeds per objective: a row per measure (accuracy, ALP margin,
+    log-prob drifts), a column per condition, a series per direction; categorical x axis."""
+    have = {k for g in groups for k in g.values}
+    panels = list(dict.fromkeys(p for k, _, p, _ in OBJECTIVE_COLUMNS if p and k in have))
+    if not panels:
+        return None
+    conds = list(dict.fromkeys(g.condition for g in groups))
+    labels = list(dict.fromkeys(g.objective for g in groups))
+    plt = _mpl()
+    width = max(4.5, 0.55 * len(labels) + 1.5)
+    fig, axes = plt.subplots(
+        len(panels),
+        len(conds),
+        figsize=(width * len(conds), 2.9 * len(panels) + 1.0),
+        squeeze=False,
+        sharex=True,
+    )
+    for c, cond in enumerate(conds):
+        mine = {g.objective: g for g in groups if g.condition == cond}
+        for r, panel in enumerate(panels):
+            ax = axes[r][c]
+            _objective_panel(
+                ax, mine, labels, [(k, s) for k, _, p, s in OBJECTIVE_COLUMNS if p == panel and k in have]
+            )
+            if panel != "accuracy":
+                ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+            ax.set_title(f"{panel} · {cond}" if cond else panel, fontsize=10)
+        axes[-1][c].set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(
+        list(handles.values()), list(handles), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5)
+    )
+    fig.suptitle("Objectives: mean and 95% t interval over seeds")
+    return _save(fig, plots / "objectives.png")
 
 
 def _finite(v: Any) -> float | None:

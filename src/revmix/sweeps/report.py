@@ -8,6 +8,11 @@ Plots (matplotlib, Agg; PNGs under ``DIR/plots/``, embedded as base64 in the HTM
   trial's ``run/metrics.jsonl`` (``alp/<direction>/margin`` records);
 - the paper's cross-direction table: train forward-only (r = 0) / reverse-only (r = 1) × test
   direction × ALP(y+), ALP(y−), margin, with a margin heat map;
+- the objectives view, when the sweep varies a stage's objective: per objective configuration, final
+  accuracy and ALP margins, the drift of log p(y+) and log p(y−) over that stage and its tokens/s, each
+  the mean with a 95% Student-t interval over seeds (:mod:`revmix.sweeps.intervals`), a plot of those
+  intervals, and a sentence per objective saying whether its accuracy differs from the baseline's
+  (plain dpo when present, else the first listed) beyond seed-to-seed noise;
 - the sweep metric against each swept path, and training-loss curves.
 
 Every plot is skipped, with a line saying why, when the sweep lacks what it needs (no reverse-fraction
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,15 +35,21 @@ import jinja2
 
 from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
+from revmix.sweeps.intervals import compare_text, format_interval, mean_interval
 from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
     DIRS,
+    OBJECTIVE_COLUMNS,
+    ObjectiveGroup,
     alp_cross_table,
+    objective_groups,
+    objective_stage,
     plot_accuracy_vs_r,
     plot_alp_cross,
     plot_alp_curves,
     plot_loss_curves,
     plot_metric_vs_paths,
+    plot_objectives,
     read_metrics,
 )
 from revmix.sweeps.spec import ALP_PARTS, SweepSpec, parse_sweep
@@ -46,6 +58,14 @@ __all__ = ["read_metrics", "alp_cross_table", "write_report", "load_spec_for_dir
 
 CROSS_TEXT = "ALP in nats/token over held-out rows (mean over seeds); margin = ALP(y+) − ALP(y−)."
 CROSS_SKIPPED = "skipped (needs finished trials at r=0 and r=1 with ALP evaluation)"
+OBJECTIVES_TEXT = (
+    "Stage {stage} ({name}) under each objective configuration. Every number is the mean over seeds with "
+    "its 95% Student-t interval in brackets (none with one seed; (n=k) where fewer seeds reported it). "
+    "Accuracy ({bench}) and ALP margins (nats/token) are the final evaluation's; Δ log p(y+) and "
+    "Δ log p(y−) are the change of the summed policy log-prob of the chosen and rejected responses from "
+    "the stage's first logged step to its last (per-batch means, so batch make-up adds noise); tokens/s "
+    "is the stage's throughput."
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ class Section:
     text: str = ""
     table: Table | None = None
     findings: list[tuple[str, str, str]] = field(default_factory=list)  # (verdict, finding, measured)
+    sentences: list[str] = field(default_factory=list)  # comparisons, one per line below the table
 
 
 @dataclass
@@ -129,6 +150,8 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
         Section("ALP margin over training", *plot_alp_curves(table, paths, out_dir, plots)),
         _cross_section(alp_cross_table(ok), plots),
     ]
+    objectives = _objectives_section(spec, ok, out_dir, plots)
+    sections += [objectives] if objectives else []
     paper = paper_section(table, out_dir)
     if paper:
         sections.append(
@@ -155,6 +178,67 @@ def _cross_section(rows: list[dict[str, Any]], plots: Path) -> Section:
         header, cells = header[1:], [c[1:] for c in cells]
     png = plot_alp_cross(rows, plots)
     return Section(title, [png] if png else [], text=CROSS_TEXT, table=Table.of(header, cells))
+
+
+def _objectives_section(spec: SweepSpec, ok: Any, out_dir: Path, plots: Path) -> Section | None:
+    """The objectives view (see the module docstring); None when no stage's objective varies."""
+    paths = list(spec.space)
+    stage = objective_stage(ok, paths)
+    if stage is None:
+        return None
+    title = "Objectives"
+    benches = sorted(c.split("/")[2] for c in ok.columns if re.fullmatch(r"eval/accuracy/[^/]+", c))
+    metric = spec.metric.split("/")  # the sweep metric's benchmark when it names one, else the first
+    bench = metric[2] if metric[:2] == ["eval", "accuracy"] and metric[2] in benches else "".join(benches[:1])
+    groups = objective_groups(ok, paths, out_dir, stage, bench)
+    if not groups:
+        return Section(title, notes=["objectives: no finished trials to compare"])
+    have = {k for g in groups for k in g.values}
+    columns = [(k, head) for k, head, _, _ in OBJECTIVE_COLUMNS if k in have]
+    header = (["condition"] if any(g.condition for g in groups) else []) + ["objective", "seeds"]
+    rows = [
+        ([g.condition] if header[0] == "condition" else [])
+        + [g.objective, str(len(g.seeds))]
+        + [_interval_cell(g, k) for k, _ in columns]
+        for g in groups
+    ]
+    notes = []
+    if not have & {f"{p}/{d}" for p in ("chosen", "rejected") for d in DIRS}:
+        notes.append(
+            f"no logps/chosen/<direction> records in stage {stage}'s metrics.jsonl: no log-prob drift"
+        )
+    png = plot_objectives(groups, plots)
+    name = spec.representative_config().stages[stage].name
+    return Section(
+        title,
+        [png] if png else [],
+        notes=notes,
+        text=OBJECTIVES_TEXT.format(stage=stage, name=name, bench=bench or "none evaluated"),
+        table=Table(header + [h for _, h in columns], rows),
+        sentences=_objective_sentences(groups),
+    )
+
+
+def _interval_cell(g: ObjectiveGroup, key: str) -> str:
+    """``mean [low, high]`` over the group's seeds, ``(n=k)`` when some seeds lack the value."""
+    vals = g.values.get(key)
+    if not vals:
+        return res.MISSING
+    return format_interval(mean_interval(list(vals.values())), show_n=len(vals) < len(g.seeds))
+
+
+def _objective_sentences(groups: list[ObjectiveGroup]) -> list[str]:
+    """Accuracy of every objective against its condition's first (baseline) objective, in words."""
+    out: list[str] = []
+    baseline: dict[str, ObjectiveGroup] = {}
+    for g in groups:
+        base = baseline.setdefault(g.condition, g)
+        if base is g or not g.values.get("accuracy") or not base.values.get("accuracy"):
+            continue
+        where = f"{g.condition}, " if g.condition else ""
+        words = compare_text(g.objective, base.objective, g.values["accuracy"], base.values["accuracy"])
+        out.append(f"{where}accuracy: {words}")
+    return out
 
 
 def _report(spec: SweepSpec, table: Any, sections: list[Section]) -> Report:

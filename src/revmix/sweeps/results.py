@@ -2,7 +2,8 @@
 
 A row holds the trial id and status, the value of every swept path plus the seed, a few descriptors
 derived from the trial's full config (model, objective chain, reverse fraction, schedule — so the report
-can group trials even when those were not swept), the final metrics flattened to flat names, wall time
+can group trials even when those were not swept; ``objective_config`` adds each stage's non-default
+objective hyper-parameters, ``sft→dpo(ipo)``), the final metrics flattened to flat names, wall time
 and the error of a failed trial. It lands as ``DIR/results.parquet`` (typed, for pandas) and
 ``DIR/results.csv`` (for eyes and spreadsheets), both written atomically. Every cell comes from the trial
 folders, so the two files can always be rebuilt from them (:func:`rebuild_table`; ``revmix report DIR``).
@@ -13,6 +14,8 @@ Flat metric names (also what a trial reports to Tune at its end, so ``metric:`` 
     eval/alp/<forward|reverse>/<chosen|rejected|margin>
     final/<key>                         last step's metrics of the last stage (final/loss, final/nll/forward…)
     stage<i>/<key>, stage<i>/eval/...   the same for earlier stages of a multi-stage experiment
+    train/steps, train/wall_s           the whole run; train/tokens_per_s (mean over stages)
+    train/stage<i>/tokens_per_s         each stage's throughput
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ STATUS_INCOMPLETE = "INCOMPLETE"  # the sweep ended (or was killed) before this 
 TRIAL_META, ERROR_FILE, STATUS_FILE = "trial.json", "error.txt", "status.json"
 FINAL_MARKER = "final/done"
 DESCRIPTORS = ("model", "objective", "mix", "reverse_fraction", "schedule")
+# Each stage's objective with its non-default hyper-parameters, "sft→dpo(ipo)": the objectives view's
+# rows. Not a descriptor: it restates ``objective`` whenever only names differ.
+OBJECTIVE_CONFIG = "objective_config"
 
 
 MISSING = "—"  # a table cell with no value: a metric the trial never reported, NaN
@@ -94,6 +100,9 @@ def flatten_summary(summary: dict) -> dict[str, float]:
     for key in ("steps", "wall_s"):
         if as_float(summary.get(key)) is not None:
             out[f"train/{key}"] = float(summary[key])
+    for i, st in enumerate(stages):  # per stage: objectives differ in cost within one stage
+        if as_float(st.get("tokens_per_s")) is not None:
+            out[f"train/stage{i}/tokens_per_s"] = float(st["tokens_per_s"])
     if stages and all(as_float(s.get("tokens_per_s")) is not None for s in stages):
         out["train/tokens_per_s"] = sum(float(s["tokens_per_s"]) for s in stages) / len(stages)
     return out
@@ -117,6 +126,20 @@ def last_step_metrics(path: Path) -> dict[str, float] | None:
         except json.JSONDecodeError:  # a line cut by a kill
             continue
     return flatten_metrics(last, "final") if last else None
+
+
+def objective_label(objective: Any) -> str:
+    """An objective and its hyper-parameters that differ from their defaults: ``dpo``, ``dpo(ipo)``,
+    ``dpo(robust, label_smoothing=0.1)``, ``dpo(rpo_alpha=1)`` (a ``loss_type`` shows as its value)."""
+    parts, dumped = [], objective.model_dump(mode="json")
+    for key, field in type(objective).model_fields.items():
+        value = getattr(objective, key)
+        if key == "name" or (
+            not field.is_required() and value == field.get_default(call_default_factory=True)
+        ):
+            continue
+        parts.append(str(dumped[key]) if key == "loss_type" else f"{key}={format_value(dumped[key])}")
+    return f"{objective.name}({', '.join(parts)})" if parts else str(objective.name)
 
 
 def describe_config(cfg: Any, spec: SweepSpec | None = None) -> dict[str, Any]:
@@ -143,6 +166,7 @@ def describe_config(cfg: Any, spec: SweepSpec | None = None) -> dict[str, Any]:
         "mix": mix.mode,
         "reverse_fraction": float(r),
         "schedule": "→".join(schedules) if len(set(schedules)) > 1 else schedules[0],
+        OBJECTIVE_CONFIG: "→".join(objective_label(st.objective) for st in stages),
     }
 
 
@@ -168,7 +192,7 @@ def make_row(
     try:
         row.update(describe_config(spec.trial_config(point, seed), spec))
     except Exception:  # a point the config rejects still gets its row (the error column says why)
-        row.update({k: None for k in DESCRIPTORS})
+        row.update({k: None for k in (*DESCRIPTORS, OBJECTIVE_CONFIG)})
     row.update({k: v for k, v in (final or {}).items() if k != FINAL_MARKER})
     row.update(wall_s=wall_s, error=error, run_dir=run_dir, node_id=node_id)
     return row
@@ -191,7 +215,7 @@ def short_error(text: str | None, limit: int = 300) -> str | None:
 
 
 def column_order(columns: list[str], spec_paths: list[str]) -> list[str]:
-    head = ["trial_id", "status", *spec_paths, "seed", *DESCRIPTORS]
+    head = ["trial_id", "status", *spec_paths, "seed", *DESCRIPTORS, OBJECTIVE_CONFIG]
     evals = sorted(c for c in columns if c.startswith("eval/"))
     finals = sorted(c for c in columns if c.startswith("final/"))
     stages = sorted(c for c in columns if c.startswith("stage") and "/" in c)

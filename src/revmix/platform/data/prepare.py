@@ -29,10 +29,23 @@ class PreparedData:
     train: dict[str, list[dict[str, Any]]]  # direction -> tokenised rows
     test_rows: list[dict[str, Any]]  # canonical held-out rows (both directions)
     n_items: int  # training items (distinct item_id)
-    truncated: int  # training rows whose response was truncated to max_length
+    # direction -> {"rows", "tokens"}: training rows over max_length whose responses were cut
+    # (data.truncation=truncate), and the tokens cut
+    truncated: dict[str, dict[str, int]] = field(default_factory=dict)
+    # direction -> {"rows", "tokens"}: training rows over max_length left out (data.truncation=drop)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     rejected: int = 0  # rows skipped as invalid (only with data.skip_invalid)
     key: str = ""  # fingerprint of the tokenised training data
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def length_line(self, max_length: int, truncation: str) -> str:
+        """One line: the training rows and tokens lost to ``max_length``, per direction."""
+        parts = [
+            f"{d} {self.truncated[d]['rows']} rows truncated ({self.truncated[d]['tokens']} tokens cut), "
+            f"{self.dropped[d]['rows']} dropped ({self.dropped[d]['tokens']} tokens)"
+            for d in DIRECTIONS
+        ]
+        return f"data: max_length {max_length}, truncation={truncation}: " + "; ".join(parts)
 
 
 def cache_root() -> Path:
@@ -75,7 +88,10 @@ def prepare_data(
     ``pairs_needed_by`` names what trains on (response, other_response) pairs (``stages.1.objective
     (dpo)``): then every row must have an ``other_response``. Rows whose prompt leaves no room for a
     response within ``max_length`` are problems too. Problems raise :class:`DataError`, or, with
-    ``data.skip_invalid``, leave their rows out and count them in ``rejected``.
+    ``data.skip_invalid``, leave their rows out and count them in ``rejected``. Training rows over
+    ``max_length`` follow ``data.truncation`` (cut, dropped, or a :class:`DataError` naming each row and its
+    lengths — raised even with ``skip_invalid``: leaving such rows out is what ``drop`` is for); rows and
+    tokens lost per direction are printed in one line and kept in ``truncated`` / ``dropped``.
     """
     report = load_source(cfg)
     rows, origins = list(report.rows), list(report.origins)
@@ -90,24 +106,39 @@ def prepare_data(
     for r in train:
         by_dir[Direction.parse(r["direction"]).label].append(r)
     tokenised: dict[str, list[dict[str, Any]]] = {}
-    truncated, start, too_long, left_out = 0, 0, [], set()
+    truncated: dict[str, dict[str, int]] = {}
+    dropped: dict[str, dict[str, int]] = {}
+    start, too_long, over_length, left_out = 0, [], [], set()
     for d in DIRECTIONS:
-        done = tokenise_checked(by_dir[d], tokenizer, cfg.max_length, start_index=start)
-        tokenised[d], truncated = done.rows, truncated + done.truncated
+        done = tokenise_checked(by_dir[d], tokenizer, cfg.max_length, start, cfg.truncation)
+        tokenised[d] = done.rows
+        truncated[d] = {"rows": done.truncated, "tokens": done.truncated_tokens}
+        dropped[d] = {"rows": len(done.dropped), "tokens": done.dropped_tokens}
         too_long += [Problem(*origin_of[id(by_dir[d][i])], "prompt", why) for i, why in done.too_long]
-        left_out |= {id(by_dir[d][i]) for i, _ in done.too_long}
+        over_length += [Problem(*origin_of[id(by_dir[d][i])], "response", w) for i, w in done.over_length]
+        left_out |= {id(by_dir[d][i]) for i, _ in done.too_long} | {id(by_dir[d][i]) for i in done.dropped}
         start += len(by_dir[d])
-    _raise_unless_skipped(sorted(too_long, key=lambda p: (p.file, p.line)), report, cfg.skip_invalid)
+    if over_length:  # data.truncation=error: every row over max_length (and every long prompt) at once
+        shown = over_length + ([] if cfg.skip_invalid else too_long)
+        raise DataError(report.source, sorted(shown, key=_place), report.n_read)
+    _raise_unless_skipped(sorted(too_long, key=_place), report, cfg.skip_invalid)
     train = [r for r in train if id(r) not in left_out]
     key = fingerprint((), [r["item_id"] + r["direction"] for r in train], tokenizer_id, cfg.max_length)
-    return PreparedData(
+    data = PreparedData(
         train=tokenised,
         test_rows=test,
         n_items=len({r["item_id"] for r in train}),
         truncated=truncated,
+        dropped=dropped,
         rejected=report.n_rejected + len(problems) + len(too_long),
         key=key,
     )
+    print(data.length_line(cfg.max_length, cfg.truncation), flush=True)
+    return data
+
+
+def _place(problem: Problem) -> tuple[str, int]:
+    return problem.file, problem.line
 
 
 def _missing_pairs(

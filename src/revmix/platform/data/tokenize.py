@@ -1,8 +1,9 @@
 """Tokenise canonical rows once (chat template on the prompt) and collate them into a :class:`Batch`.
 
 A tokenised row holds ``prompt_ids``, ``response_ids`` (y+ then EOS), ``other_ids`` (y− then EOS, empty
-when the row has none), the direction code and the row's identity. Rows longer than ``max_length`` have
-their responses truncated (never dropped); the count is returned so summaries can report it. A prompt
+when the row has none), the direction code and the row's identity. A row longer than ``max_length``
+follows ``data.truncation``: ``truncate`` cuts its response (and other_response) to fit, ``drop`` leaves
+it out, ``error`` reports it; rows and tokens lost are counted so summaries can report them. A prompt
 that leaves no room for a response is a problem: :func:`tokenise_checked` returns such rows (the caller
 names their ``FILE:LINE``), :func:`tokenise_rows` raises on the first.
 """
@@ -41,14 +42,36 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+TRUNCATION = ("truncate", "drop", "error")
+"""What happens to a row longer than ``max_length`` (``data.truncation``)."""
+
+
 @dataclass
 class Tokenised:
-    """What :func:`tokenise_checked` made of some canonical rows."""
+    """What :func:`tokenise_checked` made of some canonical rows.
 
-    rows: list[dict[str, Any]]  # tokenised rows (those whose prompt fits)
+    Tokens lost: of a truncated row, the response and other_response tokens cut; of a dropped row, all
+    its tokens (prompt + response + other_response, EOS included).
+    """
+
+    rows: list[dict[str, Any]]  # tokenised rows (those whose prompt fits, and not dropped)
     truncated: int = 0  # rows whose response (or other_response) was cut to fit max_length
+    truncated_tokens: int = 0
+    dropped: list[int] = field(default_factory=list)  # positions of rows over max_length left out ("drop")
+    dropped_tokens: int = 0
     too_long: list[tuple[int, str]] = field(default_factory=list)  # (position in the input, why) of prompts
     # that leave no room for a response
+    over_length: list[tuple[int, str]] = field(default_factory=list)  # (position, lengths) of rows over
+    # max_length with truncation="error", left out for the caller to report
+
+
+def _over_length(p: list[int], y: list[int], o: list[int], max_length: int) -> str:
+    other = f" / other_response {len(o)}" if o else ""
+    return (
+        f"prompt {len(p)} + response {len(y)}{other} tokens (with chat template and EOS) exceed "
+        f"data.max_length {max_length} (data.truncation=error; 'truncate' cuts the response, 'drop' "
+        f"leaves the row out, or raise data.max_length to {len(p) + max(len(y), len(o))})"
+    )
 
 
 def tokenise_checked(
@@ -56,11 +79,15 @@ def tokenise_checked(
     tokenizer: Any,
     max_length: int,
     start_index: int = 0,
+    truncation: str = "truncate",
 ) -> Tokenised:
-    """Tokenise canonical rows; a prompt leaving under two tokens for the response is reported, not kept.
+    """Tokenise canonical rows; a prompt leaving under two tokens for the response is reported, not kept;
+    a row over ``max_length`` is cut, dropped or reported as ``truncation`` says (:data:`TRUNCATION`).
 
     ``row_index`` stays the row's position (``start_index + i``) whether or not earlier rows were left out.
     """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATION)}")
     if not rows:  # a direction without rows (the tokenizer fails on an empty batch)
         return Tokenised(rows=[])
     eos = tokenizer.eos_token_id
@@ -81,7 +108,15 @@ def tokenise_checked(
         y = list(y) + [eos]
         o = (list(o) + [eos]) if o_text else []
         if len(y) > room or len(o) > room:
+            if truncation == "error":
+                out.over_length.append((i, _over_length(p, y, o, max_length)))
+                continue
+            if truncation == "drop":
+                out.dropped.append(i)
+                out.dropped_tokens += len(p) + len(y) + len(o)
+                continue
             out.truncated += 1
+            out.truncated_tokens += max(0, len(y) - room) + max(0, len(o) - room)
         out.rows.append(
             {
                 "row_index": start_index + i,
@@ -98,14 +133,18 @@ def tokenise_checked(
 
 
 def tokenise_rows(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, start_index: int = 0
+    rows: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int,
+    start_index: int = 0,
+    truncation: str = "truncate",
 ) -> tuple[list[dict[str, Any]], int]:
     """Tokenise canonical rows; returns (tokenised rows, number of truncated rows).
 
-    Raises ValueError naming the first row whose prompt does not fit ``max_length``."""
-    done = tokenise_checked(rows, tokenizer, max_length, start_index)
-    if done.too_long:
-        i, why = done.too_long[0]
+    Raises ValueError naming the first row whose prompt does not fit ``max_length`` (or, with
+    ``truncation="error"``, the first row over it)."""
+    done = tokenise_checked(rows, tokenizer, max_length, start_index, truncation)
+    for i, why in sorted(done.too_long + done.over_length)[:1]:
         raise ValueError(f"row {start_index + i} (item {rows[i]['item_id']}): {why}")
     return done.rows, done.truncated
 

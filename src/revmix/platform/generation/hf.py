@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from revmix.objectives.base import target_logps
 from revmix.platform.generation.protocol import SamplingParams, resolve_model_dir, truncate_at_stop
 
 
@@ -281,10 +282,11 @@ class HFGenerator:
                 logits = logits[:, -(k + 1) : -1]  # position t predicts token t+1: the last k tokens
                 for row, i in enumerate(chunk):
                     n = len(targets[i])
-                    logp = torch.log_softmax(logits[row, k - n :].float(), dim=-1)
-                    tgt = torch.tensor(targets[i], device=logp.device).unsqueeze(-1)
-                    logps[i] = logp.gather(-1, tgt).squeeze(-1).tolist()
-                    if top_k > 0:
+                    scored = logits[row : row + 1, k - n :]
+                    tgt = torch.tensor([targets[i]], device=scored.device)
+                    logps[i] = target_logps(scored, tgt)[0].tolist()  # chunked: no fp32 [n, V] for ALP
+                    if top_k > 0:  # the top-k alternatives need the whole distribution
+                        logp = torch.log_softmax(scored[0].float(), dim=-1)
                         values, indices = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
                         tops[i] = [list(zip(ix, v)) for ix, v in zip(indices.tolist(), values.tolist())]
         return logps, tops

@@ -38,6 +38,8 @@ class RolloutObjective(Protocol):
     def ppo_epochs(self) -> int: ...
     @property
     def num_mini_batches(self) -> int: ...
+    @property
+    def dynamic_sampling(self) -> bool: ...  # may drop rows (even all) from a rollout: one worker only
 
     def prepare_policy(self, policy: torch.nn.Module) -> list[torch.nn.Parameter]: ...
 
@@ -62,7 +64,7 @@ def check_rollout_objective(objective: object, where: str) -> RolloutObjective:
         raise TypeError(
             f"{where}: objective {type(objective).__name__} does not implement RolloutObjective, which the "
             "rollout step needs (samples_per_prompt, max_new_tokens, temperature, top_p, reward, "
-            "rollout_backend, vllm_engine, ppo_epochs, num_mini_batches, prepare_policy, make_rollout, "
-            "loss); use an objective that samples, such as 'ppo'"
+            "rollout_backend, vllm_engine, ppo_epochs, num_mini_batches, dynamic_sampling, prepare_policy, "
+            "make_rollout, loss); use an objective that samples, such as 'ppo'"
         )
     return objective

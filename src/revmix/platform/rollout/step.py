@@ -11,7 +11,9 @@ The stage recipe calls :func:`ppo_step` instead of ``supervised_step`` when ``ob
    no-grad pass each (``PPO.make_rollout``), rewards shaped with the KL, advantages estimated;
 4. **optimisation** — ``ppo_epochs`` × ``num_mini_batches`` optimizer steps (each split into
    ``stage.grad_accum`` micro-batches), with clipping at ``stage.max_grad_norm``. The loop steps the LR
-   scheduler once afterwards.
+   scheduler once afterwards. With the objective's ``dynamic_sampling`` the rollout holds only the groups
+   whose scores differ, possibly none: then no optimizer step is taken (no ``loss``/``grad_norm`` metrics;
+   the objective reports ``rollout/no_update``), and the run goes on.
 
 Dropout is off for the whole step (the model is in eval mode, gradients still flow), so the first
 mini-batch sees ratio 1 exactly and the clipped objective measures only the policy's own change — TRL's
@@ -154,13 +156,15 @@ def ppo_step(
         timings["old_logps"] = _clock(dev) - t0 - ref.seconds
 
         t0 = _clock(dev)  # 4. optimisation
-        metrics, grad_norm = _optimise(ctx, obj, rollout, step, autocast)
+        metrics: dict[str, float] = {}
+        if rollout.size:  # dynamic sampling may leave no row with signal: then no update (rollout/no_update)
+            metrics, grad_norm = _optimise(ctx, obj, rollout, step, autocast)
+            metrics["grad_norm"] = grad_norm
         timings["optimisation"] = _clock(dev) - t0
 
     metrics |= rollout_metrics
     metrics |= per_direction(torch.tensor(scored.correct), direction.cpu(), "ppo/accuracy")
     metrics |= per_direction(torch.tensor(scored.formatted), direction.cpu(), "ppo/format")
-    metrics["grad_norm"] = grad_norm
     for k, v in timings.items():
         metrics[f"ppo/time/{k}_s"] = v
     return metrics, int(mask.sum())
@@ -178,6 +182,12 @@ def _checked(ctx: StepContext, batch_rows: list[dict]) -> tuple[RolloutObjective
         )
     if not batch_rows:
         raise ValueError("ppo_step: empty batch")
+    if obj.dynamic_sampling and ctx.world > 1:
+        raise ValueError(
+            "objective.dynamic_sampling drops a different number of rows on each worker, which would leave "
+            "the workers' backward passes (and their gradient all-reduces) unmatched; use one worker "
+            "(runtime.num_workers: 0 or 1) or set dynamic_sampling to false"
+        )
     if obj.num_mini_batches > len(batch_rows) * obj.samples_per_prompt:
         raise ValueError(
             f"objective.num_mini_batches={obj.num_mini_batches} exceeds the rollout batch of "
