@@ -148,6 +148,9 @@ class RuntimeConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 autocast on GPU, fp32 on CPU")
     torch_threads: int = _f(0, "torch intra-op threads per worker (0: torch default)", ge=0)
     length_buckets: int = _f(2, "forward each batch in up to N groups of similar length (1: one pass)", ge=1)
+    packing: bool = _f(
+        False, "sft/unlikelihood: several rows per sequence, no padding (sdpa, eager, flash_attention_2)"
+    )
     activation_checkpointing: Literal["auto", "on", "off"] = _f(
         "auto", "recompute activations in backward (~30% more compute, far less memory); auto: on on GPU"
     )

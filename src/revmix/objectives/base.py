@@ -33,6 +33,8 @@ IGNORE_INDEX = -100
 DirectionName = Literal["forward", "reverse"]
 DIRECTIONS: tuple[DirectionName, ...] = typing.get_args(DirectionName)
 """The question directions, in the order of their codes in ``Batch.direction`` (0 forward, 1 reverse)."""
+PackingMode = Literal["off", "mask", "varlen"]
+"""How rows are laid out for the policy's forward pass (:class:`PolicyForward`)."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,15 @@ class PolicyForward:
     score each pair in one row behind one copy of the prompt (:mod:`revmix.objectives.prefix`).
     ``length_groups``: forward calls one pass over such rows may be split into (1 under DDP, which
     allows one forward per backward).
+    ``packing``: how row-based objectives may pack several rows into one sequence
+    (:mod:`revmix.objectives.packing`): ``"off"`` (right-padded rows), ``"mask"`` (a block-diagonal boolean
+    4-D mask with restarted ``position_ids``: sdpa, eager) or ``"varlen"`` (one row, restarted
+    ``position_ids``, no mask: flash_attention_2's variable-length path).
     """
 
     shared_prompt: bool = False
     length_groups: int = 1
+    packing: PackingMode = "off"
 
 
 @dataclass

@@ -3,7 +3,9 @@ r"""Supervised fine-tuning (SFT): token-level cross-entropy on response tokens o
 .. math::  \mathcal{L}_{SFT} = -\frac{1}{\sum_{b,t} m_{b,t}} \sum_{b,t} m_{b,t} \log \pi_\theta(y_{b,t} \mid x_b, y_{b,<t})
 
 where ``m`` masks prompt and padding tokens. This is the objective of the forward-only, reverse-only and
-mixed SFT runs of "When Inverse Data Outperforms" (arXiv 2509.13079, §3).
+mixed SFT runs of "When Inverse Data Outperforms" (arXiv 2509.13079, §3). Rows are packed several per
+sequence when the loop says so (``runtime.packing``, :mod:`revmix.objectives.packing`); the mean above is
+unchanged.
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ from revmix.objectives.base import (
     Objective,
     Reference,
     per_direction,
-    policy_logits,
     register_objective,
-    token_logps,
-    token_stats,
 )
+from revmix.objectives.packing import response_logps, response_stats
 
 
 @register_objective
@@ -36,14 +36,14 @@ class SFT(Objective):
     )
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
-        logits = policy_logits(policy, batch.input_ids, batch.attention_mask)
+        rows = (policy, batch.input_ids, batch.attention_mask, batch.labels, batch.policy_forward.packing)
         if self.label_smoothing:  # the vocabulary-mean log-prob too, chunked (no fp32 [B, T, V])
-            logp, mask, _, mean_logp = token_stats(logits, batch.labels)
+            logp, mask, _, mean_logp = response_stats(*rows)
             n_tok = mask.sum().clamp(min=1)
             smooth = -mean_logp.sum() / n_tok
             loss = (1 - self.label_smoothing) * (-logp.sum() / n_tok) + self.label_smoothing * smooth
         else:
-            logp, mask = token_logps(logits, batch.labels)
+            logp, mask = response_logps(*rows)
             n_tok = mask.sum().clamp(min=1)
             loss = -logp.sum() / n_tok
         row_nll = -logp.sum(-1) / mask.sum(-1).clamp(min=1)

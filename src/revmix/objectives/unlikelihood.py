@@ -22,6 +22,9 @@ tokens (``labels != -100``): k = 0 is the first response token, whatever the pro
 side. y−'s token at position k is "shared" iff y+ has a token at position k and it is the same id; y−
 tokens at positions ≥ len(y+) are always penalised. (This is positional, not an alignment of
 insertions/deletions: after the first differing-length edit, later tokens count as differing.)
+
+The y+ and y− rows are independent in the forward pass (their pairing only enters the loss), so they are
+packed several per sequence when the loop says so (``runtime.packing``, :mod:`revmix.objectives.packing`).
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ from revmix.objectives.base import (
     Objective,
     Reference,
     per_direction,
-    policy_logits,
     register_objective,
     token_logps,
 )
+from revmix.objectives.packing import response_logps
 from revmix.objectives.reference import concatenated_inputs
 
 
@@ -102,6 +105,25 @@ def unlikelihood_loss(
     """
     pos_logp, pos_mask = token_logps(logits, labels)
     neg_logp, neg_mask = token_logps(negative_logits, negative_labels)
+    return unlikelihood_terms(
+        pos_logp, pos_mask, neg_logp, neg_mask, labels, negative_labels, alpha, only_differing, eps
+    )
+
+
+def unlikelihood_terms(
+    pos_logp: Tensor,
+    pos_mask: Tensor,
+    neg_logp: Tensor,
+    neg_mask: Tensor,
+    labels: Tensor,
+    negative_labels: Tensor,
+    alpha: float,
+    only_differing: bool = False,
+    eps: float = 1e-6,
+) -> UnlikelihoodTerms:
+    """:func:`unlikelihood_loss` from per-token log-probs and response masks (``[B, T-1]`` each, as
+    :func:`~revmix.objectives.base.token_logps` returns them) of y+ and y−; ``labels`` and
+    ``negative_labels`` (``[B, T]``) locate the response positions for ``only_differing``."""
     if only_differing:
         neg_mask = neg_mask & differing_mask(labels, negative_labels)
     # log(1 - p) = log(-expm1(log p)), clamped: p -> 1 gives log(eps), not -inf.
@@ -132,11 +154,12 @@ class Unlikelihood(Objective):
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         ids, mask, labels = concatenated_inputs(batch)
-        logits = policy_logits(policy, ids, mask)
+        logp, resp = response_logps(policy, ids, mask, labels, batch.policy_forward.packing)
         b = batch.size
-        terms = unlikelihood_loss(
-            logits[:b], labels[:b], logits[b:], labels[b:], self.alpha, self.only_differing, self.eps
-        )
+        terms = unlikelihood_terms(
+            logp[:b], resp[:b], logp[b:], resp[b:], labels[:b], labels[b:],
+            self.alpha, self.only_differing, self.eps,
+        )  # fmt: skip
         d = batch.direction
         metrics = per_direction(terms.row_nll, d, "nll")
         metrics |= per_direction(terms.row_penalty, d, "unlikelihood")

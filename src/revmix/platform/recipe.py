@@ -185,7 +185,7 @@ class StageRecipe:
             import ray.train.torch as rtt
 
             self.train_model = rtt.prepare_model(self.train_model, move_to_device=False)
-        self.policy_forward = policy_forward(self.policy, groups, self.world)
+        self.policy_forward = policy_forward(self.policy, groups, self.world, self.cfg.runtime.packing)
 
     def _setup_optimizer(self) -> None:
         self.trainable = trainable_parameters(self.policy)
@@ -467,15 +467,21 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def policy_forward(policy: torch.nn.Module, length_groups: int, world: int) -> PolicyForward:
+def policy_forward(
+    policy: torch.nn.Module, length_groups: int, world: int, packing: bool = False
+) -> PolicyForward:
     """What objectives may ask of the policy's forward pass. Shared-prompt DPO rows need an attention
     kernel that honours a boolean 4-D mask (sdpa, eager); with ``flash_attention_2`` (or flex attention)
-    DPO falls back to concatenated pairs. DDP allows one forward call per backward: one length group."""
+    DPO falls back to concatenated pairs. DDP allows one forward call per backward: one length group.
+    ``packing`` (``runtime.packing``): the packed layout the kernel takes (a ``ValueError`` when it takes
+    none; :func:`revmix.objectives.packing.packing_mode`)."""
+    from revmix.objectives.packing import packing_mode
     from revmix.objectives.prefix import supports_shared_prompt
 
     return PolicyForward(
         shared_prompt=supports_shared_prompt(policy),
         length_groups=length_groups if world == 1 else 1,
+        packing=packing_mode(policy) if packing else "off",
     )
 
 

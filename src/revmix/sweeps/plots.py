@@ -10,7 +10,8 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -362,12 +363,14 @@ OBJECTIVE_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("accuracy/reverse", "accuracy (rev)", "accuracy", "reverse"),
     ("alp/forward", "ALP margin (fwd)", "ALP margin (nats/token)", "forward"),
     ("alp/reverse", "ALP margin (rev)", "ALP margin (nats/token)", "reverse"),
-    ("chosen/forward", "Δ log p(y+) (fwd)", "Δ log p(y+) over the stage", "forward"),
-    ("chosen/reverse", "Δ log p(y+) (rev)", "Δ log p(y+) over the stage", "reverse"),
-    ("rejected/forward", "Δ log p(y−) (fwd)", "Δ log p(y−) over the stage", "forward"),
-    ("rejected/reverse", "Δ log p(y−) (rev)", "Δ log p(y−) over the stage", "reverse"),
+    ("drift/chosen/forward", "ΔALP(y+) fwd", "ΔALP(y+) over the stage (nats/token)", "forward"),
+    ("drift/chosen/reverse", "ΔALP(y+) rev", "ΔALP(y+) over the stage (nats/token)", "reverse"),
+    ("drift/rejected/forward", "ΔALP(y−) fwd", "ΔALP(y−) over the stage (nats/token)", "forward"),
+    ("drift/rejected/reverse", "ΔALP(y−) rev", "ΔALP(y−) over the stage (nats/token)", "reverse"),
     ("tokens/s", "tokens/s", "", ""),  # table only
 )
+# The held-out ALP drift keys: shown as "n/a" rather than dropped when a run lacks the records.
+DRIFT_KEYS = tuple(k for k, *_ in OBJECTIVE_COLUMNS if k.startswith("drift/"))
 BASELINE_OBJECTIVE = "dpo"  # listed first and compared against when present
 _SERIES_COLOURS = {"all": "black", "forward": "#2166ac", "reverse": "#b2182b"}
 
@@ -380,6 +383,9 @@ class ObjectiveGroup:
     objective: str  # the stage's objective label, e.g. "dpo(ipo)"
     seeds: tuple[int, ...]
     values: dict[str, dict[int, float]]  # OBJECTIVE_COLUMNS key → seed → value
+    # "<chosen|rejected>/<direction>" → seed → {epoch within the stage: ALP}; epoch 0 is the end of the
+    # stage before (the drift's starting point)
+    curves: dict[str, dict[int, dict[float, float]]] = field(default_factory=dict)
 
 
 def objective_stage(df, spec_paths: list[str]) -> int | None:
@@ -397,14 +403,44 @@ def objective_stage(df, spec_paths: list[str]) -> int | None:
     return None
 
 
-def logp_drift(records: list[dict], stage: int, key: str) -> float | None:
-    """Last minus first logged value of ``key`` within ``stage`` (None with fewer than two records)."""
+def stage_end(records: list[dict], stage: int, key: str) -> float | None:
+    """The last logged value of ``key`` within ``stage`` (records in step order); None without one."""
     vals = [v for r in records if int(r.get("stage", 0)) == stage and (v := _finite(r.get(key))) is not None]
-    return vals[-1] - vals[0] if len(vals) > 1 else None
+    return vals[-1] if vals else None
 
 
-def _objective_values(row: Any, out_dir: Path, stage: int, bench: str) -> dict[str, float]:
-    """One trial's values under the OBJECTIVE_COLUMNS keys (missing ones left out)."""
+def alp_drift(records: list[dict], stage: int, key: str) -> float | None:
+    r"""Change of a held-out ALP over ``stage``: its last record in ``stage`` minus its last record in
+    ``stage − 1``.
+
+    ALP(y) = (1/T) Σ_t log p(y_t | x, y_<t) (nats/token, first T tokens) on the run's fixed held-out rows
+    (``alp/<direction>/<chosen|rejected>`` records, written at each epoch end with ``eval.every_epoch``),
+    so unlike a per-batch summed log-prob it does not move with which rows a batch happened to hold.
+    None for stage 0 (nothing before it) or when either stage lacks the record.
+    """
+    if stage < 1:
+        return None
+    end, start = stage_end(records, stage, key), stage_end(records, stage - 1, key)
+    return None if end is None or start is None else end - start
+
+
+def alp_curve(records: list[dict], stage: int, key: str) -> dict[float, float]:
+    """``{epoch within the stage: value}`` of ``key`` in ``stage``, with the end of ``stage − 1`` at
+    epoch 0 when it was recorded (records without an epoch are left out)."""
+    start = stage_end(records, stage - 1, key) if stage > 0 else None
+    curve = {0.0: start} if start is not None else {}
+    for r in records:
+        v, epoch = _finite(r.get(key)), _finite(r.get("epoch"))
+        if int(r.get("stage", 0)) == stage and v is not None and epoch is not None:
+            curve[epoch] = v
+    return curve
+
+
+def _objective_values(
+    row: Any, out_dir: Path, stage: int, bench: str
+) -> tuple[dict[str, float], dict[str, dict[float, float]]]:
+    """One trial's values under the OBJECTIVE_COLUMNS keys (missing ones left out) and its ALP curves.
+    The training batches' ``logps/*`` are not used: they move with the rows in each batch."""
     acc = f"eval/accuracy/{bench}"
     tokens = _finite(row.get(f"train/stage{stage}/tokens_per_s"))  # older tables: the whole run's
     found: dict[str, Any] = {
@@ -414,12 +450,15 @@ def _objective_values(row: Any, out_dir: Path, stage: int, bench: str) -> dict[s
     for d in DIRS:
         found[f"accuracy/{d}"] = row.get(f"{acc}/{d}")
         found[f"alp/{d}"] = row.get(f"eval/alp/{d}/margin")
+    curves: dict[str, dict[float, float]] = {}
     if isinstance(row.get("run_dir"), str):
         recs = read_metrics(out_dir / row["run_dir"] / "metrics.jsonl")
         for part in ("chosen", "rejected"):
             for d in DIRS:
-                found[f"{part}/{d}"] = logp_drift(recs, stage, f"logps/{part}/{d}")
-    return {k: f for k, v in found.items() if (f := _finite(v)) is not None}
+                found[f"drift/{part}/{d}"] = alp_drift(recs, stage, f"alp/{d}/{part}")
+                if curve := alp_curve(recs, stage, f"alp/{d}/{part}"):
+                    curves[f"{part}/{d}"] = curve
+    return {k: f for k, v in found.items() if (f := _finite(v)) is not None}, curves
 
 
 def _stage_objective(row: Any, stage: int, spec_paths: list[str]) -> str:
@@ -442,7 +481,7 @@ def objective_groups(
         for c in condition_columns(df, spec_paths)
         if c not in objective_cols and not OBJECTIVE_PATH.match(c)
     ]
-    found: dict[str, dict[str, list[tuple[int, dict[str, float]]]]] = {}
+    found: dict[str, dict[str, list[tuple[int, Any]]]] = {}
     order: list[str] = []
     for _, row in df.iterrows():
         label = _stage_objective(row, stage, spec_paths)
@@ -455,9 +494,11 @@ def objective_groups(
     for cond, by_label in found.items():
         for label in (x for x in order if x in by_label):
             trials = by_label[label]
-            keys = dict.fromkeys(k for _, v in trials for k in v)
-            values = {k: {seed: v[k] for seed, v in trials if k in v} for k in keys}
-            groups.append(ObjectiveGroup(cond, label, tuple(sorted(s for s, _ in trials)), values))
+            keys = dict.fromkeys(k for _, (v, _) in trials for k in v)
+            values = {k: {seed: v[k] for seed, (v, _) in trials if k in v} for k in keys}
+            names = dict.fromkeys(k for _, (_, c) in trials for k in c)
+            curves = {k: {seed: c[k] for seed, (_, c) in trials if k in c} for k in names}
+            groups.append(ObjectiveGroup(cond, label, tuple(sorted(s for s, _ in trials)), values, curves))
     return groups
 
 
@@ -527,6 +568,56 @@ def plot_objectives(groups: list[ObjectiveGroup], plots: Path) -> Path | None:
     )
     fig.suptitle("Objectives: mean and 95% t interval over seeds")
     return _save(fig, plots / "objectives.png")
+
+
+def mean_curve(runs: dict[int, dict[float, float]]) -> tuple[list[float], list[float]]:
+    """Per epoch, the mean over the seeds that recorded it.
+
+    Args:
+        runs: seed → {epoch: value}.
+
+    Returns:
+        (epochs ascending, means), each of length = the number of distinct epochs.
+    """
+    xs = sorted(set().union(*runs.values()))
+    return xs, [statistics.fmean(run[x] for run in runs.values() if x in run) for x in xs]
+
+
+def plot_alp_over_stage(groups: list[ObjectiveGroup], stage: int, plots: Path) -> Path | None:
+    """Does the chosen response's likelihood fall while the margin grows? Mean over seeds of ALP(y+)
+    (solid) and ALP(y−) (dashed) on the held-out rows after each epoch of ``stage``, one colour per
+    objective, a panel per test direction and a row per condition; None without ALP records."""
+    from matplotlib.lines import Line2D
+
+    if not any(g.curves for g in groups):
+        return None
+    conds = list(dict.fromkeys(g.condition for g in groups))
+    labels = list(dict.fromkeys(g.objective for g in groups))
+    plt = _mpl()
+    fig, axes = plt.subplots(
+        len(conds), len(DIRS), figsize=(10, 3.6 * len(conds) + 0.6), squeeze=False, sharex=True
+    )
+    start = f" (0: end of stage {stage - 1})" if stage > 0 else ""
+    for row, cond in enumerate(conds):
+        for ax, d in zip(axes[row], DIRS):
+            for g in (g for g in groups if g.condition == cond):
+                colour = f"C{labels.index(g.objective) % 10}"
+                for part, style in (("chosen", "-"), ("rejected", "--")):
+                    if runs := g.curves.get(f"{part}/{d}"):
+                        ax.plot(*mean_curve(runs), ls=style, color=colour, marker=".")
+            ax.set_title(f"held-out {d} questions" + (f" · {cond}" if cond else ""), fontsize=10)
+            ax.set_xlabel(f"epoch within stage {stage}{start}")
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("ALP (nats/token)")
+    handles = [Line2D([], [], color=f"C{i % 10}", label=lab) for i, lab in enumerate(labels)]
+    handles += [
+        Line2D([], [], color="black", ls=ls, label=name) for ls, name in (("-", "ALP(y+)"), ("--", "ALP(y−)"))
+    ]
+    fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(
+        f"Held-out ALP of chosen (y+) and rejected (y−) responses over stage {stage} (mean over seeds)"
+    )
+    return _save(fig, plots / "objectives_alp.png")
 
 
 def _finite(v: Any) -> float | None:

@@ -9,10 +9,13 @@ Plots (matplotlib, Agg; PNGs under ``DIR/plots/``, embedded as base64 in the HTM
 - the paper's cross-direction table: train forward-only (r = 0) / reverse-only (r = 1) × test
   direction × ALP(y+), ALP(y−), margin, with a margin heat map;
 - the objectives view, when the sweep varies a stage's objective: per objective configuration, final
-  accuracy and ALP margins, the drift of log p(y+) and log p(y−) over that stage and its tokens/s, each
-  the mean with a 95% Student-t interval over seeds (:mod:`revmix.sweeps.intervals`), a plot of those
-  intervals, and a sentence per objective saying whether its accuracy differs from the baseline's
-  (plain dpo when present, else the first listed) beyond seed-to-seed noise;
+  accuracy and ALP margins, the drift of ALP(y+) and ALP(y−) on the fixed held-out rows over that stage
+  (end of the stage minus end of the stage before, from the ``alp/<direction>/<chosen|rejected>``
+  records) and its tokens/s, each the mean with a 95% Student-t interval over seeds
+  (:mod:`revmix.sweeps.intervals`); a plot of those intervals and one of ALP(y+) / ALP(y−) after each
+  epoch of the stage; a sentence per objective saying whether its accuracy differs from the baseline's
+  (plain dpo when present, else the first listed) beyond seed-to-seed noise, and one saying how far
+  ALP(y+) moved while the margin grew or shrank;
 - the sweep metric against each swept path, and training-loss curves.
 
 Every plot is skipped, with a line saying why, when the sweep lacks what it needs (no reverse-fraction
@@ -35,10 +38,11 @@ import jinja2
 
 from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
-from revmix.sweeps.intervals import compare_text, format_interval, mean_interval
+from revmix.sweeps.intervals import MINUS, Interval, compare_text, decimals, format_interval, mean_interval
 from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
     DIRS,
+    DRIFT_KEYS,
     OBJECTIVE_COLUMNS,
     ObjectiveGroup,
     alp_cross_table,
@@ -47,6 +51,7 @@ from revmix.sweeps.plots import (
     plot_accuracy_vs_r,
     plot_alp_cross,
     plot_alp_curves,
+    plot_alp_over_stage,
     plot_loss_curves,
     plot_metric_vs_paths,
     plot_objectives,
@@ -61,11 +66,12 @@ CROSS_SKIPPED = "skipped (needs finished trials at r=0 and r=1 with ALP evaluati
 OBJECTIVES_TEXT = (
     "Stage {stage} ({name}) under each objective configuration. Every number is the mean over seeds with "
     "its 95% Student-t interval in brackets (none with one seed; (n=k) where fewer seeds reported it). "
-    "Accuracy ({bench}) and ALP margins (nats/token) are the final evaluation's; Δ log p(y+) and "
-    "Δ log p(y−) are the change of the summed policy log-prob of the chosen and rejected responses from "
-    "the stage's first logged step to its last (per-batch means, so batch make-up adds noise); tokens/s "
-    "is the stage's throughput."
+    "Accuracy ({bench}) and ALP margins (nats/token) are the final evaluation's; ΔALP(y+) and ΔALP(y−) "
+    "are the change of the mean per-token log-prob (nats/token) of the chosen and rejected responses on "
+    "the same held-out rows, from the last ALP record of the stage before to the last of this stage "
+    "(eval.every_epoch), so batch make-up adds no noise; tokens/s is the stage's throughput."
 )
+NO_DRIFT = "ΔALP n/a: "
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,7 @@ def _objectives_section(spec: SweepSpec, ok: Any, out_dir: Path, plots: Path) ->
     groups = objective_groups(ok, paths, out_dir, stage, bench)
     if not groups:
         return Section(title, notes=["objectives: no finished trials to compare"])
-    have = {k for g in groups for k in g.values}
+    have = {k for g in groups for k in g.values} | (set(DRIFT_KEYS) if stage > 0 else set())
     columns = [(k, head) for k, head, _, _ in OBJECTIVE_COLUMNS if k in have]
     header = (["condition"] if any(g.condition for g in groups) else []) + ["objective", "seeds"]
     rows = [
@@ -202,28 +208,40 @@ def _objectives_section(spec: SweepSpec, ok: Any, out_dir: Path, plots: Path) ->
         + [_interval_cell(g, k) for k, _ in columns]
         for g in groups
     ]
-    notes = []
-    if not have & {f"{p}/{d}" for p in ("chosen", "rejected") for d in DIRS}:
-        notes.append(
-            f"no logps/chosen/<direction> records in stage {stage}'s metrics.jsonl: no log-prob drift"
-        )
-    png = plot_objectives(groups, plots)
+    notes = _drift_notes(groups, stage)
+    figures = [
+        png for png in (plot_objectives(groups, plots), plot_alp_over_stage(groups, stage, plots)) if png
+    ]
     name = spec.representative_config().stages[stage].name
     return Section(
         title,
-        [png] if png else [],
+        figures,
         notes=notes,
         text=OBJECTIVES_TEXT.format(stage=stage, name=name, bench=bench or "none evaluated"),
         table=Table(header + [h for _, h in columns], rows),
-        sentences=_objective_sentences(groups),
+        sentences=_objective_sentences(groups) + _drift_sentences(groups),
     )
+
+
+def _drift_notes(groups: list[ObjectiveGroup], stage: int) -> list[str]:
+    """One line when some trials lack the ALP records the drift needs (or no stage precedes)."""
+    if stage == 0:
+        return [NO_DRIFT + "stage 0 has no stage before it to measure the drift from"]
+    runs = sum(len(g.seeds) for g in groups)
+    lacking = sum(1 for g in groups for s in g.seeds if any(s not in g.values.get(k, {}) for k in DRIFT_KEYS))
+    if not lacking:
+        return []
+    return [
+        NO_DRIFT + f"{lacking} of {runs} runs lack alp/<direction>/<chosen|rejected> records at the end of "
+        f"stage {stage - 1} or of stage {stage} in metrics.jsonl (set eval.every_epoch: true)"
+    ]
 
 
 def _interval_cell(g: ObjectiveGroup, key: str) -> str:
     """``mean [low, high]`` over the group's seeds, ``(n=k)`` when some seeds lack the value."""
     vals = g.values.get(key)
     if not vals:
-        return res.MISSING
+        return "n/a" if key in DRIFT_KEYS else res.MISSING
     return format_interval(mean_interval(list(vals.values())), show_n=len(vals) < len(g.seeds))
 
 
@@ -238,6 +256,39 @@ def _objective_sentences(groups: list[ObjectiveGroup]) -> list[str]:
         where = f"{g.condition}, " if g.condition else ""
         words = compare_text(g.objective, base.objective, g.values["accuracy"], base.values["accuracy"])
         out.append(f"{where}accuracy: {words}")
+    return out
+
+
+def _change(iv: Interval, up: str, down: str) -> str:
+    """``fell by 0.400 [−0.097, 0.897]``: the size of a change and its interval, signed so that the
+    verb carries the direction (no brackets with one seed)."""
+    sign = -1.0 if iv.mean < 0 else 1.0
+    size, low, high = sign * iv.mean, min(sign * iv.low, sign * iv.high), max(sign * iv.low, sign * iv.high)
+    places = decimals(size, low, high)
+    text = f"{down if sign < 0 else up} by {size:.{places}f}"
+    if iv.n > 1:
+        text += f" [{low:.{places}f}, {high:.{places}f}]".replace("-", MINUS)
+    return text
+
+
+def _drift_sentences(groups: list[ObjectiveGroup]) -> list[str]:
+    """Per objective and direction, from the table's ΔALP columns: how ALP(y+) moved and how the margin
+    ALP(y+) − ALP(y−) moved with it, Δmargin_s = ΔALP(y+)_s − ΔALP(y−)_s for each seed s that has both."""
+    out: list[str] = []
+    for g in groups:
+        parts = []
+        for d in DIRS:
+            chosen, rejected = g.values.get(f"drift/chosen/{d}", {}), g.values.get(f"drift/rejected/{d}", {})
+            seeds = sorted(chosen.keys() & rejected.keys())
+            if not seeds:
+                continue
+            up = _change(mean_interval([chosen[s] for s in seeds]), "rose", "fell")
+            margin = _change(mean_interval([chosen[s] - rejected[s] for s in seeds]), "grew", "shrank")
+            n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+            parts.append(f"{d}: ALP(y+) {up} while the margin {margin} (nats/token, {n})")
+        if parts:
+            where = f"{g.condition}, " if g.condition else ""
+            out.append(f"held-out ALP over the stage, {where}{g.objective} — " + "; ".join(parts))
     return out
 
 
