@@ -49,7 +49,12 @@ def one_case(which: str, backward: bool, tokens: int) -> dict[str, float]:
         logp.sum().backward()
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"peak_gib": peak, "extra_gib": peak - before, "wall_s": wall, "logp_sum": float(logp.detach().sum())}
+    return {
+        "peak_gib": peak,
+        "extra_gib": peak - before,
+        "wall_s": wall,
+        "logp_sum": float(logp.detach().sum()),
+    }
 
 
 def main() -> None:
@@ -66,7 +71,9 @@ def main() -> None:
     for mode in ("fwd", "fwd+bwd"):
         for which in ("plain", "chunked"):
             cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--case", f"{which}:{mode}"]
-            cases[f"{which}/{mode}"] = json.loads(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
+            cases[f"{which}/{mode}"] = json.loads(
+                subprocess.check_output(cmd, text=True).strip().splitlines()[-1]
+            )
     result = {
         "benchmark": "logp_memory",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

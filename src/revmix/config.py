@@ -66,6 +66,12 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     source: str = _f("synthetic", "synthetic | path.jsonl | path.parquet | hf:NAME | r1k_sample | r1k:PATH")
+    format: Literal["canonical", "s1k", "r1k"] = _f(
+        "canonical", "layout of a file / hf: source: canonical rows, s1K traces (forward), r1k pairs"
+    )
+    columns: dict[str, str] = _f({}, "layout field -> source column, for columns named differently")
+    split: str = _f("train", "split of an hf: source", min_length=1)
+    config_name: str | None = _f(None, "configuration (subset) of an hf: source")
     families: list[str] = _f(["affine_mod", "arith_chain", "string_ops"], "synthetic task families to mix")
     n_items: int = _f(600, "synthetic items (each gives a forward and a reverse row)", ge=1)
     test_fraction: float = _f(0.2, "held-out fraction, split by item so no fact leaks", gt=0.0, lt=1.0)
@@ -77,6 +83,13 @@ class DataConfig(Strict):
     skip_invalid: bool = _f(False, "skip (and count) invalid rows instead of failing")
     cache_dir: str | None = _f(None, "tokenised Parquet cache dir (default $REVMIX_CACHE/tokenised)")
     stream_threshold_rows: int = _f(200_000, "above this many rows, stream from the Parquet cache", ge=0)
+
+    @model_validator(mode="after")
+    def _columns_of_the_layout(self) -> DataConfig:
+        from revmix.platform.data.formats import check_columns  # the layouts live with their converters
+
+        check_columns(self.format, self.columns)
+        return self
 
 
 class PhaseConfig(Strict):

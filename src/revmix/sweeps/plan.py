@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from revmix.sweeps.memory import fit_line, gpu_memory_gib
 from revmix.sweeps.space import Distribution
 from revmix.sweeps.spec import SweepSpec
 
@@ -106,4 +107,30 @@ def describe_plan(spec: SweepSpec, concurrency_note: str = "") -> str:
     for t in trials:
         vals = " ".join(f"{p}={format_value(t.point[p])}" for p in paths)
         lines.append(f"  [{t.index:3d}] {vals} seed={t.seed}")
+    lines.append("GPU memory per point (one worker; revmix.sweeps.memory):")
+    for i, point in enumerate(points(spec)):
+        vals = " ".join(f"{p}={format_value(point[p])}" for p in paths)
+        lines.append(f"  point {i}: {vals}\n    {memory_line(spec, point)}")
     return "\n".join(lines)
+
+
+def point_gpu(spec: SweepSpec, point: dict[str, Any]) -> tuple[float | None, str]:
+    """The GPU memory (GiB) and type a point is checked against: the first ``resources.per_point`` entry
+    whose ``when`` matches the point, else the sweep's ``resources``."""
+    res: Any = spec.resources
+    for entry in spec.resources.per_point:
+        if all(point.get(p) == v for p, v in entry.when.items()):
+            res = entry
+            break
+    return gpu_memory_gib(res.gpu_memory_gb, res.accelerator_type), res.accelerator_type or ""
+
+
+def memory_line(spec: SweepSpec, point: dict[str, Any]) -> str:
+    """The point's memory estimate and verdict; sampled values (optuna) are estimated at their first value."""
+    concrete = {p: v.representative() if isinstance(v, Distribution) else v for p, v in point.items()}
+    cfg = spec.trial_config(concrete, spec.seeds[0])
+    try:
+        gib, kind = point_gpu(spec, point)
+    except ValueError as e:
+        return f"memory: {e}"
+    return fit_line(cfg, gib, kind)

@@ -535,7 +535,7 @@ def _objective_panel(
 
 def plot_objectives(groups: list[ObjectiveGroup], plots: Path) -> Path | None:
     """Mean and 95% t interval over seeds per objective: a row per measure (accuracy, ALP margin,
-    log-prob drifts), a column per condition, a series per direction; categorical x axis."""
+    held-out ALP drifts), a column per condition, a series per direction; categorical x axis."""
     have = {k for g in groups for k in g.values}
     panels = list(dict.fromkeys(p for k, _, p, _ in OBJECTIVE_COLUMNS if p and k in have))
     if not panels:

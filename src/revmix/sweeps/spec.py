@@ -88,11 +88,24 @@ class TrackingSpec(Strict):
         return self.mlflow.experiment_name if isinstance(self.mlflow, MlflowSpec) else None
 
 
+class PointGPU(Strict):
+    """The GPU the points matching ``when`` get, for the dry run's memory check."""
+
+    when: dict[str, Any] = Field(min_length=1, description="swept path -> value of the points this is for")
+    gpu_memory_gb: float | None = Field(None, gt=0.0, description="memory of one GPU, GiB")
+    accelerator_type: str | None = Field(None, description="GPU type (H100, L4, ...): its memory")
+
+
 class ResourceSpec(Strict):
     """Override of the trial driver's resource bundle (default: derived from the experiment config)."""
 
     cpu: float | None = Field(None, gt=0.0, description="CPUs of the trial driver (Ray rejects 0)")
     gpu: float | None = Field(None, ge=0.0, description="GPUs of the trial driver")
+    gpu_memory_gb: float | None = Field(None, gt=0.0, description="memory of one GPU (GiB), for --dry-run")
+    accelerator_type: str | None = Field(
+        None, description="GPU type (H100, L4, ...) whose memory --dry-run uses"
+    )
+    per_point: list[PointGPU] = Field([], description="GPU memory/type of the points matching `when` (first)")
 
 
 class SweepSpec(Strict):
@@ -293,6 +306,11 @@ def check_combinations(spec: SweepSpec, where: str) -> None:
         )
     if "seed" in spec.overrides:
         raise SweepError(f"{where}: overrides.seed: use the top-level `seeds: [...]` list instead")
+    for i, entry in enumerate(spec.resources.per_point):
+        if bad := [p for p in entry.when if p not in spec.space]:
+            raise SweepError(
+                f"{where}: resources.per_point.{i}.when: {bad[0]!r} is not swept; swept: {', '.join(spec.space)}"
+            )
     search, sampled, grid = spec.search.name, spec.sampled_paths, spec.grid_paths
     if search == "grid" and sampled:
         raise SweepError(

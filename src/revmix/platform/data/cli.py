@@ -78,6 +78,20 @@ def _write_report(report: LoadReport, out: str) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.format != "canonical":  # s1K / r1k layouts: the converters a run's data.format uses
+        from revmix.platform.data.formats import load_formatted
+
+        try:
+            report = load_formatted(
+                args.source, args.format, split=args.split, skip_invalid=args.skip_invalid
+            )
+        except DataError as err:
+            print(err, file=sys.stderr)
+            return 1
+        except ValueError as err:
+            print(f"revmix data convert: {err}", file=sys.stderr)
+            return 2
+        return _write_report(report, args.out)
     kw: dict[str, Any] = {"skip_invalid": args.skip_invalid, "require_pairs": args.require_pairs}
     if args.source.startswith("hf:"):
         kw["split"] = args.split
@@ -147,6 +161,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--require-pairs", action="store_true")
     p.add_argument("--split", default="train", help="split for hf: sources")
     p.add_argument("--field-map", help="hf: column renames, e.g. question=prompt,solution=response")
+    p.add_argument(
+        "--format",
+        choices=("canonical", "s1k", "r1k"),
+        default="canonical",
+        help="source layout: s1k (question + thinking trace → forward rows), r1k (the paper's pairs)",
+    )
     p.set_defaults(data_run=_convert)
 
     _add_reverse(sub)

@@ -60,6 +60,17 @@ def load_source(cfg: DataConfig) -> LoadReport:
         rows = generate_mix(list(cfg.families), cfg.n_items, seed=cfg.seed)
         origins = [("synthetic", i) for i in range(1, len(rows) + 1)]
         return LoadReport(rows, source="synthetic", n_read=len(rows), origins=origins)
+    if cfg.format != "canonical" or cfg.columns or cfg.source.startswith("hf:"):
+        from revmix.platform.data.formats import load_formatted
+
+        return load_formatted(
+            cfg.source,
+            cfg.format,
+            cfg.columns,
+            split=cfg.split,
+            config_name=cfg.config_name,
+            skip_invalid=cfg.skip_invalid,
+        )
     from revmix.platform.data.loaders import load_rows
 
     extra = {"n": cfg.n_items, "seed": cfg.seed} if cfg.source.startswith("synthetic:") else {}
