@@ -125,11 +125,9 @@ def _locate(root: Any, loc: tuple[int | str, ...], prefix: list[str]) -> _Where:
     return _Where(path, tp, field, parent, parent_tag)
 
 
-def _bounds(w: _Where) -> str:
-    constraints = list(w.field.metadata) if w.field else []
-    if typing.get_origin(w.tp) is Annotated:
-        for m in typing.get_args(w.tp)[1:]:
-            constraints += m.metadata if isinstance(m, FieldInfo) else [m]
+def bounds_text(constraints: Iterable[Any]) -> str:
+    """A number's bounds as a reader writes them: ``[0, 1)`` with both ends, ``> 0`` or ``<= 10`` with
+    one, "" with none (the error messages here and ``revmix objectives list`` share it)."""
     low = high = None
     for c in constraints:
         if isinstance(c, at.Gt | at.Ge):
@@ -137,9 +135,17 @@ def _bounds(w: _Where) -> str:
         elif isinstance(c, at.Lt | at.Le):
             high = (")", "<", c.lt) if isinstance(c, at.Lt) else ("]", "<=", c.le)
     if low and high:
-        return f"in {low[0]}{low[2]:g}, {high[2]:g}{high[0]}"
-    ends = [f"{b[1]} {b[2]:g}" for b in (low, high) if b]
-    return " and ".join(ends)
+        return f"{low[0]}{low[2]:g}, {high[2]:g}{high[0]}"
+    return " and ".join(f"{b[1]} {b[2]:g}" for b in (low, high) if b)
+
+
+def _bounds(w: _Where) -> str:
+    constraints = list(w.field.metadata) if w.field else []
+    if typing.get_origin(w.tp) is Annotated:
+        for m in typing.get_args(w.tp)[1:]:
+            constraints += m.metadata if isinstance(m, FieldInfo) else [m]
+    text = bounds_text(constraints)
+    return f"in {text}" if text.startswith(("[", "(")) else text
 
 
 _EXPECTED = {

@@ -30,7 +30,7 @@ from revmix.objectives.base import (
     objective_names,
 )
 from revmix.objectives.contract import run_checks
-from revmix.validation import ConfigError
+from revmix.validation import ConfigError, bounds_text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,17 +107,10 @@ def type_name(tp: Any) -> str:
 
 def value_range(f: FieldInfo) -> str:
     """The bounds of a number (``[0, 1)``, ``> 0``) or a list's least length (``>= 1 items``); ``-`` if none."""
-    low = high = None
     for c in f.metadata:
-        if isinstance(c, at.Gt | at.Ge):
-            low = ("(", ">", c.gt) if isinstance(c, at.Gt) else ("[", ">=", c.ge)
-        elif isinstance(c, at.Lt | at.Le):
-            high = (")", "<", c.lt) if isinstance(c, at.Lt) else ("]", "<=", c.le)
-        elif isinstance(c, at.MinLen) and c.min_length:
+        if isinstance(c, at.MinLen) and c.min_length:
             return f">= {c.min_length} items"
-    if low and high:
-        return f"{low[0]}{low[2]:g}, {high[2]:g}{high[0]}"
-    return " and ".join(f"{b[1]} {b[2]:g}" for b in (low, high) if b) or "-"
+    return bounds_text(f.metadata) or "-"
 
 
 def _default(f: FieldInfo) -> str:

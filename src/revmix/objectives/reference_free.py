@@ -83,7 +83,9 @@ class SimPO(PairedObjective):
     name: Literal["simpo"] = "simpo"
     beta: float = Field(2.0, gt=0.0, description="reward scale on mean per-token log-probs (SimPO's beta)")
     gamma_beta_ratio: float = Field(
-        0.5, ge=0.0, description="target reward margin gamma as a fraction of beta"
+        0.5,
+        ge=0.0,
+        description="target margin gamma / beta (0.5: the SimPO authors' Llama-3-Base recipe, beta 2, gamma 1)",
     )
     sft_weight: float = Field(0.0, ge=0.0, description="weight of the NLL anchor on y+ (CPO-SimPO; 0: SimPO)")
 

@@ -63,7 +63,7 @@ def check_columns(fmt: str, columns: dict[str, str]) -> None:
     unknown = sorted(set(columns) - set(LAYOUT_FIELDS[fmt]))
     if unknown:
         raise ValueError(
-            f"columns {unknown} are not fields of the {fmt} layout; valid: {', '.join(LAYOUT_FIELDS[fmt])}"
+            f"columns: {unknown} are not fields of the {fmt} layout; valid keys: {', '.join(LAYOUT_FIELDS[fmt])}"
         )
 
 
