@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -258,3 +261,20 @@ def test_objectives_list_shows_each_hyper_parameter(capsys):
     assert main(["objectives", "list"]) == 0
     headers = [b.splitlines()[0].split(" — ")[0] for b in capsys.readouterr().out.split("\n\n")]
     assert headers == known_objective_names()
+
+
+def test_the_console_script_checks_a_plug_in_from_the_working_directory():
+    """``revmix`` (a console script: no working directory on ``sys.path``) still finds a module under it,
+    as ``python -m`` would; here the test's own plug-in, run from the repository root."""
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "revmix"), "objectives", "check", NAME],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 failed" in done.stdout

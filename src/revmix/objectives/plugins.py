@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,10 @@ def _loader(ep: importlib.metadata.EntryPoint) -> Callable[[], Any]:
 def import_path(path: str) -> Any:
     """The object ``pkg.module:Name`` stands for (``Name`` may be dotted: ``Outer.Inner``).
 
+    The working directory is searched after ``sys.path`` (as ``python -m`` would, which the ``revmix``
+    console script does not), so ``revmix objectives check my_objective:MyObjective`` finds
+    ``./my_objective.py``; Ray workers search the driver's working directory too.
+
     Raises :class:`PluginError` for a malformed path, a module that cannot be imported (install it, or
     put its directory on ``PYTHONPATH``) and a missing attribute (with close matches). Other errors raised
     while the module runs are bugs in the plug-in and propagate with their traceback.
@@ -60,6 +66,8 @@ def import_path(path: str) -> Any:
     parts = [*module_name.split("."), *attr.split(".")]
     if not sep or ":" in attr or not all(p.isidentifier() for p in parts):
         raise PluginError(f"{path!r} is not an import path pkg.module:ClassName")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # appended: never shadows an installed package
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
