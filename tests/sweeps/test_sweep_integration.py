@@ -169,6 +169,13 @@ def test_kill_dash_nine_then_resume_keeps_finished_trials(ray_local, tmp_path: P
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+    console = (tmp_path / "driver.log").read_text()
+    # A quiet console by default: no model load/save bars, library FutureWarnings or Tune status tables
+    for noise in ("Loading weights", "Writing model shards", "FutureWarning", "╭", "Trial status"):
+        assert noise not in console, f"{noise!r} on the default console:\n{console[-3000:]}"
+    assert f"revmix sweep {load_sweep(path).name}" in console
+    verbose = subprocess.run([*cmd, "--dry-run", "--verbose"], cwd=ROOT, capture_output=True, text=True)
+    assert verbose.returncode == 0, verbose.stderr[-2000:]  # the flag that brings the noise back exists
 
     tdir = out / "trials" / finished
     before = {p: p.stat().st_mtime_ns for p in (tdir / "final.json", tdir / "run" / "metrics.jsonl")}

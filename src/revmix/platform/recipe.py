@@ -46,6 +46,7 @@ from revmix.platform.checkpoint import (
     save_checkpoint,
     stage_checkpoints,
 )
+from revmix.platform.console import format_eta, quiet_libraries
 from revmix.platform.data.mixer import Mixer, Schedule
 from revmix.platform.data.schema import DIRECTIONS
 from revmix.platform.data.streams import DirectionStream, rows_from_shard
@@ -150,6 +151,7 @@ class StageRecipe:
         self._setup_step()
 
     def _setup_runtime(self) -> None:
+        quiet_libraries()  # a Ray worker's console: the driver's --verbose reaches it via REVMIX_VERBOSE
         if self.cfg.runtime.torch_threads:
             torch.set_num_threads(self.cfg.runtime.torch_threads)
         self.device = _device(self.job.use_gpu)
@@ -380,10 +382,13 @@ class StageRecipe:
             f.write(json.dumps(record) + "\n")
         if (step + 1) % max(self.stage.log_every, 1) == 0 or step + 1 == self.job.steps:
             loss = record.get("loss", float("nan"))
+            # ETA: this attempt's mean seconds per step (evaluation included) times the steps left
+            done = step + 1 - self.start_step
+            eta = (time.perf_counter() - self.t_start) / max(done, 1) * (self.job.steps - step - 1)
             print(
                 f"[stage {self.job.stage_index}:{self.stage.name}] step {step + 1}/{self.job.steps} "
                 f"loss {loss:.4f} rev {record.get('mix/reverse_fraction', 0):.2f} "
-                f"tok/s {record.get('tokens_per_s', 0):.0f}",
+                f"tok/s {record.get('tokens_per_s', 0):.0f} eta {format_eta(eta)}",
                 flush=True,
             )
 

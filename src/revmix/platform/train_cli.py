@@ -1,4 +1,4 @@
-"""``revmix train CONFIG [path=value ...] --out DIR [--resume [--allow-change PATH ...]]``.
+"""``revmix train CONFIG [path=value ...] --out DIR [--resume [--allow-change PATH ...]] [--verbose]``.
 
 Exit codes: 0 done; 2 refused before anything was written to ``--out`` (a bad config value, a data
 problem named ``FILE:LINE``, an ``--out`` that is not an empty directory or a run, a resume whose config
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-eval", action="store_true", help="skip evaluation during and after training")
     p.add_argument(
+        "--verbose", action="store_true", help="also model load/save progress bars and library warnings"
+    )
+    p.add_argument(
         "--help-config", action="store_true", help="list every config path with its default and reason"
     )
 
@@ -58,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
 def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from revmix.config import ConfigError
     from revmix.platform.checkpoint import CheckpointError
+    from revmix.platform.console import quiet_libraries
     from revmix.platform.data.loaders import DataError
     from revmix.platform.runtime import ensure_ray
     from revmix.platform.train import RunDirError, TrainingStopped, run_experiment
 
+    quiet_libraries(args.verbose)  # before Ray starts: its workers inherit the choice
     if cfg.runtime.num_workers > 0:
         ensure_ray()
     try:

@@ -1,4 +1,4 @@
-"""``revmix sweep FILE --out DIR [--resume] [--dry-run] [--max-concurrent N]``.
+"""``revmix sweep FILE --out DIR [--resume] [--dry-run] [--max-concurrent N] [--verbose]``.
 
 The whole sweep file is validated before Ray starts (a typo in a swept path fails in milliseconds, naming
 the path and its close matches); ``--dry-run`` stops there and prints the trial list.
@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials; start nothing")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N", help="cap on concurrent trials")
     p.add_argument("--no-report", action="store_true", help="skip report.md/report.html at the end")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also Tune's status tables, model load/save progress bars and library warnings",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from revmix.platform.console import quiet_libraries
     from revmix.sweeps.runner import SweepExistsError, run_sweep
 
+    quiet_libraries(args.verbose)  # before Ray starts: its processes inherit the choice
     try:
         outcome = run_sweep(
             spec,
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             max_concurrent=args.max_concurrent,
             write_report=not args.no_report,
+            verbose=args.verbose,
         )
     except SweepExistsError as e:
         print(f"revmix sweep: {e}", file=sys.stderr)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from revmix.atomic import atomic_write
+from revmix.platform.console import quiet_libraries
 from revmix.sweeps import results as res
 from revmix.sweeps.resources import TrialResources, plan_resources
 from revmix.sweeps.space import plain_value
@@ -135,7 +135,7 @@ def trial_fn(config: dict, ctx: dict) -> None:
     """One Tune trial: build the config, run (or resume) the experiment, report final metrics."""
     from ray import tune
 
-    logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
+    quiet_libraries()  # a trial's process: the driver's --verbose reaches it via REVMIX_VERBOSE
     spec: SweepSpec = ctx["spec"]
     trial_id = tune.get_context().get_trial_id()
     tdir = Path(ctx["out_dir"]) / "trials" / trial_id
@@ -344,9 +344,12 @@ def run_sweep(
     resume: bool = False,
     max_concurrent: int | None = None,
     write_report: bool = True,
-    verbose: int = 1,
+    verbose: bool = False,
 ) -> SweepOutcome:
-    """Run (or resume) ``spec`` into ``out_dir``; write the results table and the report."""
+    """Run (or resume) ``spec`` into ``out_dir``; write the results table and the report.
+
+    ``verbose`` brings back Ray Tune's per-trial status tables (off: the trials' own progress lines).
+    """
     from revmix.platform.runtime import ensure_ray
 
     out_dir = Path(out_dir).expanduser().absolute()
@@ -373,7 +376,7 @@ def _plan_on_cluster(spec: SweepSpec, max_concurrent: int | None) -> TrialResour
     return plan_resources(spec, ray.cluster_resources(), max_concurrent=max_concurrent, node_cpus=node_cpus)
 
 
-def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, verbose: int) -> Any:
+def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, verbose: bool) -> Any:
     """Build (or restore) the Tuner and run it to the end; returns Tune's ResultGrid."""
     from ray import tune
 
@@ -385,6 +388,8 @@ def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, 
     # trial's last one. Auto loggers off: tracking_callbacks adds exactly the ones the sweep asks for.
     env = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
     env.update(tracking_env(spec.tracking, out_dir))
+    if not verbose:  # Tune's new output engine prints its boxed configuration table even at verbose=0
+        env["RAY_AIR_NEW_OUTPUT"] = "0"
     with _env(**env):
         if resume:
             tuner = tune.Tuner.restore(
@@ -413,7 +418,7 @@ def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, 
                     storage_path=str(out_dir),
                     failure_config=tune.FailureConfig(max_failures=1),
                     callbacks=tracking_callbacks(spec.tracking, out_dir, spec.name),
-                    verbose=verbose,
+                    verbose=int(verbose),  # 0: no status tables, 1: Tune's default
                 ),
             )
         return tuner.fit()

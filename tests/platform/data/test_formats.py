@@ -206,7 +206,8 @@ def test_hf_name_not_available_offline_says_so(tmp_path: Path, monkeypatch: pyte
 
 def test_columns_must_be_fields_of_the_layout() -> None:
     with pytest.raises(
-        ConfigError, match=r"data: columns: \['respones'\] are not fields of the s1k layout; valid keys: question"
+        ConfigError,
+        match=r"data: columns: \['respones'\] are not fields of the s1k layout; valid keys: question",
     ):
         data_cfg(source="x.jsonl", format="s1k", columns={"respones": "r"})
     with pytest.raises(ConfigError, match="'s1K' is not one of canonical, s1k, r1k"):
