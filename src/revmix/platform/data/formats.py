@@ -31,10 +31,11 @@ from revmix.platform.data.loaders import (
     _r1k_convert,
     extract_final_answer,
     load_records,
+    normalise_scalars,
     r1k_asset_path,
     stable_item_id,
 )
-from revmix.platform.data.schema import ALL_FIELDS, Direction
+from revmix.platform.data.schema import ALL_FIELDS
 from revmix.platform.data.validate import FILE, Problem, Record, RowError, describe, iter_records
 
 S1K_FIELDS: tuple[str, ...] = (
@@ -128,15 +129,7 @@ def canonical_row(rec: dict[str, Any], line: int) -> dict[str, Any]:
     out = {k: rec[k] for k in ALL_FIELDS if k in rec}
     if out.get("item_id") is None:
         out["item_id"] = f"row-{line}"
-    for k in ("item_id", "answer"):
-        if isinstance(out.get(k), int | float) and not isinstance(out.get(k), bool):
-            out[k] = str(out[k])
-    try:
-        if out.get("direction") is not None:
-            out["direction"] = Direction.parse(out["direction"]).label
-    except ValueError:
-        pass  # left as is: validation names it with the valid choices
-    return out
+    return normalise_scalars(out)
 
 
 def _convert(fmt: str, columns: dict[str, str], line: int, rec: Any) -> Any:

@@ -179,6 +179,20 @@ def _open_hf(name_or_path: str, split: str, config: str | None, cache_dir: str |
     return datasets.load_dataset(name_or_path, config, split=split, cache_dir=cache_dir)
 
 
+def normalise_scalars(out: dict[str, Any]) -> dict[str, Any]:
+    """Ids and numeric answers as strings, 0/1 (or any parseable) directions as labels, in place; a
+    direction that does not parse is left as is for validation to name with the valid choices."""
+    for k in ("item_id", "answer"):
+        if isinstance(out.get(k), int | float) and not isinstance(out.get(k), bool):
+            out[k] = str(out[k])
+    try:
+        if out.get("direction") is not None:
+            out["direction"] = Direction.parse(out["direction"]).label
+    except ValueError:
+        pass
+    return out
+
+
 def load_hf(
     name_or_path: str,
     split: str = "train",
@@ -233,15 +247,7 @@ def load_hf(
             if not isinstance(key, str) or not key.strip():
                 return RowError([(item_id_from, f"expected a non-empty string to hash, got {describe(key)}")])
             out["item_id"] = stable_item_id(key)
-        for k in ("item_id", "answer"):
-            if isinstance(out.get(k), int | float) and not isinstance(out.get(k), bool):
-                out[k] = str(out[k])
-        try:
-            if out.get("direction") is not None:
-                out["direction"] = Direction.parse(out["direction"]).label
-        except ValueError:
-            pass  # left as is: validation names it with the valid choices
-        return out
+        return normalise_scalars(out)
 
     names = {canon: f"{src} (as {canon})" for src, canon in field_map.items()}
     records = ((i, convert(rec)) for i, rec in enumerate(ds, start=1))
