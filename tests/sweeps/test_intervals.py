@@ -156,3 +156,13 @@ def test_formatting():
     assert format_interval(mean_interval([0.3, 0.4, 0.5])) == "0.400 [0.152, 0.648]"
     assert format_interval(Interval(0.45, math.nan, math.nan, 1)) == "0.450"
     assert format_interval(Interval(-4.0, -8.97, 0.97, 2), show_n=True) == "-4.00 [-8.97, 0.97] (n=2)"
+
+
+def test_identical_per_seed_differences_are_not_called_beyond_noise():
+    """Three seeds each one evaluation item (1/64) apart: a zero-width interval, reported as no spread."""
+    a = {0: 3 / 64, 1: 2 / 64, 2: 4 / 64}
+    b = {s: v - 1 / 64 for s, v in a.items()}
+    iv, paired = difference_interval(a, b)
+    assert paired and iv.degenerate and not iv.beyond_noise
+    text = compare_text("x", "y", a, b)
+    assert "no spread to judge noise by" in text and "beyond noise" not in text

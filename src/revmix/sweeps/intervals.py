@@ -13,7 +13,8 @@ A difference between conditions A and B:
   :math:`(\bar a - \bar b) \pm t_\nu \sqrt{s_a^2/n_a + s_b^2/n_b}` with the Welch–Satterthwaite
   :math:`\nu = (s_a^2/n_a + s_b^2/n_b)^2 / \big((s_a^2/n_a)^2/(n_a-1) + (s_b^2/n_b)^2/(n_b-1)\big)`.
 
-A difference is "beyond noise" when its interval excludes 0. t quantiles come from the t CDF,
+A difference is "beyond noise" when its interval excludes 0 and has a width (identical per-seed
+differences give a zero-width interval, which is reported as such, not as certainty). t quantiles come from the t CDF,
 :math:`F(t) = 1 - \tfrac12 I_{\nu/(\nu+t^2)}(\nu/2, \tfrac12)` for t ≥ 0, with the regularised incomplete
 beta I by its continued fraction (Numerical Recipes, 3rd ed., §6.4), inverted by bisection — no scipy.
 With three seeds the 95% quantile is t_{2} = 4.30, so three-seed intervals are wide: that is the point.
@@ -98,9 +99,14 @@ class Interval:
     n: int
 
     @property
+    def degenerate(self) -> bool:
+        """Zero width: every value was the same, so the values carry no spread to judge noise by."""
+        return self.low == self.high
+
+    @property
     def beyond_noise(self) -> bool:
-        """The interval excludes 0 (False without an interval)."""
-        return self.low > 0.0 or self.high < 0.0
+        """The interval excludes 0 (False without an interval, or with a zero-width one)."""
+        return not self.degenerate and (self.low > 0.0 or self.high < 0.0)
 
 
 def mean_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
@@ -185,6 +191,8 @@ def compare_text(a_label: str, b_label: str, a: Mapping[int, float], b: Mapping[
     if math.isnan(iv.low):
         return f"{text} ({seeds}): no interval with one seed"
     verdict = "beyond noise" if iv.beyond_noise else "within seed-to-seed noise"
+    if iv.degenerate:  # e.g. one evaluation item more in every seed: no spread, not certainty
+        verdict = "the same in every seed, so the seeds give no spread to judge noise by"
     text += f" [{signed(iv.low, places)}, {signed(iv.high, places)}] ({seeds}): {verdict}"
     k, n = holds_in_seeds(a, b, higher=iv.mean >= 0)
     if n:
