@@ -7,11 +7,12 @@ import math
 
 import torch
 
-from revmix.objectives.base import IGNORE_INDEX
+from revmix.objectives.base import IGNORE_INDEX, policy_logits
 from revmix.objectives.fixtures import VOCAB as VOCAB
 from revmix.objectives.fixtures import make_batch as make_batch
 from revmix.objectives.fixtures import pack as _pack  # noqa: F401 - test_multitask imports it from here
 from revmix.objectives.fixtures import tiny_lm as tiny_lm
+from revmix.objectives.reference import FrozenCopyReference
 
 # --------------------------------------------------------------------------------------------------
 # Hand-computed reference values for the contract suite
@@ -186,3 +187,28 @@ REFERENCE_VALUES = {
     "cpo": _cpo_value,
     "orpo": _orpo_value,
 }
+
+
+class CountingReference:
+    """A reference that takes the concatenated pairs only and counts its forward passes."""
+
+    shared_prompt = False
+    length_groups = 1
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.inner, self.calls = FrozenCopyReference(model), 0
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner.logits(input_ids, attention_mask)
+
+
+class Frozen:
+    """The bare minimum a PPO step asks of a reference: logits of a model in eval mode, no gradient."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return policy_logits(self.model, input_ids, attention_mask)

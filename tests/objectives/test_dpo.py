@@ -13,7 +13,7 @@ import torch
 from revmix.objectives.base import IGNORE_INDEX, PolicyForward, build_objective
 from revmix.objectives.dpo import dpo_loss
 from revmix.objectives.reference import FrozenCopyReference, concatenated_inputs, reference_logps
-from tests.objectives.helpers import make_batch, responses, row_token_logps, tiny_lm
+from tests.objectives.helpers import CountingReference, make_batch, responses, row_token_logps, tiny_lm
 
 # --------------------------------------------------------------------------------------------------
 # The pure loss, by hand
@@ -288,18 +288,6 @@ def test_label_smoothing_equals_trl_aot_per_row(setup):
 # --------------------------------------------------------------------------------------------------
 # Objective behaviour
 # --------------------------------------------------------------------------------------------------
-
-
-class CountingReference:
-    shared_prompt = False  # takes the concatenated pairs only
-    length_groups = 1
-
-    def __init__(self, model):
-        self.inner, self.calls = FrozenCopyReference(model), 0
-
-    def logits(self, input_ids, attention_mask):
-        self.calls += 1
-        return self.inner.logits(input_ids, attention_mask)
 
 
 def test_one_concatenated_forward_each_for_policy_and_reference(setup):

@@ -15,7 +15,7 @@ import torch
 from revmix.objectives.base import IGNORE_INDEX, build_objective, sequence_logps
 from revmix.objectives.kto import kto_losses, mismatched_pairs, reference_point
 from revmix.objectives.reference import FrozenCopyReference, concatenated_inputs, reference_logps
-from tests.objectives.helpers import make_batch, responses, row_token_logps, tiny_lm
+from tests.objectives.helpers import CountingReference, make_batch, responses, row_token_logps, tiny_lm
 
 
 def _sigmoid(x: float) -> float:
@@ -276,18 +276,6 @@ def test_z0_is_positive_and_equals_the_mismatched_log_ratios_row_by_row():
 # --------------------------------------------------------------------------------------------------
 # The reference: live, cached, or cached without a live one
 # --------------------------------------------------------------------------------------------------
-
-
-class CountingReference:
-    shared_prompt = False
-    length_groups = 1
-
-    def __init__(self, model):
-        self.inner, self.calls = FrozenCopyReference(model), 0
-
-    def logits(self, input_ids, attention_mask):
-        self.calls += 1
-        return self.inner.logits(input_ids, attention_mask)
 
 
 def test_cache_with_a_live_reference_gives_the_same_numbers_and_scores_only_the_kl_pairs(setup):

@@ -23,17 +23,7 @@ from revmix.objectives.ppo import (
     kl_penalty,
     whiten,
 )
-from tests.objectives.helpers import make_batch, responses, row_token_logps, row_values, tiny_lm
-
-
-class Frozen:
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval()
-
-    @torch.no_grad()
-    def logits(self, input_ids, attention_mask):
-        return policy_logits(self.model, input_ids, attention_mask)
-
+from tests.objectives.helpers import Frozen, make_batch, responses, row_token_logps, row_values, tiny_lm
 
 # --------------------------------------------------------------------------------------------------
 # Pure functions

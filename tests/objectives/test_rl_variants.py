@@ -24,16 +24,7 @@ from revmix.objectives.ppo import (
 from revmix.objectives.reference import FrozenCopyReference
 from revmix.platform.rollout.step import ppo_step
 from revmix.platform.step import StepContext
-from tests.objectives.helpers import make_batch, responses, row_token_logps, tiny_lm
-
-
-class Frozen:
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval()
-
-    @torch.no_grad()
-    def logits(self, input_ids, attention_mask):
-        return policy_logits(self.model, input_ids, attention_mask)
+from tests.objectives.helpers import Frozen, make_batch, responses, row_token_logps, tiny_lm
 
 
 def _rollout(obj: PPO, policy, ref, batch, scores, group):
