@@ -212,3 +212,16 @@ class Frozen:
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return policy_logits(self.model, input_ids, attention_mask)
+
+
+def train_steps(objective, policy: torch.nn.Module, batch, ref, steps: int = 10, lr: float = 1e-2):
+    """``steps`` AdamW steps of ``objective`` on one batch; returns (first metrics, last LossOutput)."""
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr)
+    first, out = None, None
+    for _ in range(steps):
+        out = objective(policy, batch, ref)
+        first = first if first is not None else out.metrics
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return first, out

@@ -13,7 +13,14 @@ import torch
 from revmix.objectives.base import IGNORE_INDEX, PolicyForward, build_objective
 from revmix.objectives.dpo import dpo_loss
 from revmix.objectives.reference import FrozenCopyReference, concatenated_inputs, reference_logps
-from tests.objectives.helpers import CountingReference, make_batch, responses, row_token_logps, tiny_lm
+from tests.objectives.helpers import (
+    CountingReference,
+    make_batch,
+    responses,
+    row_token_logps,
+    tiny_lm,
+    train_steps,
+)
 
 # --------------------------------------------------------------------------------------------------
 # The pure loss, by hand
@@ -340,14 +347,7 @@ def test_training_raises_the_margin():
     policy, batch = tiny_lm(seed=0), make_batch(seed=5)
     ref = FrozenCopyReference(policy)
     objective = build_objective({"name": "dpo", "beta": 0.5})
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    first = None
-    for _ in range(10):
-        out = objective(policy, batch, ref)
-        first = first if first is not None else out.metrics
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    first, out = train_steps(objective, policy, batch, ref)
     assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
     assert out.metrics["rewards/margin"] > 1.0
     assert out.metrics["rewards/accuracy"] == 1.0

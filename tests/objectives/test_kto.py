@@ -15,7 +15,14 @@ import torch
 from revmix.objectives.base import IGNORE_INDEX, build_objective, sequence_logps
 from revmix.objectives.kto import kto_losses, mismatched_pairs, reference_point
 from revmix.objectives.reference import FrozenCopyReference, concatenated_inputs, reference_logps
-from tests.objectives.helpers import CountingReference, make_batch, responses, row_token_logps, tiny_lm
+from tests.objectives.helpers import (
+    CountingReference,
+    make_batch,
+    responses,
+    row_token_logps,
+    tiny_lm,
+    train_steps,
+)
 
 
 def _sigmoid(x: float) -> float:
@@ -366,14 +373,7 @@ def test_metrics_per_direction_and_training_moves_rewards_apart():
     policy, batch = tiny_lm(seed=0), make_batch(seed=5)
     ref = FrozenCopyReference(policy)
     objective = build_objective({"name": "kto", "beta": 0.5})
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    first = None
-    for _ in range(10):
-        out = objective(policy, batch, ref)
-        first = first if first is not None else out.metrics
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    first, out = train_steps(objective, policy, batch, ref)
     for name in (
         "logps/chosen",
         "logps/rejected",
