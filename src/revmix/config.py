@@ -21,6 +21,7 @@ from revmix.validation import (
     ConfigError,
     Strict,
     describe_fields,
+    did_you_mean,
     load_raw,
     parse_override,
     set_path,
@@ -184,6 +185,68 @@ class CheckpointConfig(Strict):
     keep_last: int | None = _f(None, "keep the N newest checkpoints of each stage (null: keep all)", ge=1)
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def _options_on(value: Any) -> Any:
+    """``true`` / ``false`` switch a tracker; a mapping of its options switches it on unless it says
+    ``enabled: false``."""
+    if isinstance(value, bool):
+        return {"enabled": value}
+    if isinstance(value, dict) and "enabled" not in value:
+        return {**value, "enabled": True}
+    return value
+
+
+class MlflowConfig(Strict):
+    enabled: bool = _f(False, "log to MLflow (one run per `revmix train` run / sweep trial)")
+    tracking_uri: str | None = _f(None, "MLflow server or store URI (default: SQLite in the run/sweep dir)")
+    experiment_name: str | None = _f(None, "MLflow experiment (default: the run's name / the sweep's name)")
+
+
+class WandbConfig(Strict):
+    enabled: bool = _f(False, "log to Weights & Biases (one run per `revmix train` run / sweep trial)")
+    project: str = _f("revmix", "W&B project", min_length=1)
+    mode: Literal["offline", "online", "disabled"] = _f(
+        "offline", "offline: files only, no network (upload later with `wandb sync DIR`)"
+    )
+    dir: str | None = _f(None, "where W&B writes its wandb/ folder (default: <run>/tracking, <sweep dir>)")
+
+
+class TrackingConfig(Strict):
+    """Experiment trackers; ``[tensorboard, wandb]`` (a list of names) switches exactly those on."""
+
+    tensorboard: bool = _f(True, "TensorBoard event files (<run>/tracking/tensorboard, one dir per trial)")
+    mlflow: MlflowConfig = _f(MlflowConfig, "MLflow (true, or its options)")
+    wandb: WandbConfig = _f(WandbConfig, "Weights & Biases (true, or its options)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """A list of tracker names (or one name) is the mapping with exactly those on (``[]``: none)."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            return value
+        for name in value:
+            if name not in TRACKERS:
+                raise ValueError(
+                    f"unknown tracker {name!r}; valid: {', '.join(TRACKERS)}{did_you_mean(name, TRACKERS)}"
+                )
+        return {name: name in value for name in TRACKERS}
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        return _options_on(value)
+
+    @property
+    def enabled(self) -> list[str]:
+        """Names of the trackers switched on, in :data:`TRACKERS` order."""
+        on = {"tensorboard": self.tensorboard, "mlflow": self.mlflow.enabled, "wandb": self.wandb.enabled}
+        return [name for name in TRACKERS if on[name]]
+
+
 class ExperimentConfig(Strict):
     name: str = _f("experiment", "experiment label")
     seed: int = _f(0, "seed of the mixer, data order and dropout")
@@ -195,6 +258,7 @@ class ExperimentConfig(Strict):
     runtime: RuntimeConfig = _f(RuntimeConfig, "Ray Train resources")
     checkpoint: CheckpointConfig = _f(CheckpointConfig, "what checkpoints are kept")
     eval: EvalConfig = _f(EvalConfig, "evaluation during and after training")
+    tracking: TrackingConfig = _f(TrackingConfig, "experiment trackers of `revmix train` (list or mapping)")
 
     @model_validator(mode="after")
     def _stages_can_run(self) -> ExperimentConfig:

@@ -19,7 +19,7 @@ def parse(**changes):
 def test_valid_sweep_parses_with_defaults():
     spec = parse()
     assert spec.name == "s" and spec.search.name == "grid" and spec.scheduler.name == "fifo"
-    assert spec.tracking.tensorboard and not spec.tracking.mlflow and spec.eval
+    assert spec.tracking.enabled == ["tensorboard"] and spec.eval
     assert spec.space["stages.0.mix.reverse_fraction"] == Distribution("grid", (0.0, 0.5, 1.0))
     assert spec.num_points() == 3 and spec.num_trials() == 6
 
@@ -307,6 +307,11 @@ def test_every_shipped_sweep_file_validates(path):
             "tracking.mlflow.tracking_url: unknown key 'tracking_url'",
         ),
         (
+            {"tracking": ["tensorboard", "wandbb"]},
+            "tracking: unknown tracker 'wandbb'; valid: tensorboard, mlflow, wandb (did you mean 'wandb'?)",
+        ),
+        ({"tracking": {"wandb": {"mode": "offlin"}}}, "tracking.wandb.mode: 'offlin' is not one of"),
+        (
             {"scheduler": {"name": "asha", "reduction_factor": 1}},
             "scheduler.reduction_factor: expected a number > 1, got 1",
         ),
@@ -331,8 +336,8 @@ def test_null_keys_take_their_defaults_and_mlflow_takes_options():
     }
     spec = parse_sweep(raw, "s.yaml", base_raw=BASE_RAW)
     assert spec.seeds == [0] and spec.search.name == "grid" and spec.search.num_samples == 1
-    assert spec.tracking.mlflow and spec.tracking.mlflow_tracking_uri == "http://mlflow:5000"
-    assert spec.tracking.mlflow_experiment is None
+    assert spec.tracking.mlflow.enabled and spec.tracking.mlflow.tracking_uri == "http://mlflow:5000"
+    assert spec.tracking.mlflow.experiment_name is None
     stored = spec.to_dict()
     assert stored["space"] == {"stages.0.mix.reverse_fraction": {"grid": [0.0, 0.5, 1.0]}}
     assert stored["base_raw"] == BASE_RAW and stored["search"] == {"name": "grid"}

@@ -14,7 +14,8 @@ Sweep directory layout (``--out DIR``)::
                                    error.txt (every failed attempt's traceback), status.json (Tune's verdict)
     DIR/results.parquet, .csv      one row per trial (see results.py), rebuilt from DIR/trials/ alone
     DIR/report.md, report.html     see report.py; results and reports are replaced atomically
-    DIR/mlruns/                    MLflow file store, when tracking.mlflow is on
+    DIR/mlflow.db, DIR/mlruns/     MLflow runs (SQLite) and artifacts, when tracking.mlflow is on
+    DIR/wandb/                     W&B run folders (offline-run-*), when tracking.wandb is on
 
 On a multi-node cluster DIR must be shared storage (NFS…): trials write their run there.
 
@@ -380,7 +381,7 @@ def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, 
     """Build (or restore) the Tuner and run it to the end; returns Tune's ResultGrid."""
     from ray import tune
 
-    from revmix.sweeps.tracking import tracking_callbacks, tracking_env
+    from revmix.platform.tracking import tracking_env, tune_callbacks
 
     ctx = {"spec": spec, "out_dir": str(out_dir), "torch_threads": plan.torch_threads}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), plan.bundle)
@@ -417,7 +418,7 @@ def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, 
                     name=TUNE_DIR,
                     storage_path=str(out_dir),
                     failure_config=tune.FailureConfig(max_failures=1),
-                    callbacks=tracking_callbacks(spec.tracking, out_dir, spec.name),
+                    callbacks=tune_callbacks(spec.tracking, out_dir, spec.name, verbose),
                     verbose=int(verbose),  # 0: no status tables, 1: Tune's default
                 ),
             )

@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, field_validator, model_validator
 
-from revmix.config import ExperimentConfig, build_config
+from revmix.config import ExperimentConfig, TrackingConfig, build_config
 from revmix.objectives.base import DIRECTIONS
 from revmix.sweeps.space import Distribution, parse_distribution, plain_value
 from revmix.validation import ConfigError, Strict, SweepError, load_raw, parse_override, validate
@@ -70,24 +70,6 @@ SearchSpec = Annotated[GridSearch | SampledSearch, Discriminator("name")]
 SchedulerSpec = Annotated[FifoScheduler | AshaScheduler, Discriminator("name")]
 
 
-class MlflowSpec(Strict):
-    tracking_uri: str | None = Field(None, description="MLflow server (default: SQLite in the sweep dir)")
-    experiment_name: str | None = Field(None, description="MLflow experiment (default: the sweep name)")
-
-
-class TrackingSpec(Strict):
-    tensorboard: bool = Field(True, description="TensorBoard event files per trial")
-    mlflow: bool | MlflowSpec = Field(False, description="log trials to MLflow (true, or its options)")
-
-    @property
-    def mlflow_tracking_uri(self) -> str | None:
-        return self.mlflow.tracking_uri if isinstance(self.mlflow, MlflowSpec) else None
-
-    @property
-    def mlflow_experiment(self) -> str | None:
-        return self.mlflow.experiment_name if isinstance(self.mlflow, MlflowSpec) else None
-
-
 class PointGPU(Strict):
     """The GPU the points matching ``when`` get, for the dry run's memory check."""
 
@@ -125,7 +107,9 @@ class SweepSpec(Strict):
     space: dict[str, Distribution] = Field(min_length=1, description="swept config paths")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="the trial driver's bundle")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: the cluster's CPUs/GPUs")
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="TensorBoard and MLflow")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="trackers of every trial: TensorBoard, MLflow, W&B"
+    )
     eval: bool = Field(True, description="evaluate every trial at its end")
 
     _source: Path = PrivateAttr(Path("<sweep>"))
