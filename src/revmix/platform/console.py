@@ -22,6 +22,10 @@ NOISY_LOGGERS = (
     "ray.train.v2.api.config",
     "ray.train.v2._internal.execution.storage",
     "ray.train._internal.storage",
+    # MLflow's SQLite store, made on a run's or sweep's first MLflow record ("Creating initial MLflow
+    # database tables...", Alembic's migration lines)
+    "mlflow.store.db.utils",
+    "alembic.runtime.migration",
 )
 
 
@@ -30,8 +34,9 @@ def quiet_libraries(verbose: bool | None = None) -> bool:
 
     Off: transformers' and huggingface_hub's progress bars ("Loading weights", "Writing model shards"),
     FutureWarning/UserWarning raised inside transformers, peft or torch (revmix's own warnings still
-    show), and Ray Train's per-step INFO lines. ``verbose=True`` changes none of them. Ray Tune's
-    tables are the sweep runner's to switch (``run_sweep(verbose=...)``).
+    show), Ray Train's per-step INFO lines, and MLflow's database set-up lines (W&B's banners are off
+    by the settings :func:`revmix.platform.tracking.wandb_settings` gives it). ``verbose=True`` changes
+    none of them. Ray Tune's tables are the sweep runner's to switch (``run_sweep(verbose=...)``).
 
     Args:
         verbose: the ``--verbose`` flag of a driver, also written to ``REVMIX_VERBOSE`` for the

@@ -63,6 +63,7 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from revmix.platform.checkpoint import CheckpointError
     from revmix.platform.console import quiet_libraries
     from revmix.platform.data.loaders import DataError
+    from revmix.platform.run_tracker import track_run
     from revmix.platform.runtime import ensure_ray
     from revmix.platform.train import RunDirError, TrainingStopped, run_experiment
 
@@ -70,9 +71,17 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     if cfg.runtime.num_workers > 0:
         ensure_ray()
     try:
-        summary = run_experiment(
-            cfg, args.out, resume=args.resume, allow_changes=args.allow_change, evaluate=not args.no_eval
-        )
+        with track_run(cfg, args.out, verbose=args.verbose) as tracking:  # cfg.tracking
+            summary = run_experiment(
+                cfg,
+                args.out,
+                resume=args.resume,
+                allow_changes=args.allow_change,
+                evaluate=not args.no_eval,
+                callbacks=tracking.callbacks,
+                on_report=tracking.on_report,
+            )
+            tracking.log_summary(summary)
     except (RunDirError, ConfigError, DataError, CheckpointError, TrainingStopped) as e:
         prefix = {DataError: "data error: ", TrainingStopped: "stopped: "}.get(type(e), "")
         print(f"revmix train: {prefix}{e}", file=sys.stderr)
