@@ -206,3 +206,12 @@ def test_revmix_train_in_process_tracks_to_all_three_quietly(
     check_tracked_run(out, "sft_tiny")
     text = console.out + console.err
     assert "wandb:" not in text and "Creating initial MLflow database" not in text, text[-3000:]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_revmix_train_with_ray_workers_tracks_what_the_controller_receives(tmp_path: Path, ray_local) -> None:
+    """A Ray Train worker reports; the Train V2 callback hands rank 0's record to the tracker actor."""
+    out = tmp_path / "run"
+    assert _train(out, [*FAST, ALL, "runtime.num_workers=1", "runtime.cpus_per_worker=0.5"]) == 0
+    check_tracked_run(out, "sft_tiny")
