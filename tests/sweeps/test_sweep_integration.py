@@ -25,6 +25,7 @@ from revmix.sweeps.report import read_metrics
 from revmix.sweeps.runner import SweepExistsError, run_sweep
 from revmix.sweeps.spec import load_sweep
 from tests.sweeps.helpers import ROOT, SFT_TINY
+from tests.tracking_readers import series_by_step, wandb_history, wandb_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,7 +60,7 @@ def write(tmp_path: Path, name: str = "sweep.yaml", **changes) -> Path:
 
 
 def test_two_trial_sweep_table_report_and_tracking(ray_local, tmp_path: Path):
-    spec = load_sweep(write(tmp_path, tracking={"tensorboard": True, "mlflow": True}))
+    spec = load_sweep(write(tmp_path, tracking=["tensorboard", "mlflow", "wandb"]))  # W&B: offline
     out = run_sweep(spec, tmp_path / "out")
     table = out.table
     assert len(table) == 2 and list(table["status"]) == ["TERMINATED", "TERMINATED"]
@@ -90,6 +91,21 @@ def test_two_trial_sweep_table_report_and_tracking(ray_local, tmp_path: Path):
     runs = client.search_runs([client.get_experiment_by_name(spec.name).experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert all("final/loss" in r.data.metrics for r in runs)
+    _check_wandb_trials(tmp_path / "out", spec.name, table)
+
+
+def _check_wandb_trials(out: Path, sweep: str, table) -> None:
+    """One offline W&B run per trial (run id = trial id), grouped by the sweep's name, holding the
+    trial's step losses by Tune iteration (one report per step)."""
+    files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+    runs = {wandb_run(f).run_id: f for f in files}
+    assert sorted(runs) == sorted(table["trial_id"])
+    for _, row in table.iterrows():
+        run = wandb_run(runs[row["trial_id"]])
+        assert run.run_group == sweep and run.project == "revmix"
+        steps = read_metrics(out / row["run_dir"] / "metrics.jsonl")
+        history = series_by_step(wandb_history(runs[row["trial_id"]]), "loss")
+        assert {i: history[i] for i in (1, 2, 3)} == pytest.approx({s["step"]: s["loss"] for s in steps})
 
 
 def test_a_failing_trial_is_retried_then_recorded(ray_local, tmp_path: Path):
