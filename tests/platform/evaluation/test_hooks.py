@@ -50,7 +50,8 @@ def test_generator_choice_is_said_and_checked(capsys):
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ConfigError, match="eval.generator: 'vllm' but vllm is not importable"):
             resolve_generator(build_config({"stages": [{"steps": 1}], "eval": {"generator": "vllm"}}), True)
-        assert resolve_generator(cfg, use_gpu=True).eval.generator == "hf"
+    on_gpu = "vllm" if importlib.util.find_spec("vllm") else "hf"  # auto: vLLM on GPU runs where installed
+    assert resolve_generator(cfg, use_gpu=True).eval.generator == on_gpu
     done = {"eval": {"benchmarks": {}, "alp": {}}}
     assert complete_stage_eval(cfg, done, "unused", [], False) is done  # nothing pending: untouched
 

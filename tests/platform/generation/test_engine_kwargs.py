@@ -70,3 +70,15 @@ def test_eval_sampling_flags(tmp_path, capsys: pytest.CaptureFixture[str]) -> No
     args = parser.parse_args([*base[1:], "--samples", "4", "--temperature", "0.7", "--top-p", "0.9"])
     params, ks = eval_cli.sampling_from_args(args)
     assert (params.n, params.temperature, params.top_p, ks) == (4, 0.7, 0.9, [1, 4])
+
+
+def test_eval_engine_kwargs_reach_the_vllm_generator(tmp_path) -> None:
+    from revmix.platform.generation.vllm_backend import VLLMGenerator
+
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    argv = ["--model", tiny_dir(), "--benchmarks", "synthetic", "--out", str(tmp_path)]
+    argv += ["--generator", "vllm", "--engine-kwargs", '{"max_model_len": 64, "max_num_seqs": 4}']
+    gen = eval_cli._with_engine_kwargs(tiny_dir(), parser.parse_args(argv))
+    assert isinstance(gen, VLLMGenerator)  # built, not started: vLLM is imported when the engine starts
+    assert gen.engine_kwargs["max_model_len"] == 64 and gen.engine_kwargs["max_num_seqs"] == 4
