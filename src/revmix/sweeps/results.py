@@ -356,7 +356,9 @@ def summary_text(df, metric: str, mode: str, max_rows: int = 20, paths: list[str
     view = view[[c for c in cols if c in view.columns]].head(max_rows)
 
     def short(c: str) -> str:
-        return c.replace("stages.", "s.").replace("eval/accuracy/", "acc/").replace("eval/alp/", "alp/")
+        for long, brief in (("stages.", "s."), ("eval/accuracy/", "acc/"), ("eval/alp/", "alp/")):
+            c = c.replace(long, brief)
+        return c.replace("eval/pass@", "pass@").replace("eval/maj@", "maj@")
 
     header = [short(c) for c in view.columns]
     body = [[format_cell(v) for v in r] for r in view.itertuples(index=False)]
