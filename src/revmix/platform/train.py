@@ -211,8 +211,9 @@ def _run_stage(
 
 def _with_stage_eval(cfg: ExperimentConfig, result: dict, stage_dir: Path, inputs: _Inputs) -> dict:
     """The stage's result with the generation rank 0 left to the driver done (``eval.generator: vllm``)."""
-    model_dir = str(stage_dir / "model")
-    done = complete_stage_eval(cfg, result, model_dir, inputs.eval_rows or [], inputs.use_gpu)
+    if inputs.eval_rows is None:  # evaluation off (e.g. a resume with evaluate=False): leave it pending
+        return result
+    done = complete_stage_eval(cfg, result, str(stage_dir / "model"), inputs.eval_rows, inputs.use_gpu)
     if done is not result:
         atomic_write(stage_dir / "result.json", json.dumps(done, indent=1))
     return done

@@ -128,7 +128,10 @@ def resolve_generator(cfg: ExperimentConfig, use_gpu: bool) -> ExperimentConfig:
     if choice == "auto":
         choice = "vllm" if use_gpu and has_vllm else "hf"
     why = {"hf": "transformers generate on rank 0", "vllm": "a Ray Data LLM job on the saved model"}
-    print(f"revmix: stage-end evaluation with {choice} ({why[choice]}, eval.generator={cfg.eval.generator})")
+    print(
+        f"revmix: stage-end evaluation with {choice} ({why[choice]}, eval.generator={cfg.eval.generator})",
+        flush=True,
+    )
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"generator": choice})})
 
 
