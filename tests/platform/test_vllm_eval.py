@@ -3,7 +3,8 @@ item reports mean accuracy, pass@k and maj@k per benchmark × direction, and the
 
 Skipped where vLLM is not installed (the core venv); CI's `.venv-vllm` (docs/vllm_cpu.md) runs it. Each
 stage's evaluation starts its own engine, which dominates the time (250 s per stage measured on the shared
-2-core machine at load average ~7; 610 s for the whole test there), so the run is as small as a run can be.
+2-core machine at load average ~7; 450–610 s for the whole test there at load 7–55), so the run is as
+small as a run can be.
 """
 
 from __future__ import annotations
