@@ -122,15 +122,65 @@ class MixConfig(Strict):
     schedule: ScheduleConfig = _f(ScheduleConfig, "constant r or a curriculum")
 
 
+class EngineConfig(Strict):
+    """vLLM engine arguments revmix passes through (others are refused, naming these)."""
+
+    tensor_parallel_size: int | None = _f(None, "GPUs one engine shards the model over", ge=1)
+    max_model_len: int | None = _f(
+        None, "context length the KV cache is sized for (prompt + completion)", ge=1
+    )
+    gpu_memory_utilization: float | None = _f(
+        None, "fraction of each GPU's memory vLLM may take", gt=0.0, le=1.0
+    )
+    max_num_seqs: int | None = _f(None, "sequences decoded together per engine step", ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = _f(
+        None, "engine dtype (default: bf16 on GPU, float32 on CPU)"
+    )
+    enforce_eager: bool | None = _f(None, "no CUDA graph capture (less memory, slower)")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The arguments set, as ``vllm.LLM`` / Ray LLM ``engine_kwargs`` take them."""
+        return self.model_dump(exclude_none=True)
+
+
 class EvalConfig(Strict):
     benchmarks: list[str] = _f(["synthetic"], "benchmarks for accuracy at evaluation points")
     limit: int | None = _f(96, "items per benchmark (null: all)", ge=1)
-    max_new_tokens: int = _f(96, "generation budget per item", ge=1)
+    generator: Literal["auto", "hf", "vllm"] = _f(
+        "auto", "stage-end generation: hf on rank 0, or a Ray Data LLM (vLLM) job; auto: vllm on GPU runs"
+    )
+    samples: int = _f(1, "completions sampled per item (accuracy is their mean)", ge=1, le=1024)
+    temperature: float = _f(0.0, "sampling temperature (0: greedy; samples > 1 need > 0)", ge=0.0)
+    top_p: float = _f(1.0, "nucleus sampling mass", gt=0.0, le=1.0)
+    seed: int = _f(0, "sampling seed (same seed, same completions for a backend)")
+    pass_k: list[int] | None = _f(
+        None, "k of pass@k and maj@k, each <= samples (null: [1, samples]; none when samples is 1)"
+    )
+    max_new_tokens: int = _f(96, "generation budget per item", ge=1, le=32768)
+    engine_kwargs: EngineConfig = _f(EngineConfig, "vLLM engine arguments (generator vllm)")
     alp_tokens: int = _f(1000, "ALP over the first N completion tokens (paper: 1000)", ge=1)
     alp_limit: int | None = _f(96, "held-out rows per direction for ALP (null: all)", ge=1)
     at_stage_end: bool = _f(True, "evaluate after each stage")
     every_steps: int = _f(0, "ALP on the held-out slice every N steps (0: off)", ge=0)
     every_epoch: bool = _f(False, "ALP on the held-out slice after every epoch")
+
+    @model_validator(mode="after")
+    def _sampling_is_consistent(self) -> EvalConfig:
+        if self.samples > 1 and self.temperature == 0.0:
+            raise ValueError(
+                f"eval.samples is {self.samples} but eval.temperature is 0 (greedy: every sample would be "
+                "the same); set eval.temperature > 0 (e.g. 0.7) or eval.samples=1"
+            )
+        bad = [k for k in self.pass_k or [] if not 1 <= k <= self.samples]
+        if bad:
+            raise ValueError(f"eval.pass_k: {bad} outside 1..eval.samples ({self.samples})")
+        return self
+
+    def ks(self) -> list[int]:
+        """The k values of pass@k / maj@k: ``pass_k``, else 1 and ``samples`` (none with one sample)."""
+        if self.pass_k:
+            return sorted(set(self.pass_k))
+        return [1, self.samples] if self.samples > 1 else []
 
 
 class StageConfig(Strict):

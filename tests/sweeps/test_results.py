@@ -56,6 +56,25 @@ def test_flatten_summary_names_and_values():
     }
 
 
+def test_flatten_summary_names_pass_at_k_and_maj_at_k():
+    ev = _eval(0.5, 0.25, 0.75, 1.25, 0.5)
+    bench = ev["benchmarks"]["synthetic"]
+    bench.update({"samples": 4, "pass@1": 0.5, "pass@4": 0.875, "maj@1": 0.375, "maj@4": 0.625})
+    bench["by_direction"]["reverse"].update({"pass@1": 0.75, "pass@4": 1.0, "maj@1": 0.5, "maj@4": 0.75})
+    flat = res.flatten_summary(_summary([{"final": {"loss": 1.0}, "eval": None}], ev))
+    assert {k: v for k, v in flat.items() if "@" in k} == {
+        "eval/pass@1/synthetic": 0.5,
+        "eval/pass@4/synthetic": 0.875,
+        "eval/maj@1/synthetic": 0.375,
+        "eval/maj@4/synthetic": 0.625,
+        "eval/pass@1/synthetic/reverse": 0.75,
+        "eval/pass@4/synthetic/reverse": 1.0,
+        "eval/maj@1/synthetic/reverse": 0.5,
+        "eval/maj@4/synthetic/reverse": 0.75,
+    }
+    assert flat["eval/accuracy/synthetic"] == 0.5 and "eval/samples/synthetic" not in flat
+
+
 def test_flatten_summary_without_eval_and_with_two_stages():
     s0 = {"final": {"step": 3, "loss": 3.0}, "eval": _eval(0.1, 0.1, 0.1, 0.2, 0.3), "tokens_per_s": 10.0}
     s1 = {"final": {"step": 2, "loss": 1.0, "dpo/accuracy": 0.5}, "eval": None, "tokens_per_s": 30.0}
@@ -184,3 +203,21 @@ def test_last_step_metrics_skips_a_cut_line(tmp_path: Path):
     p.write_text(json.dumps({"stage": 0, "step": 1, "loss": 3.0}) + "\n" + '{"stage": 0, "step": 2, "lo')
     assert res.last_step_metrics(p) == {"final/loss": 3.0}
     assert res.last_step_metrics(tmp_path / "missing.jsonl") is None
+
+
+def test_summary_text_shortens_pass_at_k_names():
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {
+            "trial_id": ["a", "b"],
+            "status": ["TERMINATED"] * 2,
+            "seed": [0, 0],
+            "eval/pass@4/synthetic": [0.25, 0.5],
+        }
+    )
+    df["wall_s"] = [1.0, 2.0]
+    text = res.summary_text(df, "eval/pass@4/synthetic", "max")
+    head, best, second = text.splitlines()
+    assert head.split()[3] == "pass@4/synthetic"  # the metric, named as in the report's tables
+    assert best.split()[0] == "b" and second.split()[0] == "a"  # best first

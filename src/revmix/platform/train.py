@@ -24,6 +24,7 @@ from revmix.platform.checkpoint import latest_checkpoint, remove_stale_temporari
 from revmix.platform.data.mixer import Mixer, schedule_from_config
 from revmix.platform.data.prepare import PreparedData, prepare_data, to_ray_datasets
 from revmix.platform.data.schema import DIRECTIONS
+from revmix.platform.evaluation.hooks import complete_stage_eval, resolve_generator
 from revmix.platform.recipe import STOPPED, StageJob, train_loop_per_worker
 from revmix.platform.run_dir import (
     RunDirError,
@@ -95,11 +96,12 @@ def run_experiment(
     changes = check_resume_config(out, cfg, allow_changes) if resume else []
     t0 = time.perf_counter()
     inputs = _prepare_inputs(cfg, evaluate)
+    run_cfg = resolve_generator(cfg, inputs.use_gpu) if evaluate and cfg.eval.at_stage_end else cfg
     write_run(out, cfg, changes)
     summary = _summary_head(cfg, out, inputs)
     init_path = inputs.model_path
     for i, stage in enumerate(cfg.stages):
-        result = _run_stage(cfg, i, out, init_path, inputs, resume, callbacks, on_report)
+        result = _run_stage(run_cfg, i, out, init_path, inputs, resume, callbacks, on_report)
         summary["stages"].append(_stage_summary(stage, i, result))
         init_path = str(out / "stages" / str(i) / "model")
     link_final_model(out, len(cfg.stages))
@@ -183,7 +185,7 @@ def _run_stage(
     if resume and result_path.exists():
         result = json.loads(result_path.read_text())
         if result.get("steps") == plan["steps"]:  # else the stage grew (--allow-change stages.<i>.steps)
-            return result
+            return _with_stage_eval(cfg, result, stage_dir, inputs)
     (stage_dir / STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop record
     remove_stale_temporaries(stage_checkpoints(out_dir, i))
     in_process = cfg.runtime.num_workers == 0
@@ -204,7 +206,17 @@ def _run_stage(
     _fit(job, inputs.datasets, callbacks)
     if (stage_dir / STOPPED).exists():
         raise TrainingStopped(json.loads((stage_dir / STOPPED).read_text())["message"])
-    return json.loads(result_path.read_text())
+    return _with_stage_eval(cfg, json.loads(result_path.read_text()), stage_dir, inputs)
+
+
+def _with_stage_eval(cfg: ExperimentConfig, result: dict, stage_dir: Path, inputs: _Inputs) -> dict:
+    """The stage's result with the generation rank 0 left to the driver done (``eval.generator: vllm``)."""
+    if inputs.eval_rows is None:  # evaluation off (e.g. a resume with evaluate=False): leave it pending
+        return result
+    done = complete_stage_eval(cfg, result, str(stage_dir / "model"), inputs.eval_rows, inputs.use_gpu)
+    if done is not result:
+        atomic_write(stage_dir / "result.json", json.dumps(done, indent=1))
+    return done
 
 
 def _fit(job: StageJob, datasets: dict[str, Any] | None, callbacks: list | None) -> None:

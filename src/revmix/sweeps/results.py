@@ -10,7 +10,8 @@ folders, so the two files can always be rebuilt from them (:func:`rebuild_table`
 
 Flat metric names (also what a trial reports to Tune at its end, so ``metric:`` can name any of them)::
 
-    eval/accuracy/<bench>               eval/accuracy/<bench>/<forward|reverse>
+    eval/accuracy/<bench>               eval/accuracy/<bench>/<forward|reverse>   (mean over samples)
+    eval/pass@<k>/<bench>[/<dir>]       eval/maj@<k>/<bench>[/<dir>]   (eval.samples > 1; docs/evaluation.md)
     eval/alp/<forward|reverse>/<chosen|rejected|margin>
     final/<key>                         last step's metrics of the last stage (final/loss, final/nll/forward…)
     stage<i>/<key>, stage<i>/eval/...   the same for earlier stages of a multi-stage experiment
@@ -64,18 +65,25 @@ def as_float(v: Any) -> float | None:
 
 
 def flatten_eval(ev: dict | None, prefix: str = "eval") -> dict[str, float]:
-    """``summary["eval"]`` → ``{eval/accuracy/<bench>[/<dir>], eval/n/<bench>, eval/alp/<dir>/<part>}``."""
+    """``summary["eval"]`` → ``{eval/<accuracy|pass@k|maj@k>/<bench>[/<dir>], eval/n/<bench>,
+    eval/alp/<dir>/<part>}``."""
     found: dict[str, Any] = {}
     for bench, b in ((ev or {}).get("benchmarks") or {}).items():
         if isinstance(b, dict):
-            found[f"{prefix}/accuracy/{bench}"] = b.get("accuracy")
             found[f"{prefix}/n/{bench}"] = b.get("n")
+            found.update(_sample_metrics(b, prefix, bench))
             for d, bd in (b.get("by_direction") or {}).items():
-                found[f"{prefix}/accuracy/{bench}/{d}"] = bd.get("accuracy") if isinstance(bd, dict) else None
+                found.update(_sample_metrics(bd if isinstance(bd, dict) else {}, prefix, f"{bench}/{d}"))
     for d, a in ((ev or {}).get("alp") or {}).items():
         for part in ALP_PARTS:
             found[f"{prefix}/alp/{d}/{part}"] = a.get(part) if isinstance(a, dict) else None
     return {key: float(v) for key, v in found.items() if as_float(v) is not None}
+
+
+def _sample_metrics(entry: dict, prefix: str, where: str) -> dict[str, Any]:
+    """``accuracy`` (mean over samples), ``pass@k`` and ``maj@k`` of one benchmark entry as flat names."""
+    names = ["accuracy", *sorted(k for k in entry if k.startswith(("pass@", "maj@")))]
+    return {f"{prefix}/{name}/{where}": entry.get(name) for name in names}
 
 
 def flatten_metrics(record: dict, prefix: str) -> dict[str, float]:
@@ -348,7 +356,9 @@ def summary_text(df, metric: str, mode: str, max_rows: int = 20, paths: list[str
     view = view[[c for c in cols if c in view.columns]].head(max_rows)
 
     def short(c: str) -> str:
-        return c.replace("stages.", "s.").replace("eval/accuracy/", "acc/").replace("eval/alp/", "alp/")
+        for long, brief in (("stages.", "s."), ("eval/accuracy/", "acc/"), ("eval/alp/", "alp/")):
+            c = c.replace(long, brief)
+        return c.replace("eval/pass@", "pass@").replace("eval/maj@", "maj@")
 
     header = [short(c) for c in view.columns]
     body = [[format_cell(v) for v in r] for r in view.itertuples(index=False)]

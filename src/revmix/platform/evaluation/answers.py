@@ -349,3 +349,32 @@ def score_completion(completion: str, gold: str, kind: str) -> bool:
         lines = [line for line in completion.splitlines() if line.strip()]
         pred = lines[-1] if lines else None
     return is_equivalent(pred, gold, kind)
+
+
+def answer_key(completion: str, kind: str) -> str | None:
+    """The normalised final answer of ``completion`` under ``kind``, for majority voting (None: none).
+
+    Reads the answer as :func:`score_completion` does and maps equal answers to one key: the letter for
+    ``choice``; the integer for ``integer``; for ``math`` the number when the answer is a plain number
+    (``$18.00`` and ``18`` vote together), else its normal form; for ``exact`` its normalised text.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown answer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if not isinstance(completion, str):
+        return None
+    pred = extract_answer(completion)
+    if kind == "choice":
+        letter = extract_choice(pred) if pred is not None else None
+        return letter if letter is not None else extract_choice(completion)
+    if kind == "exact" and pred is None:
+        lines = [line for line in completion.splitlines() if line.strip()]
+        pred = lines[-1] if lines else None
+    if pred is None or not pred.strip():
+        return None
+    if kind == "exact":
+        return normalize_text(pred)
+    whole = _as_int(pred) if kind == "integer" else None
+    if whole is not None:
+        return str(whole)
+    number = _plain_number(pred)
+    return format(number.normalize(), "f") if number is not None else _math_key(pred)

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from revmix.platform.generation.protocol import KINDS as GENERATOR_KINDS
+from revmix.platform.generation.protocol import SamplingParams
+
+MAX_NEW_TOKENS = 32768
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--generator", choices=GENERATOR_KINDS, default="hf", help="backend (default hf)")
     add("--endpoint", help="OpenAI-compatible base URL for --generator openai")
     add("--tokenizer", help="tokenizer dir for --generator openai (enables ALP)")
-    add("--max-new-tokens", type=int, default=512, help="generation budget per item")
+    add("--max-new-tokens", type=int, default=512, help=f"generation budget per item (1..{MAX_NEW_TOKENS})")
+    add("--samples", type=int, default=1, help="completions sampled per item (accuracy: their mean)")
+    add("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy; --samples > 1: > 0)")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    add("--pass-k", help="k of pass@k and maj@k, comma-separated, each <= --samples (default: 1,SAMPLES)")
+    add(
+        "--engine-kwargs",
+        metavar="JSON",
+        help='--generator vllm: engine arguments, e.g. \'{"tensor_parallel_size": 2, "max_model_len": '
+        "8192}' (tensor_parallel_size, max_model_len, gpu_memory_utilization, max_num_seqs, dtype, "
+        "enforce_eager)",
+    )
     add("--alp-tokens", type=int, default=1000, help="ALP over the first N completion tokens")
     add("--no-alp", action="store_true", help="skip ALP scoring")
     add("--batch-size", type=int, default=16, help="prompts per batch (openai: concurrent requests)")
-    add("--seed", type=int, default=0, help="benchmark seed (GPQA choice order, synthetic split)")
+    add(
+        "--seed", type=int, default=0, help="benchmark and sampling seed (GPQA choice order, synthetic split)"
+    )
     add("--out", required=True, help="output directory (eval.json, eval.md, predictions.jsonl)")
     add("--quiet", action="store_true", help="no progress bars")
 
@@ -63,6 +79,35 @@ def benchmark_names(values: list[str]) -> list[str]:
                 f"--benchmarks: unknown benchmark {n!r}; valid: {', '.join(known())} (jsonl:<path>, gpqa:<csv>)"
             )
     return names
+
+
+def sampling_from_args(args: argparse.Namespace) -> tuple[SamplingParams, list[int]]:
+    """The sampling flags as ``SamplingParams`` and the k of pass@k / maj@k, checked (ValueError)."""
+    n = args.samples
+    if n < 1:
+        raise ValueError(f"--samples must be >= 1, got {n}")
+    if n > 1 and args.temperature == 0:
+        raise ValueError(
+            f"--samples {n} with --temperature 0 gives {n} identical greedy samples; set --temperature > 0"
+        )
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    try:
+        ks = [int(k) for k in args.pass_k.split(",") if k.strip()] if args.pass_k else []
+    except ValueError:
+        raise ValueError(
+            f"--pass-k: expected comma-separated integers such as 1,4, got {args.pass_k!r}"
+        ) from None
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"--pass-k: {args.pass_k} has a k outside 1..--samples ({n})")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        n=n,
+    )
+    return params, sorted(set(ks or ([1, n] if n > 1 else [])))
 
 
 def run_data_kwargs(run_dir: str, seed: int) -> dict[str, Any]:
@@ -106,10 +151,39 @@ def render_markdown(result: dict[str, Any], settings: dict[str, Any]) -> str:
             pct(by[d]["accuracy"]) + f" ({by[d]['n']})" if d in by else "—" for d in ("forward", "reverse")
         ]
         lines.append(f"| {name} | {pct(b['accuracy'])} | {b['n']} | {cells[0]} | {cells[1]} |")
+    lines += _sampled_table(result, settings)
     if result.get("alp"):
         lines += ["", f"## ALP (first {settings['alp_tokens']} tokens; nats/token)", ""]
         lines.append(format_table(cross_direction_table({"this model": result["alp"]})))
     return "\n".join(lines) + "\n"
+
+
+def _with_engine_kwargs(model: Any, args: argparse.Namespace) -> Any:
+    """``--engine-kwargs`` given: the model path as a vLLM generator built with them (else ``model``)."""
+    if not args.engine_kwargs:
+        return model
+    from revmix.platform.generation.protocol import make_generator, resolve_kind
+    from revmix.platform.generation.vllm_backend import engine_kwargs_from_json
+
+    engine = engine_kwargs_from_json(args.engine_kwargs, "--engine-kwargs")
+    if resolve_kind(args.generator) != "vllm":
+        raise ValueError(f"--engine-kwargs needs --generator vllm (here: {resolve_kind(args.generator)})")
+    return make_generator("vllm", model, engine_kwargs=engine)
+
+
+def _sampled_table(result: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """pass@k and maj@k per benchmark and direction (none with one sample per item)."""
+    ks = settings.get("pass_k") or []
+    if not ks:
+        return []
+    names = [f"pass@{k}" for k in ks] + [f"maj@{k}" for k in ks]
+    lines = ["", f"## {settings['samples']} samples per item (temperature {settings['temperature']})", ""]
+    lines += ["| benchmark | direction | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for name, b in result["benchmarks"].items():
+        for d, part in [("all", b), *b["by_direction"].items()]:
+            cells = ["—" if part.get(m) is None else f"{100 * part[m]:.1f}%" for m in names]
+            lines.append(f"| {name} | {d} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,14 +207,17 @@ def run(args: argparse.Namespace) -> int:
                 kwargs["synthetic"] = {**kwargs.get("synthetic", {}), **run_data_kwargs(args.run, args.seed)}
         else:
             raise ValueError("one of --model PATH or --run DIR is required")
+        sampling, ks = sampling_from_args(args)
+        target = _with_engine_kwargs(model, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"revmix eval: {e}", file=sys.stderr)
         return 2
     result = evaluate(
-        model,
+        target,
         names,
         limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        ks=ks,
         alp_tokens=args.alp_tokens,
         generator=args.generator,
         endpoint=args.endpoint,
@@ -159,6 +236,11 @@ def run(args: argparse.Namespace) -> int:
         "benchmarks": names,
         "limit": args.limit,
         "max_new_tokens": args.max_new_tokens,
+        "samples": sampling.n,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "pass_k": ks,
+        "engine_kwargs": json.loads(args.engine_kwargs) if args.engine_kwargs else None,
         "alp_tokens": args.alp_tokens,
         "seed": args.seed,
     }

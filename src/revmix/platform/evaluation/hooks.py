@@ -1,20 +1,27 @@
 """Evaluation inside training: ALP on the held-out slice every N steps / epoch, full eval at stage end.
 
-The training loop calls :func:`evaluate_policy` on rank 0 with the live policy (no save/reload). The
+The training loop calls :func:`evaluate_policy` on rank 0 with the live policy (no save/reload). With
+``eval.generator: vllm`` rank 0 computes only ALP there; the driver then samples the benchmarks from the
+saved stage model in one Ray Data LLM job (:func:`complete_stage_eval`), once the stage's workers have
+released their GPUs — inside rank 0 the engine would wait for the GPU its own worker holds. The
 run's own held-out split (split by item, so no fact leaks) is the ``synthetic`` benchmark when the data
 is synthetic and ``heldout`` otherwise; named benchmarks (``math500``, ``gsm8k``, …) load from assets.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
 from revmix.config import ExperimentConfig
 from revmix.objectives.reference import eval_mode
 from revmix.platform.evaluation.benchmarks import EvalItem, load_benchmark
+from revmix.platform.generation.protocol import SamplingParams
+from revmix.validation import ConfigError
 
 SYNTHETIC_PREFIX = "synthetic/"
+PENDING = "pending"  # in a stage's eval dict: generation left to the driver (its backend)
 
 
 def heldout_items(rows: list[dict[str, Any]]) -> list[EvalItem]:
@@ -55,10 +62,33 @@ def flatten_alp(table: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def eval_sampling(cfg: ExperimentConfig) -> SamplingParams:
+    """The stage-end evaluation's sampling: ``eval.samples`` completions per item at ``eval.temperature``."""
+    e = cfg.eval
+    return SamplingParams(
+        max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=e.seed, n=e.samples
+    )
+
+
+def eval_benchmarks(cfg: ExperimentConfig, items: list[EvalItem]) -> dict[str, Sequence[Any]]:
+    """The run's held-out split (``synthetic`` or ``heldout``, balanced by direction) and named benchmarks."""
+    name = "synthetic" if cfg.data.source == "synthetic" else "heldout"
+    per_dir = None if cfg.eval.limit is None else max(1, cfg.eval.limit // 2)
+    benches: dict[str, Sequence[Any]] = {name: _balanced(items, per_dir)}
+    for b in cfg.eval.benchmarks:
+        if b not in ("synthetic", "heldout"):
+            benches[b] = load_benchmark(b, limit=cfg.eval.limit)
+    return benches
+
+
 def evaluate_policy(
     cfg: ExperimentConfig, eval_rows: list[dict[str, Any]], policy: Any, tokenizer: Any, alp_only: bool
 ) -> dict[str, Any]:
-    """ALP metrics (``alp_only``) or the full evaluation dict for the stage summary."""
+    """ALP metrics (``alp_only``) or the full evaluation dict for the stage summary.
+
+    With ``eval.generator: vllm`` the stage-end generation is left to the driver (:func:`complete_stage_eval`
+    over the saved stage model): the dict then holds the ALP table and ``"pending": "vllm"``.
+    """
     from revmix.platform.evaluation.alp import alp_table
     from revmix.platform.evaluation.runner import evaluate
 
@@ -69,19 +99,64 @@ def evaluate_policy(
         )
         if alp_only:
             return flatten_alp(alp)
-        name = "synthetic" if cfg.data.source == "synthetic" else "heldout"
-        per_dir = None if cfg.eval.limit is None else max(1, cfg.eval.limit // 2)
-        benches: dict[str, Sequence[Any]] = {name: _balanced(items, per_dir)}
-        for b in cfg.eval.benchmarks:
-            if b not in ("synthetic", "heldout"):
-                benches[b] = load_benchmark(b, limit=cfg.eval.limit)
+        if cfg.eval.generator == "vllm":
+            return {"alp": alp, PENDING: "vllm"}
         result = evaluate(
             policy,
-            benches,
-            max_new_tokens=cfg.eval.max_new_tokens,
+            eval_benchmarks(cfg, items),
+            sampling=eval_sampling(cfg),
+            ks=cfg.eval.ks(),
             alp_tokens=cfg.eval.alp_tokens,
             tokenizer=tokenizer,
             progress=False,
             alp=False,  # ALP above, on its own (alp_limit) slice
         )
     return {**result, "alp": alp}
+
+
+def resolve_generator(cfg: ExperimentConfig, use_gpu: bool) -> ExperimentConfig:
+    """``cfg`` with ``eval.generator`` made concrete, said in one line: ``auto`` is vllm when the run
+    trains on GPUs and vLLM is importable, else hf (on CPU, an engine's start-up costs more than it
+    saves). An explicit ``vllm`` without vLLM installed fails here, before training."""
+    choice = cfg.eval.generator
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if choice == "vllm" and not has_vllm:
+        raise ConfigError(
+            "eval.generator: 'vllm' but vllm is not importable in this environment; install vLLM "
+            "(docs/vllm_cpu.md for CPU) or set eval.generator=hf (valid: auto, hf, vllm)"
+        )
+    if choice == "auto":
+        choice = "vllm" if use_gpu and has_vllm else "hf"
+    why = {"hf": "transformers generate on rank 0", "vllm": "a Ray Data LLM job on the saved model"}
+    print(
+        f"revmix: stage-end evaluation with {choice} ({why[choice]}, eval.generator={cfg.eval.generator})",
+        flush=True,
+    )
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"generator": choice})})
+
+
+def complete_stage_eval(
+    cfg: ExperimentConfig, result: dict[str, Any], model_dir: str, eval_rows: list[dict], use_gpu: bool
+) -> dict[str, Any]:
+    """The stage ``result`` with its pending vLLM generation done (unchanged when none is pending).
+
+    Runs on the driver after the stage's workers are gone, so the engines get the GPUs training held;
+    ALP stays the one rank 0 computed with the live policy.
+    """
+    ev = result.get("eval") or {}
+    if ev.get(PENDING) != "vllm":
+        return result
+    from revmix.platform.evaluation.runner import evaluate
+    from revmix.platform.generation.vllm_backend import RayDataLLMGenerator
+
+    gen = RayDataLLMGenerator(model_dir, engine_kwargs=cfg.eval.engine_kwargs.kwargs(), on_gpu=use_gpu)
+    found = evaluate(
+        gen,
+        eval_benchmarks(cfg, heldout_items(eval_rows)),
+        sampling=eval_sampling(cfg),
+        ks=cfg.eval.ks(),
+        one_call=True,
+        progress=False,
+        alp=False,
+    )
+    return {**result, "eval": {**found, "alp": ev.get("alp", {}), "generator": "vllm"}}

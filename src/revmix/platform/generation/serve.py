@@ -354,6 +354,7 @@ def start_server(
     ready_timeout_s: float = 600.0,
     api_key: str | None = None,
     limits: ServerLimits | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """Deploy ``model_path`` (model dir, run dir or ``tiny:<scale>``) and return its base URL (``.../v1``).
 
@@ -361,7 +362,8 @@ def start_server(
     picks a free port; a given port that is taken raises OSError naming it, before Serve starts. Serve's
     HTTP options are fixed when Serve first starts in a cluster, so a second ``start_server`` on another
     port needs ``stop_server()`` and ``serve.shutdown()`` first. A non-loopback ``host`` needs ``api_key``;
-    ``api_key`` and ``limits`` are the hf backend's (Ray Serve LLM's app enforces neither: ValueError).
+    ``api_key`` and ``limits`` are the hf backend's (Ray Serve LLM's app enforces neither: ValueError);
+    ``engine_kwargs`` (tensor_parallel_size, max_model_len, ...) the vllm backend's.
     """
     import ray
 
@@ -371,13 +373,15 @@ def start_server(
     check_exposure(host, api_key)
     if kind == "vllm" and (api_key or limits):
         raise ValueError("an API key and request limits need the hf backend: Ray Serve LLM enforces neither")
+    if kind == "hf" and engine_kwargs:
+        raise ValueError(f"engine arguments {sorted(engine_kwargs)} need the vllm backend (this one is hf)")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
     host, port = _http_address(host, port, api_key)
     if kind == "hf":
         app = build_hf_app(path, name, num_cpus, batch_size, dtype, limits, api_key)
     else:
-        app = build_vllm_app(path, name, num_cpus=num_cpus, dtype=dtype)
+        app = build_vllm_app(path, name, num_cpus=num_cpus, dtype=dtype, engine_kwargs=engine_kwargs)
     serve.run(app, name=app_name, route_prefix="/")
     base_url = f"http://{host}:{port}/v1"
     wait_ready(base_url, ready_timeout_s, name, api_key)

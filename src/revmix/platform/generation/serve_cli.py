@@ -5,6 +5,7 @@ Examples::
     revmix serve runs/sft_tiny                  # the run's final model (runs/sft_tiny/model)
     revmix serve tiny:tiny --port 8000          # the locally built tiny model
     revmix serve /models/qwen --backend vllm    # Ray Serve LLM (vLLM); the default where a GPU is present
+    revmix serve /models/qwen --backend vllm --engine-kwargs '{"tensor_parallel_size": 2}'
     REVMIX_API_KEY=... revmix serve runs/x --host 0.0.0.0   # reachable from other machines: key required
 
 Then ``curl http://127.0.0.1:8000/v1/models`` or point any OpenAI client (or ``revmix eval --generator
@@ -23,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from revmix.platform.generation.openai_api import API_KEY_ENV, ServerLimits, limit_flag
 
@@ -72,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: float32 on CPU, bfloat16 on GPU",
     )
     parser.add_argument(
+        "--engine-kwargs",
+        default=None,
+        metavar="JSON",
+        help='vllm backend: engine arguments, e.g. \'{"tensor_parallel_size": 2, "max_model_len": 8192}\' '
+        "(tensor_parallel_size, max_model_len, gpu_memory_utilization, max_num_seqs, dtype, enforce_eager)",
+    )
+    parser.add_argument(
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)"
     )
     limits = parser.add_argument_group("request limits (hf backend)")
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         ensure_port_free,
         resolve_backend,
     )
+    from revmix.platform.generation.vllm_backend import engine_kwargs_from_json
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     try:
@@ -117,13 +127,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--api-key and the request limits need --backend hf: Ray Serve LLM enforces neither"
             )
+        engine = engine_kwargs_from_json(args.engine_kwargs, "--engine-kwargs") if args.engine_kwargs else {}
+        if engine and backend != "vllm":
+            raise ValueError(f"--engine-kwargs needs --backend vllm (the backend here is {backend})")
         if args.port and address == "local":  # a fresh local Ray: nothing of ours can hold the port yet
             ensure_port_free(args.host, args.port)
     except (OSError, ValueError) as e:
         print(f"revmix serve: {e}", file=sys.stderr)
         return 2
     name = args.name or default_name(args.model)
-    return _serve(args, address, path, backend, name, key, limits)
+    return _serve(args, address, path, backend, name, key, limits, engine)
 
 
 def _serve(
@@ -134,6 +147,7 @@ def _serve(
     name: str,
     key: str | None,
     limits: ServerLimits | None,
+    engine: dict[str, Any],
 ) -> int:
     import ray
 
@@ -158,6 +172,7 @@ def _serve(
             dtype=args.dtype,
             api_key=key,
             limits=limits,
+            engine_kwargs=engine,
         )
         print(f"revmix serve: {name!r} ({backend}) at {url}", flush=True)
         auth = f" -H 'Authorization: Bearer ${API_KEY_ENV}'" if key else ""

@@ -33,6 +33,31 @@ def vllm_cpu_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
+def engine_kwargs_from_json(text: str, where: str) -> dict[str, Any]:
+    """``--engine-kwargs '{"max_model_len": 4096}'`` → checked vLLM engine arguments.
+
+    The keys and ranges are ``eval.engine_kwargs``'s (:class:`revmix.config.EngineConfig`); anything else
+    fails naming ``where``, the key and the valid keys.
+    """
+    import json
+
+    from revmix.config import EngineConfig
+    from revmix.validation import ConfigError, validate
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{where}: not JSON ({e.msg}, column {e.colno}) in {text!r}; e.g. '{{\"max_model_len\": 4096}}'"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object of engine arguments, got {text!r}")
+    try:
+        return validate(EngineConfig, raw).kwargs()
+    except ConfigError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """``SamplingParams`` → ``vllm.SamplingParams`` keyword arguments, same meaning on both sides.
 
@@ -106,12 +131,14 @@ class VLLMGenerator:
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        on_gpu: bool | None = None,
     ) -> None:
         from revmix.platform.models import load_tokenizer
 
         self.path = resolve_model_dir(model_path)
         self.tokenizer = load_tokenizer(self.path)
-        gpu = _on_gpu()
+        # the engines' nodes, not necessarily this one (a driver on a CPU head node): None = this node's
+        gpu = self.on_gpu = _on_gpu() if on_gpu is None else on_gpu
         self.engine_kwargs: dict[str, Any] = {
             "dtype": dtype or ("bfloat16" if gpu else "float32"),
             "seed": seed,
@@ -203,7 +230,7 @@ class VLLMGenerator:
             return []
         if params.max_new_tokens == 0:
             return [[""] * params.n for _ in prompts]
-        gpu = _on_gpu()
+        gpu = self.on_gpu
         # small stages on CPU, or they ask for more than 2 CPUs and stall (docs/vllm_cpu.md)
         small = {} if gpu else {"num_cpus": 0.1, "concurrency": 1}
         config = vLLMEngineProcessorConfig(
@@ -246,3 +273,34 @@ class VLLMGenerator:
             ray.kill(self._actor)
             self._actor = None
         self._local = None
+
+
+class RayDataLLMGenerator:
+    """The ``Generator`` protocol's ``generate`` as one Ray Data LLM job per call (``generate_batch``).
+
+    For offline evaluation inside runs and sweeps: each call starts its engine replicas, streams every
+    prompt through them and releases them, so nothing stays allocated between stages. Send all prompts
+    in one call (``evaluate(..., one_call=True)``). It does not score: ALP comes from elsewhere.
+    """
+
+    chat = False
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        engine_kwargs: dict[str, Any] | None = None,
+        on_gpu: bool | None = None,
+        batch_size: int = 16,
+        concurrency: int = 1,
+    ) -> None:
+        self.inner = VLLMGenerator(model_path, engine_kwargs=engine_kwargs, on_gpu=on_gpu)
+        self.tokenizer = self.inner.tokenizer
+        self.batch_size, self.concurrency = batch_size, concurrency
+
+    def generate(self, prompts: list[str], params: SamplingParams | None = None) -> list[list[str]]:
+        return self.inner.generate_batch(prompts, params, self.batch_size, self.concurrency)
+
+    def score(
+        self, prompts: list[str], completions: list[str], max_tokens: int | None = None
+    ) -> list[list[float]]:
+        raise NotImplementedError("RayDataLLMGenerator samples only; score with VLLMGenerator or HFGenerator")
