@@ -132,6 +132,49 @@ def tokenise_checked(
     return out
 
 
+ORIGIN_FILE, ORIGIN_LINE = "_file", "_line"  # where a canonical row was read (FILE:LINE in problems)
+
+
+def tokenise_chunk(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, truncation: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Tokenise canonical rows that carry their own ``row_index`` and origin (``_file``, ``_line``);
+    returns the tokenised rows and what became of the rest, as JSON-able stats that add up over chunks
+    (:func:`merge_stats`). The one implementation behind both the in-process and the Ray Data path.
+
+    Stats: ``truncated`` / ``truncated_tokens`` / ``dropped`` / ``dropped_tokens`` counts, ``too_long`` and
+    ``over_length`` as ``[file, line, why]`` problems, ``left_out`` as the ``item_id`` of each row not kept.
+    """
+    done = tokenise_checked(rows, tokenizer, max_length, 0, truncation)
+    for r in done.rows:  # tokenise_checked numbers rows by position in this chunk
+        r["row_index"] = int(rows[r["row_index"]]["row_index"])
+
+    def place(i: int, why: str) -> list[Any]:
+        return [str(rows[i][ORIGIN_FILE]), int(rows[i][ORIGIN_LINE]), why]
+
+    left_out = [i for i, _ in done.too_long] + list(done.dropped)
+    stats = {
+        "truncated": done.truncated,
+        "truncated_tokens": done.truncated_tokens,
+        "dropped": len(done.dropped),
+        "dropped_tokens": done.dropped_tokens,
+        "too_long": [place(i, why) for i, why in done.too_long],
+        "over_length": [place(i, why) for i, why in done.over_length],
+        "left_out": [str(rows[i]["item_id"]) for i in left_out + [i for i, _ in done.over_length]],
+    }
+    return done.rows, stats
+
+
+def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Chunk stats of :func:`tokenise_chunk` added up (counts summed, lists joined)."""
+    total: dict[str, Any] = {k: 0 for k in ("truncated", "truncated_tokens", "dropped", "dropped_tokens")}
+    total.update({k: [] for k in ("too_long", "over_length", "left_out")})
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total[k] + v
+    return total
+
+
 def tokenise_rows(
     rows: Sequence[dict[str, Any]],
     tokenizer: Any,
