@@ -11,6 +11,7 @@ too long, rows over ``max_length``) is written as a small JSON file per batch, n
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def tokenise_direction_in_ray(
     rows: list[dict[str, Any]], folder: Path, tokenizer: Any, max_length: int, truncation: str
 ) -> dict[str, Any]:
     """Tokenise one direction's canonical rows (with ``row_index`` and origin) into ``folder`` as Parquet;
-    returns the merged stats of every batch. One actor per cluster CPU, at most :data:`MAX_ACTORS`."""
+    returns the merged stats of every batch. One actor per batch up to one per cluster CPU but one (the
+    Parquet write tasks need a CPU while the actors hold theirs), at most :data:`MAX_ACTORS`."""
     import ray
     import ray.data
 
@@ -55,7 +57,8 @@ def tokenise_direction_in_ray(
     ensure_ray()
     stats_dir = folder.parent / f".stats-{folder.name}"
     stats_dir.mkdir(parents=True)
-    actors = max(1, min(MAX_ACTORS, int(ray.cluster_resources().get("CPU", 1))))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = max(1, min(MAX_ACTORS, cpus - 1, math.ceil(len(rows) / BATCH_ROWS)))
     ds = ray.data.from_items(rows).map_batches(
         TokeniseBatch,
         fn_constructor_kwargs={
@@ -66,7 +69,7 @@ def tokenise_direction_in_ray(
         },
         batch_size=BATCH_ROWS,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
     )
     ds.write_parquet(str(folder))
