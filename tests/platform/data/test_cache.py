@@ -215,7 +215,6 @@ def test_two_runs_preparing_the_same_data_share_one_copy_of_each_row(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.slow  # two Ray Data actor pools start on 2 busy cores: about 80 s
 def test_ray_data_tokenises_large_data_exactly_as_the_process_does(tmp_path, tokenizer, ray_local, capsys):
     source, _ = _source(tmp_path)
     cut = ["data.max_length=60"]  # every forward response is cut (prompts 40-45 tokens, responses 28-41)
@@ -238,7 +237,6 @@ def test_ray_data_tokenises_large_data_exactly_as_the_process_does(tmp_path, tok
 
 
 @pytest.mark.integration
-@pytest.mark.slow  # as above: about 90 s
 def test_ray_data_names_every_row_over_max_length_and_caches_nothing(tmp_path, tokenizer, ray_local):
     source, rows = _source(tmp_path)
     cache = tmp_path / "cache"

@@ -310,7 +310,8 @@ def _raise_unless_skipped(problems: list[Problem], report: LoadReport, skip_inva
 
 def to_ray_datasets(data: PreparedData, cfg: DataConfig) -> dict[str, Any]:
     """Per-direction Ray datasets of tokenised rows: materialised when small, read lazily from the cache
-    entry's Parquet files when large (the switch :func:`prepare_data` printed)."""
+    entry's Parquet files when large. The switch was made (and printed) by :func:`prepare_data`;
+    ``cfg`` stays in the signature for the callers that pass it."""
     import ray.data
 
     if data.streamed:
