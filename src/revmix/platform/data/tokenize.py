@@ -10,9 +10,6 @@ names their ``FILE:LINE``), :func:`tokenise_rows` raises on the first.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,11 +221,3 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int, with_other: bool = True
         others = [p + list(r["other_ids"]) for p, r in zip(prompts, rows)]
         batch.other_input_ids, batch.other_attention_mask, batch.other_labels = _pad(others, plens, pad_id)
     return batch
-
-
-def fingerprint(rows: Iterable[dict[str, Any]], *extra: Any) -> str:
-    """A stable hash of rows (and extra identity such as the tokenizer and max_length) for cache keys."""
-    h = hashlib.sha256()
-    for part in itertools.chain(rows, extra):
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
