@@ -57,9 +57,7 @@ def test_three_references_give_the_same_dpo_loss(tmp_path):
     assert torch.allclose(logits_off, frozen.logits(ids, mask), atol=1e-6)
     assert not logits_off.requires_grad
 
-    key = cache_key(
-        hash_state_dict(frozen.model.state_dict()), "tok-v1", zip(batch.item_id, batch.direction.tolist())
-    )
+    key = cache_key(hash_state_dict(frozen.model.state_dict()), "tok-v1", _token_rows(batch))
     writer = ReferenceLogpCache(tmp_path, key)
     writer.fill(frozen, batch)
     writer.save()
@@ -187,11 +185,39 @@ def test_cache_key_and_state_dict_hash():
     changed[first].view(-1)[0] += 1e-6
     assert hash_state_dict(changed) != h
     assert hash_state_dict({k: v.to(torch.bfloat16) for k, v in sd.items()}) != h  # dtype is identity
-    rows = [("i1", 0), ("i1", 1), ("i2", 0)]
+    rows = [_row("i1", 0), _row("i1", 1), _row("i2", 0)]
     k = cache_key(h, "tok", rows)
-    assert k == cache_key(h, "tok", [("i2", "forward"), ("i1", "reverse"), ("i1", "forward")])
+    named = [_row("i2", "forward"), _row("i1", "reverse"), _row("i1", "forward")]
+    assert k == cache_key(h, "tok", named)  # row order and direction spelling do not matter
     assert k != cache_key(h, "tok2", rows)
     assert k != cache_key("other", "tok", rows)
     assert k != cache_key(h, "tok", rows[:2])
+    for column in ("prompt_ids", "response_ids", "other_ids"):  # one token more anywhere: another key
+        edited = [dict(rows[0], **{column: [*rows[0][column], 7]}), *rows[1:]]
+        assert k != cache_key(h, "tok", edited), column
     with pytest.raises(ValueError, match="valid: forward, reverse"):
-        cache_key(h, "tok", [("i1", "sideways")])
+        cache_key(h, "tok", [_row("i1", "sideways")])
+
+
+def _row(item_id: str, direction: int | str) -> dict:
+    return {
+        "item_id": item_id,
+        "direction": direction,
+        "prompt_ids": [1, 2],
+        "response_ids": [3],
+        "other_ids": [4],
+    }
+
+
+def _token_rows(batch) -> list[dict]:
+    """The tokenised content of a batch's rows, as the cache key takes it."""
+    return [
+        {
+            "item_id": batch.item_id[i],
+            "direction": int(batch.direction[i]),
+            "prompt_ids": batch.input_ids[i][batch.attention_mask[i].bool()].tolist(),
+            "response_ids": [],
+            "other_ids": [],
+        }
+        for i in range(batch.size)
+    ]

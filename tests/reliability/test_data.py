@@ -184,6 +184,20 @@ def test_skip_invalid_leaves_long_prompts_out_and_counts_them(tmp_path, tokenize
     assert sum(len(v) for v in data.train.values()) == 16 - 2
 
 
+def test_skip_invalid_accounts_for_every_row_read(tmp_path, tokenizer):
+    """Count in = count out + rejected, over every kind of rejection at once (hand-counted)."""
+    rows = _with_long_prompts(2)  # 20 rows; 2 training prompts too long for max_length
+    rows[19]["other_response"] = None  # no pair for DPO
+    missing = {k: v for k, v in rows[0].items() if k != "response"}
+    lines: list[bytes | str | dict] = [*rows, b"{not json", missing, dict(rows[1])]  # bad, missing, duplicate
+    f = _write(tmp_path / "rows.jsonl", lines)
+    cfg = load_config(DPO, [f"data.source={f}", "data.skip_invalid=true", f"data.cache_dir={tmp_path / 'c'}"])
+    data = prepare_data(cfg.data, tokenizer, pairs_needed_by="stages.1.objective (dpo)")
+    out = sum(len(v) for v in data.train.values()) + len(data.test_rows)
+    assert data.rejected == 1 + 1 + 1 + 1 + 2  # bad JSON, missing response, duplicate, no pair, long prompts
+    assert out + data.rejected == 23
+
+
 # ---------------------------------------------------------------------------------- the mix and the data
 
 

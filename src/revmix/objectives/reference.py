@@ -8,7 +8,7 @@ get π_ref's log-probs, all giving the same numbers:
   policy, at zero extra memory (this is what TRL does for a PEFT model with ``ref_model=None``).
 * :class:`FrozenCopyReference` — a deep copy with ``requires_grad=False`` (full fine-tuning).
 * :class:`ReferenceLogpCache` — π_ref's summed response log-probs computed once per stage and stored per
-  example, keyed by (checkpoint identity, tokenizer, data rows). A cached batch carries
+  example, keyed by (checkpoint identity, tokenizer, the tokenised rows' content). A cached batch carries
   ``ref_chosen_logps`` / ``ref_rejected_logps`` and DPO then runs no reference forward at all (TRL's
   ``precompute_ref_log_probs``).
 
@@ -186,17 +186,53 @@ def hash_state_dict(state_dict: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_identity: str, tokenizer_identity: str, rows: Iterable[tuple[str, int | str]]) -> str:
-    """A cache key from the reference checkpoint, the tokenizer and the data rows' (item_id, direction).
+def cache_key(model_identity: str, tokenizer_identity: str, rows: Iterable[Mapping[str, Any]]) -> str:
+    """A cache key from the reference checkpoint, the tokenizer and the tokenised rows' content.
 
-    ``model_identity`` is e.g. :func:`hash_state_dict` of the reference weights (or a hash of the weight
-    files); ``tokenizer_identity`` e.g. a hash of ``tokenizer.json`` plus the chat template.
+    Each row is a tokenised row (``item_id``, ``direction``, ``prompt_ids``, ``response_ids``,
+    ``other_ids``): every token takes part, so an edited text, another ``max_length`` or chat template
+    (which change the ids) gives another key, and a stale file is never read. Row order does not matter
+    (a worker's shard arrives in any order). ``model_identity`` is e.g. :func:`hash_state_dict` of the
+    reference weights or :func:`files_identity` of its weight files.
     """
+    digests = sorted(_row_digest(r) for r in rows)
     h = hashlib.sha256()
-    h.update(f"v{CACHE_FORMAT_VERSION}\0{model_identity}\0{tokenizer_identity}\0".encode())
-    for item_id, direction in sorted((str(i), _direction_name(d)) for i, d in rows):
-        h.update(f"{item_id}\0{direction}\n".encode())
+    h.update(f"v{CACHE_FORMAT_VERSION}\0{model_identity}\0{tokenizer_identity}\0{len(digests)}\0".encode())
+    for d in digests:
+        h.update(d)
     return h.hexdigest()[:32]
+
+
+def _row_digest(row: Mapping[str, Any]) -> bytes:
+    content = [
+        str(row["item_id"]),
+        _direction_name(row["direction"]),
+        *([int(t) for t in row[k]] for k in ("prompt_ids", "response_ids", "other_ids")),
+    ]
+    return hashlib.sha256(json.dumps(content).encode()).digest()
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def files_identity(folder: str | os.PathLike[str]) -> str:
+    """SHA-256 of the bytes of ``folder``'s weight files (:data:`WEIGHT_FILES`) and ``config.json``, names
+    included: the reference model's identity by content, whatever its path or modification time. Reading
+    the weights once costs far less than the reference forward passes the cache saves."""
+    folder = Path(folder)
+    weights = sorted(f for pattern in WEIGHT_FILES for f in folder.glob(pattern))
+    if not weights:
+        raise FileNotFoundError(
+            f"{folder}: no weight files ({', '.join(WEIGHT_FILES)}) to identify the reference model by"
+        )
+    files = weights + sorted(folder.glob("config.json"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _direction_name(direction: int | str) -> str:

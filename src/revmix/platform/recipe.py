@@ -540,16 +540,15 @@ def _make_reference(kind: str, policy: torch.nn.Module, lora: bool, length_group
 def _reference_cache(
     ref: Reference, rows: dict[str, list[dict]], tokenizer: Any, init_path: str, device: torch.device
 ) -> ReferenceLogpCache:
-    """Reference log-probs of every training row, computed once per (model, tokenizer, data) and cached."""
-    from revmix.objectives.reference import cache_key
+    """Reference log-probs of every training row, computed once per (model, tokenizer, rows' tokens) and
+    cached; the key hashes the reference weights' bytes and every token of every row, so edited data, a
+    new ``max_length`` or chat template, or other weights never read a stale file (saved atomically)."""
+    from revmix.objectives.reference import cache_key, files_identity
+    from revmix.platform.data.cache import tokenizer_identity
     from revmix.platform.data.prepare import cache_root
 
-    weights = sorted(Path(init_path).glob("*.safetensors"))
-    model_id = "|".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights) or init_path
     all_rows = [r for d in DIRECTIONS for r in rows[d]]
-    key = cache_key(
-        model_id, str(init_path) + str(len(tokenizer)), [(r["item_id"], r["direction"]) for r in all_rows]
-    )
+    key = cache_key(files_identity(init_path), tokenizer_identity(tokenizer), all_rows)
     cache = ReferenceLogpCache(cache_root() / "ref_logps", key)
     if not cache.load():
         for i in range(0, len(all_rows), 32):

@@ -358,6 +358,7 @@ def run_sweep(
     ensure_ray()
     plan = _plan_on_cluster(spec, max_concurrent)
     print(f"revmix sweep {spec.name}: {spec.num_trials()} trial(s) → {out_dir}\n  {plan.note}", flush=True)
+    prepare_sweep_data(spec)
     grid = _fit(spec, out_dir, plan, resume=resume, verbose=verbose)
     table = collect_results(spec, out_dir, grid)
     res.write_table(table, out_dir)
@@ -366,6 +367,60 @@ def run_sweep(
     report = _report_or_none(out_dir, spec, table) if write_report else None
     print(f"results: {out_dir / 'results.csv'}" + (f"\nreport: {report}" if report else ""), flush=True)
     return SweepOutcome(out_dir, table, report, plan)
+
+
+DATA_PATHS = (
+    "data.",
+    "model.",
+    "stages.",
+)  # config paths that can change what a trial's data preparation does
+
+
+def prepare_sweep_data(spec: SweepSpec) -> list[str]:
+    """Prepare (tokenise into the content-keyed cache) the data of every distinct data configuration of
+    the sweep's trials, once, before any trial starts; returns the cache keys. Trials then find their
+    entry and reuse it instead of each tokenising the same rows.
+
+    Grid and random search: every trial's config is known up front. Optuna: only when no sampled path can
+    change the data (``data.*``, ``model.*``, ``stages.*``); else each trial prepares its own (the first
+    trial with a key builds it, the others wait for it and reuse it).
+    """
+    from revmix.platform.data.prepare import pairs_needed_by, prepare_experiment_data
+
+    configs = _trial_configs_for_data(spec)
+    if configs is None:
+        print(
+            "revmix sweep: optuna samples a data/model/stages path: each trial prepares its data", flush=True
+        )
+        return []
+    keys: dict[str, str] = {}
+    for cfg in configs:
+        ident = json.dumps(
+            [cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), pairs_needed_by(cfg)]
+        )
+        if ident not in keys:
+            keys[ident] = prepare_experiment_data(cfg)[2].key
+    print(
+        f"revmix sweep: data prepared before the trials: {len(set(keys.values()))} distinct tokenised "
+        f"data key(s) for {len(configs)} trial(s)",
+        flush=True,
+    )
+    return list(dict.fromkeys(keys.values()))
+
+
+def _trial_configs_for_data(spec: SweepSpec) -> list[Any] | None:
+    """Every trial's config (grid / random; optuna with its sampled paths at a representative value, as
+    they cannot change the data), or None when optuna samples a path the data depends on."""
+    from revmix.sweeps.plan import points
+
+    pts = points(spec)
+    if spec.search.name == "optuna":
+        sampled = [p for p, d in spec.space.items() if not d.is_grid]
+        if any(p.startswith(DATA_PATHS) for p in sampled):
+            return None
+        fixed = {p: spec.space[p].representative() for p in sampled}
+        pts = [{**pt, **fixed} for pt in pts[: max(1, len(pts) // max(1, spec.search.num_samples))]]
+    return [spec.trial_config(point, seed) for point in pts for seed in spec.seeds]
 
 
 def _plan_on_cluster(spec: SweepSpec, max_concurrent: int | None) -> TrialResources:

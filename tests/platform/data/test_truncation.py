@@ -117,7 +117,9 @@ def test_prepare_counts_per_direction_prints_one_line_and_fills_the_summary(tmp_
     lost = sum(sum(_lengths(tokenizer, rows[n - 1])) for n in lines)  # every token of the dropped rows
     assert data.dropped == {"forward": {"rows": 2, "tokens": lost}, "reverse": {"rows": 0, "tokens": 0}}
     assert data.truncated == {d: {"rows": 0, "tokens": 0} for d in ("forward", "reverse")}
-    assert capsys.readouterr().out.strip().splitlines() == [
+    path_line, *length_line = capsys.readouterr().out.strip().splitlines()
+    assert path_line.startswith("data: 16 training rows <= data.stream_threshold_rows 200000: tokenised in ")
+    assert length_line == [
         "data: max_length 256, truncation=drop: "
         f"forward 0 rows truncated (0 tokens cut), 2 dropped ({lost} tokens); "
         "reverse 0 rows truncated (0 tokens cut), 0 dropped (0 tokens)"

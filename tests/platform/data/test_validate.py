@@ -13,6 +13,7 @@ from revmix.platform.data.validate import (
     Problem,
     check_file,
     check_rows,
+    iter_parquet,
     validate_file,
     validate_rows,
 )
@@ -177,6 +178,17 @@ def test_parquet_line_is_row_index_plus_one(tmp_path: Path) -> None:
     assert [str(p) for p in validate_file(path)] == [
         f"{path}:2: direction: expected one of forward, reverse, got 'sideways'"
     ]
+
+
+def test_parquet_is_read_in_batches_and_lines_run_on_across_them(tmp_path: Path) -> None:
+    path = tmp_path / "rows.parquet"
+    rows = [good(c) for c in "abcde"]
+    rows[3] = good("d", prompt="")
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)  # 3 row groups
+    got = list(iter_parquet(path, batch_rows=2))
+    assert [line for line, _ in got] == [1, 2, 3, 4, 5]
+    assert [r["item_id"] for _, r in got if isinstance(r, dict)] == list("abcde")
+    assert [str(p) for p in validate_file(path)] == [f"{path}:4: prompt: expected a non-empty string, got ''"]
 
 
 def test_json_array_file_counts_elements(tmp_path: Path) -> None:

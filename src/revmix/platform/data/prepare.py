@@ -1,32 +1,41 @@
 """From a DataConfig to train rows per direction (tokenised once) and held-out canonical rows.
 
-The driver does this once per experiment; stages and sweep trials reuse the result. With
-``num_workers = 0`` the tokenised rows go to the in-process loop as lists; with Ray workers they become
-per-direction Ray datasets (:func:`to_ray_datasets`), materialised when small and streamed from a
-tokenised Parquet cache when large.
+The driver does this once per experiment; stages, reruns and sweep trials with the same data reuse the
+content-keyed tokenised cache entry (:mod:`revmix.platform.data.cache`). With ``num_workers = 0`` the
+tokenised rows go to the in-process loop; with Ray workers they become per-direction Ray datasets
+(:func:`to_ray_datasets`), materialised when small and read lazily from the entry's Parquet when large.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from revmix.config import DataConfig
+from revmix.config import DataConfig, ExperimentConfig
+from revmix.platform.data.cache import (
+    ContentKey,
+    TokenisedRows,
+    build_once,
+    chat_template_of,
+    read_direction,
+    read_meta,
+    tokenizer_identity,
+    write_direction,
+)
 from revmix.platform.data.loaders import DataError, LoadReport
 from revmix.platform.data.schema import DIRECTIONS, Direction
-from revmix.platform.data.tokenize import fingerprint, tokenise_checked
+from revmix.platform.data.tokenize import ORIGIN_FILE, ORIGIN_LINE, tokenise_chunk
 from revmix.platform.data.validate import Problem, describe
-
-CACHE_DONE = "_done"  # in a tokenised Parquet cache entry: written last, the entry is complete
 
 
 @dataclass
 class PreparedData:
-    train: dict[str, list[dict[str, Any]]]  # direction -> tokenised rows
+    train: dict[
+        str, list[dict[str, Any]]
+    ]  # direction -> tokenised rows (TokenisedRows, on disk, if streamed)
     test_rows: list[dict[str, Any]]  # canonical held-out rows (both directions)
     n_items: int  # training items (distinct item_id)
     # direction -> {"rows", "tokens"}: training rows over max_length whose responses were cut
@@ -35,8 +44,10 @@ class PreparedData:
     # direction -> {"rows", "tokens"}: training rows over max_length left out (data.truncation=drop)
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
     rejected: int = 0  # rows skipped as invalid (only with data.skip_invalid)
-    key: str = ""  # fingerprint of the tokenised training data
-    meta: dict[str, Any] = field(default_factory=dict)
+    key: str = ""  # content key of the tokenised training data (revmix.platform.data.cache)
+    entry: Path | None = None  # the cache entry: <root>/<key>/<direction>/*.parquet
+    streamed: bool = False  # above data.stream_threshold_rows: read the entry lazily, never as lists
+    meta: dict[str, Any] = field(default_factory=dict)  # the entry's meta.json, plus cache: built|reused
 
     def length_line(self, max_length: int, truncation: str) -> str:
         """One line: the training rows and tokens lost to ``max_length``, per direction."""
@@ -103,6 +114,11 @@ def prepare_data(
     ``max_length`` follow ``data.truncation`` (cut, dropped, or a :class:`DataError` naming each row and its
     lengths — raised even with ``skip_invalid``: leaving such rows out is what ``drop`` is for); rows and
     tokens lost per direction are printed in one line and kept in ``truncated`` / ``dropped``.
+
+    The tokenised rows live in a content-keyed cache entry (:mod:`revmix.platform.data.cache`): built
+    once — in this process when there are at most ``data.stream_threshold_rows`` training rows, else in
+    Ray Data — and reused by every later call with the same rows, tokenizer, chat template and length
+    settings. ``tokenizer_id`` (the tokenizer's path) is recorded in the entry for people, not keyed on.
     """
     report = load_source(cfg)
     rows, origins = list(report.rows), list(report.origins)
@@ -113,39 +129,155 @@ def prepare_data(
     rows, origins = [rows[i] for i in kept], [origins[i] for i in kept]
     origin_of = {id(r): o for r, o in zip(rows, origins)}  # the split keeps the row objects
     train, test = split_rows(rows, cfg)
-    by_dir: dict[str, list[dict[str, Any]]] = {d: [] for d in DIRECTIONS}
-    for r in train:
-        by_dir[Direction.parse(r["direction"]).label].append(r)
-    tokenised: dict[str, list[dict[str, Any]]] = {}
-    truncated: dict[str, dict[str, int]] = {}
-    dropped: dict[str, dict[str, int]] = {}
-    start, too_long, over_length, left_out = 0, [], [], set()
-    for d in DIRECTIONS:
-        done = tokenise_checked(by_dir[d], tokenizer, cfg.max_length, start, cfg.truncation)
-        tokenised[d] = done.rows
-        truncated[d] = {"rows": done.truncated, "tokens": done.truncated_tokens}
-        dropped[d] = {"rows": len(done.dropped), "tokens": done.dropped_tokens}
-        too_long += [Problem(*origin_of[id(by_dir[d][i])], "prompt", why) for i, why in done.too_long]
-        over_length += [Problem(*origin_of[id(by_dir[d][i])], "response", w) for i, w in done.over_length]
-        left_out |= {id(by_dir[d][i]) for i, _ in done.too_long} | {id(by_dir[d][i]) for i in done.dropped}
-        start += len(by_dir[d])
-    if over_length:  # data.truncation=error: every row over max_length (and every long prompt) at once
-        shown = over_length + ([] if cfg.skip_invalid else too_long)
-        raise DataError(report.source, sorted(shown, key=_place), report.n_read)
-    _raise_unless_skipped(sorted(too_long, key=_place), report, cfg.skip_invalid)
-    train = [r for r in train if id(r) not in left_out]
-    key = fingerprint((), [r["item_id"] + r["direction"] for r in train], tokenizer_id, cfg.max_length)
+    by_dir = _numbered_by_direction(train, origin_of)
+    key = _content_key(by_dir, tokenizer, cfg)
+    n_rows = sum(len(v) for v in by_dir.values())
+    streamed = n_rows > cfg.stream_threshold_rows
+    fresh: dict[str, list[dict[str, Any]]] = {}
+
+    def build(tmp: Path) -> dict[str, Any]:
+        stats = _tokenise_into(tmp, by_dir, tokenizer, cfg, streamed, fresh)
+        _raise_length_problems(stats, report, cfg.skip_invalid)
+        return _entry_meta(key, stats, by_dir, report.source, tokenizer_id, streamed)
+
+    entry, built = build_once(tokenised_root(cfg), key, build)
+    meta = read_meta(entry)
+    print(_path_line(n_rows, cfg.stream_threshold_rows, streamed, built, entry), flush=True)
     data = PreparedData(
-        train=tokenised,
+        train=_train_rows(entry, fresh, streamed),
         test_rows=test,
-        n_items=len({r["item_id"] for r in train}),
-        truncated=truncated,
-        dropped=dropped,
-        rejected=report.n_rejected + len(problems) + len(too_long),
+        n_items=int(meta["n_items"]),
+        truncated=meta["truncated"],
+        dropped=meta["dropped"],
+        rejected=report.n_rejected + len(problems) + int(meta["too_long"]),
         key=key,
+        entry=entry,
+        streamed=streamed,
+        meta={**meta, "cache": "built" if built else "reused"},
     )
     print(data.length_line(cfg.max_length, cfg.truncation), flush=True)
     return data
+
+
+def tokenised_root(cfg: DataConfig) -> Path:
+    """The folder holding the tokenised cache entries: ``data.cache_dir`` or ``$REVMIX_CACHE/tokenised``."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "tokenised"
+
+
+def _numbered_by_direction(
+    train: list[dict[str, Any]], origin_of: dict[int, tuple[str, int]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Training rows per direction, each a copy carrying its ``row_index`` (forward rows first, in source
+    order, then reverse rows) and where it was read (``_file``, ``_line``) for problems."""
+    by_dir: dict[str, list[dict[str, Any]]] = {d: [] for d in DIRECTIONS}
+    for r in train:
+        by_dir[Direction.parse(r["direction"]).label].append(r)
+    index = 0
+    for d in DIRECTIONS:
+        numbered = []
+        for r in by_dir[d]:
+            file, line = origin_of[id(r)]
+            numbered.append({**r, "row_index": index, ORIGIN_FILE: file, ORIGIN_LINE: line})
+            index += 1
+        by_dir[d] = numbered
+    return by_dir
+
+
+def _content_key(by_dir: dict[str, list[dict[str, Any]]], tokenizer: Any, cfg: DataConfig) -> str:
+    key = ContentKey()
+    for d in DIRECTIONS:
+        for r in by_dir[d]:
+            key.update(r)
+    return key.finish(
+        tokenizer_identity(tokenizer),
+        chat_template_of(tokenizer),
+        cfg.max_length,
+        cfg.truncation,
+        cfg.skip_invalid,
+    )
+
+
+def _tokenise_into(
+    tmp: Path,
+    by_dir: dict[str, list[dict[str, Any]]],
+    tokenizer: Any,
+    cfg: DataConfig,
+    streamed: bool,
+    fresh: dict[str, list[dict[str, Any]]],
+) -> dict[str, dict[str, Any]]:
+    """Every direction's tokenised rows into ``tmp/<direction>/``; returns the stats per direction. In
+    process, the tokenised rows are also kept in ``fresh`` (no need to read back what was just written)."""
+    stats: dict[str, dict[str, Any]] = {}
+    for d in DIRECTIONS:
+        if streamed:
+            from revmix.platform.data.tokenise_ray import tokenise_direction_in_ray
+
+            stats[d] = tokenise_direction_in_ray(
+                by_dir[d], tmp / d, tokenizer, cfg.max_length, cfg.truncation
+            )
+        else:
+            fresh[d], stats[d] = tokenise_chunk(by_dir[d], tokenizer, cfg.max_length, cfg.truncation)
+            write_direction(tmp / d, fresh[d])
+    return stats
+
+
+def _raise_length_problems(stats: dict[str, dict[str, Any]], report: LoadReport, skip_invalid: bool) -> None:
+    """Rows over ``max_length`` (``truncation=error``) always fail, listed with every long prompt unless
+    skipped; long prompts alone fail unless ``skip_invalid``."""
+    too_long = sorted(
+        (Problem(f, n, "prompt", why) for d in DIRECTIONS for f, n, why in stats[d]["too_long"]), key=_place
+    )
+    over = [Problem(f, n, "response", why) for d in DIRECTIONS for f, n, why in stats[d]["over_length"]]
+    if over:  # data.truncation=error: every row over max_length (and every long prompt) at once
+        shown = over + ([] if skip_invalid else too_long)
+        raise DataError(report.source, sorted(shown, key=_place), report.n_read)
+    _raise_unless_skipped(too_long, report, skip_invalid)
+
+
+def _entry_meta(
+    key: str,
+    stats: dict[str, dict[str, Any]],
+    by_dir: dict[str, list[dict[str, Any]]],
+    source: str,
+    tokenizer_id: str,
+    streamed: bool,
+) -> dict[str, Any]:
+    """What a later run needs without re-reading the rows: counts per direction and training items."""
+    rows_of_item = Counter(r["item_id"] for d in DIRECTIONS for r in by_dir[d])
+    rows_of_item.subtract(item for d in DIRECTIONS for item in stats[d]["left_out"])
+    return {
+        "key": key,
+        "source": source,
+        "tokenizer": tokenizer_id,
+        "tokenised_in": "ray_data" if streamed else "process",
+        "rows": {d: len(by_dir[d]) - len(stats[d]["left_out"]) for d in DIRECTIONS},
+        "n_items": sum(1 for n in rows_of_item.values() if n > 0),
+        "truncated": {
+            d: {"rows": stats[d]["truncated"], "tokens": stats[d]["truncated_tokens"]} for d in DIRECTIONS
+        },
+        "dropped": {
+            d: {"rows": stats[d]["dropped"], "tokens": stats[d]["dropped_tokens"]} for d in DIRECTIONS
+        },
+        "too_long": sum(len(stats[d]["too_long"]) for d in DIRECTIONS),
+    }
+
+
+def _train_rows(entry: Path, fresh: dict[str, list[dict[str, Any]]], streamed: bool) -> dict[str, Any]:
+    """The tokenised rows per direction: just tokenised (in memory), read back (small), or left on disk."""
+    if fresh:
+        return fresh
+    if streamed:
+        return {d: TokenisedRows(entry / d) for d in DIRECTIONS}
+    return {d: read_direction(entry / d) for d in DIRECTIONS}
+
+
+def _path_line(n_rows: int, threshold: int, streamed: bool, built: bool, entry: Path) -> str:
+    """One line: which path the training rows took, why, and whether the cache entry was built or reused."""
+    if streamed:
+        how = f"{n_rows} training rows > data.stream_threshold_rows {threshold}: tokenised in Ray Data, streamed from Parquet"
+    else:
+        how = f"{n_rows} training rows <= data.stream_threshold_rows {threshold}: tokenised in this process, materialised"
+    return f"data: {how}; tokenised cache {'built' if built else 'reused'}: {entry}"
 
 
 def _place(problem: Problem) -> tuple[str, int]:
@@ -177,38 +309,31 @@ def _raise_unless_skipped(problems: list[Problem], report: LoadReport, skip_inva
 
 
 def to_ray_datasets(data: PreparedData, cfg: DataConfig) -> dict[str, Any]:
-    """Per-direction Ray datasets of tokenised rows: materialised, or a Parquet cache when large."""
+    """Per-direction Ray datasets of tokenised rows: materialised when small, read lazily from the cache
+    entry's Parquet files when large. The switch was made (and printed) by :func:`prepare_data`;
+    ``cfg`` stays in the signature for the callers that pass it."""
     import ray.data
 
-    out = {}
-    for d, rows in data.train.items():
-        if len(rows) > cfg.stream_threshold_rows:
-            path = Path(cfg.cache_dir or cache_root() / "tokenised") / data.key / d
-            if not (path / CACHE_DONE).exists():
-                _write_parquet_cache(rows, path)
-            out[d] = ray.data.read_parquet(str(path))
-        else:
-            out[d] = ray.data.from_items(rows).materialize()
-    return out
+    if data.streamed:
+        assert data.entry is not None  # prepare_data always writes the entry
+        return {d: ray.data.read_parquet(str(data.entry / d)) for d in DIRECTIONS}
+    return {d: ray.data.from_items(list(rows)).materialize() for d, rows in data.train.items()}
 
 
-def _write_parquet_cache(rows: list[dict[str, Any]], path: Path) -> None:
-    """Fill the cache entry ``path`` whole or not at all: it is written under a temporary name and renamed
-    once complete, so a killed write never leaves a partial entry that a later run would read."""
-    import ray.data
+def pairs_needed_by(cfg: ExperimentConfig) -> str | None:
+    """The first stage whose objective trains on (response, other_response) pairs, as a config path."""
+    for i, stage in enumerate(cfg.stages):
+        if "other_response" in stage.objective.requires:
+            return f"stages.{i}.objective ({stage.objective.name})"
+    return None
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        ray.data.from_items(rows).write_parquet(str(tmp))
-        (tmp / CACHE_DONE).touch()
-        if path.is_dir() and all(p.suffix == ".parquet" for p in path.iterdir()):
-            shutil.rmtree(path)  # an unfinished entry (Parquet parts, no marker) of an earlier write
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / CACHE_DONE).exists():
-                raise
-            # Another run finished the same entry first; both hold the same rows.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def prepare_experiment_data(cfg: ExperimentConfig) -> tuple[str, Any, PreparedData]:
+    """``(model path, tokenizer, prepared data)`` of an experiment: what its driver tokenises with, and
+    what a sweep's driver prepares ahead of its trials (the same call, so the same cache key)."""
+    from revmix.platform.models import load_tokenizer, resolve_model_path
+
+    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare_data(cfg.data, tokenizer, tokenizer_id=model_path, pairs_needed_by=pairs_needed_by(cfg))
+    return model_path, tokenizer, data

@@ -10,9 +10,6 @@ names their ``FILE:LINE``), :func:`tokenise_rows` raises on the first.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,6 +129,49 @@ def tokenise_checked(
     return out
 
 
+ORIGIN_FILE, ORIGIN_LINE = "_file", "_line"  # where a canonical row was read (FILE:LINE in problems)
+
+
+def tokenise_chunk(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, truncation: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Tokenise canonical rows that carry their own ``row_index`` and origin (``_file``, ``_line``);
+    returns the tokenised rows and what became of the rest, as JSON-able stats that add up over chunks
+    (:func:`merge_stats`). The one implementation behind both the in-process and the Ray Data path.
+
+    Stats: ``truncated`` / ``truncated_tokens`` / ``dropped`` / ``dropped_tokens`` counts, ``too_long`` and
+    ``over_length`` as ``[file, line, why]`` problems, ``left_out`` as the ``item_id`` of each row not kept.
+    """
+    done = tokenise_checked(rows, tokenizer, max_length, 0, truncation)
+    for r in done.rows:  # tokenise_checked numbers rows by position in this chunk
+        r["row_index"] = int(rows[r["row_index"]]["row_index"])
+
+    def place(i: int, why: str) -> list[Any]:
+        return [str(rows[i][ORIGIN_FILE]), int(rows[i][ORIGIN_LINE]), why]
+
+    left_out = [i for i, _ in done.too_long] + list(done.dropped)
+    stats = {
+        "truncated": done.truncated,
+        "truncated_tokens": done.truncated_tokens,
+        "dropped": len(done.dropped),
+        "dropped_tokens": done.dropped_tokens,
+        "too_long": [place(i, why) for i, why in done.too_long],
+        "over_length": [place(i, why) for i, why in done.over_length],
+        "left_out": [str(rows[i]["item_id"]) for i in left_out + [i for i, _ in done.over_length]],
+    }
+    return done.rows, stats
+
+
+def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Chunk stats of :func:`tokenise_chunk` added up (counts summed, lists joined)."""
+    total: dict[str, Any] = {k: 0 for k in ("truncated", "truncated_tokens", "dropped", "dropped_tokens")}
+    total.update({k: [] for k in ("too_long", "over_length", "left_out")})
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total[k] + v
+    return total
+
+
 def tokenise_rows(
     rows: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -181,11 +221,3 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int, with_other: bool = True
         others = [p + list(r["other_ids"]) for p, r in zip(prompts, rows)]
         batch.other_input_ids, batch.other_attention_mask, batch.other_labels = _pad(others, plens, pad_id)
     return batch
-
-
-def fingerprint(rows: Iterable[dict[str, Any]], *extra: Any) -> str:
-    """A stable hash of rows (and extra identity such as the tokenizer and max_length) for cache keys."""
-    h = hashlib.sha256()
-    for part in itertools.chain(rows, extra):
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]

@@ -225,12 +225,16 @@ def iter_json_array(path: str | Path) -> Iterator[Record]:
     yield from enumerate(data, start=1)
 
 
-def iter_parquet(path: str | Path) -> Iterator[Record]:
-    """``(row_index + 1, dict)`` per Parquet row."""
+def iter_parquet(path: str | Path, batch_rows: int = 8192) -> Iterator[Record]:
+    """``(row_index + 1, dict)`` per Parquet row, read one record batch at a time (a large file is never
+    held whole just to be scanned)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    yield from enumerate(table.to_pylist(), start=1)
+    line = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        for rec in batch.to_pylist():
+            line += 1
+            yield line, rec
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
