@@ -244,7 +244,12 @@ class StageRecipe:
             from revmix.platform.rollout.step import ppo_step
 
             self.engine = build_rollout_engine(  # every request is seeded: the engine's seed is the run's
-                self.rollout_objective, self.policy, self.tokenizer, self.job.init_path, self.cfg.seed
+                self.rollout_objective,
+                self.policy,
+                self.tokenizer,
+                self.job.init_path,
+                self.cfg.seed,
+                hf_batch_size=self.ctx.micro,  # one sampling call per micro-batch of the global batch
             )
             self.step_fn = functools.partial(ppo_step, engine=self.engine)
 

@@ -203,9 +203,10 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _sampling(obj: RolloutObjective, seed: int, step: int, first: int) -> SamplingParams:
-    """Sampling seeded by the run, the step and ``first``, the global index of the worker's first prompt
-    (engines seed prompt i of a call ``seed + i`` (vLLM) or a chunk ``seed + chunk`` (hf)), not by the
-    rank: with vLLM, a prompt's samples depend on its place in the step's global batch only."""
+    """Sampling seeded by the run, the step and ``first``, the global index of the worker's first prompt,
+    not by the rank. Engines add a prompt's index within the call (vLLM seeds prompt i ``seed + i``; hf
+    seeds each chunk of micro-batch size ``seed + its first prompt``), so a prompt's (vLLM) or a
+    micro-batch's (hf) samples depend on its place in the step's global batch only."""
     return SamplingParams(
         max_new_tokens=obj.max_new_tokens,
         temperature=obj.temperature,
