@@ -223,6 +223,9 @@ class RuntimeConfig(Strict):
         "stop", "non-finite loss or grad norm: stop (keeping the last good checkpoint) or skip that step"
     )
     storage_path: str | None = _f(None, "Ray storage (local path, s3://, gs://); default: the run dir")
+    trace: bool = _f(
+        False, "write each worker's pid and per-step row ids to stages/<i>/trace/ (tests, debugging)"
+    )
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod

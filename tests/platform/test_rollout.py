@@ -99,6 +99,23 @@ def test_hf_engine_samples_the_current_weights(tiny):
     assert engine.generate(model, prompts, greedy) == engine.generate(model, prompts, greedy.replace(seed=9))
 
 
+def test_hf_engine_samples_a_chunk_by_its_place(tiny):
+    """A chunk's samples depend on its prompts and its first prompt's index only: two workers sampling
+    their halves of a batch (the second seeded ``seed + 2``) get what one worker gets for the whole batch
+    with the same chunk size — the sampling half of PPO's multi-worker equality."""
+    path, tok, rows = tiny
+    model = load_model(path)
+    engine = HFRolloutEngine.for_policy(model, tok, batch_size=2)
+    prompts = [r["prompt_ids"] for r in rows[:4]]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=11)
+    whole = engine.generate(model, prompts, params)
+    halves = engine.generate(model, prompts[:2], params) + engine.generate(
+        model, prompts[2:], params.replace(seed=13)
+    )
+    assert halves == whole
+    assert engine.generate(model, prompts[2:], params) != whole[2:]  # the place, not only the prompts
+
+
 def test_ppo_step_scores_trains_and_reports_per_direction(tiny):
     path, tok, rows = tiny
     model = load_model(path).train()

@@ -1,4 +1,4 @@
-"""Training: the loss falls, resume equals an uninterrupted run, stages chain, Ray workers stream shards."""
+"""Training: the loss falls, resume equals an uninterrupted run, stages chain, Ray workers train."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_two_ray_workers_stream_shards(tmp_path, ray_local):
     summary = run_experiment(cfg, tmp_path / "run", evaluate=False)
     recs = _records(tmp_path / "run")
     assert summary["steps"] == 3 and len(recs) == 3
-    assert all(r["mix/n_reverse"] + r["mix/n_forward"] == 4 for r in recs)  # per-worker half of batch 8
+    assert all(r["mix/n_reverse"] + r["mix/n_forward"] == 8 for r in recs)  # the global batch's mix
     assert (tmp_path / "run" / "checkpoints" / "stage0" / "step_000003" / "state.json").exists()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from revmix.platform.checkpoint import (
 from revmix.platform.console import format_eta, quiet_libraries
 from revmix.platform.data.mixer import Mixer, Schedule
 from revmix.platform.data.schema import DIRECTIONS
-from revmix.platform.data.streams import DirectionStream, rows_from_shard
+from revmix.platform.data.streams import open_direction_stream, row_id, worker_slice
 from revmix.platform.data.tokenize import collate
 from revmix.platform.rollout.engines import RolloutEngine, build_rollout_engine
 from revmix.platform.rollout.objective import RolloutObjective, check_rollout_objective
@@ -149,6 +150,7 @@ class StageRecipe:
         self._setup_optimizer()
         self._setup_data()
         self._setup_step()
+        self._setup_trace()
 
     def _setup_runtime(self) -> None:
         quiet_libraries()  # a Ray worker's console: the driver's --verbose reaches it via REVMIX_VERBOSE
@@ -198,21 +200,19 @@ class StageRecipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def _setup_data(self) -> None:
-        """The Mixer, one stream per direction (in-process rows or this worker's Ray Data shards)."""
+        """The Mixer and one stream per direction, all over the *global* batch and the same on every worker
+        (seeds without the rank; each worker reads every row), so a step's rows do not depend on the number
+        of workers: each worker keeps its slice of them (:meth:`_optimizer_step`)."""
         seed = self.cfg.seed
-        self.mixer = Mixer(
-            self.stage.batch_size // self.world,
-            self.job.steps,
-            self.job.schedule,
-            seed=seed * 7919 + self.rank,
-        )
+        self.mixer = Mixer(self.stage.batch_size, self.job.steps, self.job.schedule, seed=seed * 7919)
         if self.job.inline_data is not None:
-            rows = self.job.inline_data
+            sources: dict[str, Any] = dict(self.job.inline_data)
         else:
             import ray.train
 
-            rows = {d: rows_from_shard(ray.train.get_dataset_shard(d)) for d in DIRECTIONS}
-        self.streams = {d: DirectionStream(rows[d], seed * 104729 + self.rank, d) for d in DIRECTIONS}
+            sources = {d: ray.train.get_dataset_shard(d) for d in DIRECTIONS}  # unsplit: all rows
+        self.streams = {d: open_direction_stream(d, seed * 104729, sources[d]) for d in DIRECTIONS}
+        rows: dict[str, list[dict]] = {d: self.streams[d].rows for d in DIRECTIONS}
         self.ref_cache: ReferenceLogpCache | None = None
         if self.ref is not None and self.stage.reference == "cache":
             self.ref_cache = _reference_cache(self.ref, rows, self.tokenizer, self.job.init_path, self.device)
@@ -233,7 +233,8 @@ class StageRecipe:
             autocast=precision == "bf16" or (precision == "auto" and self.device.type == "cuda"),
             micro=self.stage.batch_size // self.world // self.stage.grad_accum,
             with_other="other_response" in self.objective.requires,
-            seed=self.cfg.seed * 31 + self.rank,
+            seed=self.cfg.seed * 31,
+            rank=self.rank,
             on_nonfinite=self.cfg.runtime.on_nonfinite,
             ref_cache=self.ref_cache,
             policy_forward=self.policy_forward,
@@ -242,11 +243,32 @@ class StageRecipe:
         if self.rollout_objective is not None:  # one engine per stage; it gets the live weights every step
             from revmix.platform.rollout.step import ppo_step
 
-            seed = self.cfg.seed + self.rank
-            self.engine = build_rollout_engine(
-                self.rollout_objective, self.policy, self.tokenizer, self.job.init_path, seed
+            self.engine = build_rollout_engine(  # every request is seeded: the engine's seed is the run's
+                self.rollout_objective,
+                self.policy,
+                self.tokenizer,
+                self.job.init_path,
+                self.cfg.seed,
+                hf_batch_size=self.ctx.micro,  # one sampling call per micro-batch of the global batch
             )
             self.step_fn = functools.partial(ppo_step, engine=self.engine)
+
+    def _setup_trace(self) -> None:
+        """With ``runtime.trace``: this worker's pid (for tests that kill it) and an empty row log."""
+        self.trace_dir: Path | None = None
+        if self.cfg.runtime.trace:
+            self.trace_dir = self.job.out_dir / "stages" / str(self.job.stage_index) / "trace"
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.trace_dir / f"rank{self.rank}.pid", str(os.getpid()))
+
+    def _trace_rows(self, step: int, rows: list[dict]) -> None:
+        """Append the row ids this worker trained on at ``step`` (a replayed step appends again: the last
+        record of a step is the one that counts)."""
+        if self.trace_dir is None:
+            return
+        record = {"step": step + 1, "rank": self.rank, "world": self.world, "rows": [row_id(r) for r in rows]}
+        with open(self.trace_dir / f"rows.rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ resume
 
@@ -319,10 +341,13 @@ class StageRecipe:
             atomic_write(stage_dir / STOPPED, json.dumps({"message": message}))
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
-        """One step on the Mixer's rows for ``step``; its metrics averaged over the workers."""
+        """One step on this worker's slice of the Mixer's global rows for ``step``; its metrics averaged
+        over the workers. Every worker draws the whole global batch, so every stream stays at the same
+        position on every worker (and a resume skips ``Mixer.consumed`` on each)."""
         t0 = time.perf_counter()
         dirs = self.mixer.directions(step)
-        rows = [next(self.streams[DIRECTIONS[d]]) for d in dirs]
+        rows = worker_slice([next(self.streams[DIRECTIONS[d]]) for d in dirs], self.rank, self.world)
+        self._trace_rows(step, rows)
         metrics, n_tokens = self.step_fn(self.ctx, rows, step)
         bad = nonfinite(metrics)
         if bad and not metrics.get(SKIPPED):  # a step function that applied its update before the check

@@ -59,7 +59,8 @@ class StepContext:
     autocast: bool
     micro: int
     with_other: bool
-    seed: int
+    seed: int  # the run's, without the rank: what a step samples depends on its global rows only
+    rank: int = 0  # this worker's rank: its rows are the rank-th slice of the step's global rows
     on_nonfinite: Literal["stop", "skip_step"] = "stop"  # runtime.on_nonfinite
     ref_cache: ReferenceLogpCache | None = None  # when stages.*.reference is "cache"
     policy_forward: PolicyForward = field(default_factory=PolicyForward)  # handed to objectives on the batch
@@ -82,15 +83,21 @@ class MetricMeans:
 
 
 def mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:
-    """Each metric averaged over the Ray Train workers (unchanged without a process group)."""
+    """Each metric averaged over the Ray Train workers that report it (unchanged without a process group).
+
+    Workers may report different keys (a per-direction metric of a direction absent from one worker's
+    rows), so the dicts are gathered whole rather than all-reduced key by key.
+    """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or not metrics:
+    if not (dist.is_available() and dist.is_initialized()):
         return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+    gathered: list[dict[str, float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, metrics)
+    means = MetricMeans()
+    for worker_metrics in gathered:
+        means.add(worker_metrics or {})
+    return means.means()
 
 
 def _mean_grads(params: list[torch.nn.Parameter], micro_batches: int) -> None:

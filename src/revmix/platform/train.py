@@ -132,16 +132,15 @@ def _prepare_inputs(cfg: ExperimentConfig, evaluate: bool) -> _Inputs:
 
 def check_mix(cfg: ExperimentConfig, data: PreparedData) -> None:
     """Every direction a stage's mix draws from has training rows (else the stage would fail at a step)."""
-    workers = max(cfg.runtime.num_workers, 1)
     have = {d: len(data.train[d]) for d in DIRECTIONS}
     for i, stage in enumerate(cfg.stages):
         plan = stage_plan(stage, data.n_items, have["forward"], have["reverse"])
-        drawn = Mixer(stage.batch_size // workers, plan["steps"], plan["schedule"]).consumed(plan["steps"])
+        drawn = Mixer(stage.batch_size, plan["steps"], plan["schedule"]).consumed(plan["steps"])
         for d, n in zip(DIRECTIONS, drawn):
             if n and not have[d]:
                 fix = "0" if d == "reverse" else "1"
                 raise ConfigError(
-                    f"stages.{i}.mix: the stage draws {n} {d} examples per worker "
+                    f"stages.{i}.mix: the stage draws {n} {d} examples "
                     f"(reverse_fraction {stage.mix.reverse_fraction}, schedule {stage.mix.schedule.kind}) but "
                     f"the training split of data.source {cfg.data.source!r} has no {d} rows "
                     f"({have['forward']} forward, {have['reverse']} reverse); "
@@ -241,7 +240,9 @@ def _fit(job: StageJob, datasets: dict[str, Any] | None, callbacks: list | None)
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all") if datasets else None,
+        # Not split: every worker reads every row and keeps its slice of each step's global batch
+        # (revmix.platform.data.streams), so the data order does not depend on the number of workers.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]) if datasets else None,
     )
     trainer.fit()
 

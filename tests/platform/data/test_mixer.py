@@ -49,3 +49,13 @@ def test_state_round_trip_and_mismatch():
         Mixer(8, 5, Schedule(start=0.25), seed=1).check_state(m.state(3))
     with pytest.raises(IndexError):
         m.counts(5)
+
+
+def test_state_written_before_the_global_order():
+    """A state without "order" is read when it describes the same draws (one worker), else refused."""
+    m = Mixer(8, 5, Schedule(start=0.5), seed=7919)
+    one_worker = {k: v for k, v in m.state(2).items() if k != "order"}
+    assert m.check_state(one_worker) == 2
+    per_worker = {**one_worker, "batch_size": 4, "seed": 7919 + 1}  # rank 1 of 2, half the batch
+    with pytest.raises(ValueError, match="earlier per-worker data order .* without --resume"):
+        m.check_state(per_worker)

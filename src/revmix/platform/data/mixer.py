@@ -14,6 +14,12 @@ Meaning of ``reverse_fraction`` (stated once, precisely)
 
 Per step, the reverse count is the increment of a rounded running sum, ``C(s) = round(B · Σ_{t≤s} r(t))``,
 so totals are exact for any schedule and no step drifts by more than one example from its target.
+
+The Mixer covers a step's *global* batch (every worker's rows) with a rank-independent seed: every Ray
+Train worker asks it the same question and keeps its own slice of the answer
+(:func:`revmix.platform.data.streams.worker_slice`), so the data order does not depend on the number of
+workers. Its checkpointed state says so (``"order": "global"``); a state without that field was written by
+the earlier per-worker order and is read only when it describes the same order (one worker).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORWARD, REVERSE = 0, 1
+ORDER = "global"  # the order a Mixer's state describes: one Mixer over the global batch, shared by workers
 
 
 def _round(x: float) -> int:
@@ -112,6 +119,7 @@ class Mixer:
         """What a checkpoint stores: the next step and the mixer's identity (checked on resume)."""
         return {
             "step": step,
+            "order": ORDER,
             "batch_size": self.batch_size,
             "total_steps": self.total_steps,
             "seed": self.seed,
@@ -121,6 +129,15 @@ class Mixer:
     def check_state(self, state: dict[str, Any]) -> int:
         """Validate a checkpointed state against this mixer and return its step."""
         mine = self.state(state.get("step", 0))
+        if "order" not in state:  # written before the global order: the same order only on one worker
+            legacy, state = state, {**state, "order": ORDER}
+            if (state.get("batch_size"), state.get("seed")) != (self.batch_size, self.seed):
+                raise ValueError(
+                    f"checkpointed mixer {legacy} was written by the earlier per-worker data order (a batch of "
+                    f"{state.get('batch_size')} per worker, seed {state.get('seed')}), which this version "
+                    f"no longer draws (one global batch of {self.batch_size}, seed {self.seed}); restart the "
+                    "stage without --resume, or resume it with the revmix version that wrote it"
+                )
         theirs = {
             **state,
             "schedule": {

@@ -44,7 +44,10 @@ class RolloutEngine(Protocol):
 
 
 class HFRolloutEngine:
-    """Batched, KV-cached sampling with ``model.generate`` on left-padded prompt ids (in-process)."""
+    """Batched, KV-cached sampling with ``model.generate`` on left-padded prompt ids (in-process).
+
+    Prompts are sampled ``batch_size`` at a time; the chunk starting at prompt ``start`` is seeded
+    ``params.seed + start``, so a chunk's samples depend on its prompts and its place only."""
 
     def __init__(self, eos_ids: Sequence[int], pad_id: int, batch_size: int = 64) -> None:
         if batch_size < 1:
@@ -54,10 +57,10 @@ class HFRolloutEngine:
         self.batch_size = batch_size
 
     @classmethod
-    def for_policy(cls, policy: torch.nn.Module, tokenizer: Any) -> HFRolloutEngine:
+    def for_policy(cls, policy: torch.nn.Module, tokenizer: Any, batch_size: int = 64) -> HFRolloutEngine:
         eos = eos_token_ids(policy, tokenizer, "policy")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        return cls(eos, pad)
+        return cls(eos, pad, batch_size)
 
     def close(self) -> None:
         """Nothing to free: sampling runs on the policy itself."""
@@ -86,7 +89,7 @@ class HFRolloutEngine:
         out: list[list[list[int]]] = [[] for _ in prompt_ids]
         fork = [device] if device.type == "cuda" else []
         with eval_mode(model):
-            for b, start in enumerate(range(0, len(prompt_ids), self.batch_size)):
+            for start in range(0, len(prompt_ids), self.batch_size):
                 chunk = list(range(start, min(start + self.batch_size, len(prompt_ids))))
                 width = max(len(prompt_ids[i]) for i in chunk)
                 ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
@@ -96,7 +99,7 @@ class HFRolloutEngine:
                     ids[k, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                     mask[k, width - len(p) :] = 1
                 with torch.random.fork_rng(devices=fork):  # sampling never shifts the training RNG stream
-                    torch.manual_seed(params.seed + b)
+                    torch.manual_seed(params.seed + start)
                     seqs = model.generate(
                         input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg
                     )
@@ -107,11 +110,18 @@ class HFRolloutEngine:
 
 
 def build_rollout_engine(
-    objective: RolloutObjective, policy: torch.nn.Module, tokenizer: Any, init_path: str, seed: int = 0
+    objective: RolloutObjective,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    init_path: str,
+    seed: int = 0,
+    hf_batch_size: int = 64,
 ) -> RolloutEngine:
     """The stage's rollout engine from ``objective.rollout_backend`` (``auto``: vllm on a GPU where vLLM
     is usable, else hf — on CPU even the CPU build of vLLM gives way to hf, whose engine starts in no time).
-    A vLLM engine starts from ``init_path`` (the stage's starting model) and is the caller's to ``close()``."""
+    A vLLM engine starts from ``init_path`` (the stage's starting model) and is the caller's to ``close()``.
+    ``hf_batch_size``: prompts per ``generate`` call of the hf engine (the training loop passes its
+    micro-batch, so each micro-batch of the global batch is sampled apart, seeded by its place)."""
     from revmix.platform.generation.protocol import vllm_usable
     from revmix.platform.rollout.vllm_engine import VLLMRolloutEngine
 
@@ -119,7 +129,7 @@ def build_rollout_engine(
     if backend == "auto":
         backend = "vllm" if torch.cuda.is_available() and vllm_usable() else "hf"
     if backend == "hf":
-        return HFRolloutEngine.for_policy(policy, tokenizer)
+        return HFRolloutEngine.for_policy(policy, tokenizer, hf_batch_size)
     options = dict(objective.vllm_engine or {})
     return VLLMRolloutEngine(
         init_path,

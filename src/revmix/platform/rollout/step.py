@@ -129,7 +129,9 @@ def ppo_step(
     engine = engine or HFRolloutEngine.for_policy(ctx.policy, ctx.tokenizer)
     prompts = [list(r["prompt_ids"]) for r in batch_rows]
     with autocast:
-        sampled = engine.generate(ctx.policy, prompts, _sampling(obj, ctx.seed, step))
+        sampled = engine.generate(
+            ctx.policy, prompts, _sampling(obj, ctx.seed, step, ctx.rank * len(prompts))
+        )
     timings["rollout"] = _clock(dev) - t0
 
     t0 = _clock(dev)  # 2. scoring
@@ -200,13 +202,17 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _sampling(obj: RolloutObjective, seed: int, step: int) -> SamplingParams:
+def _sampling(obj: RolloutObjective, seed: int, step: int, first: int) -> SamplingParams:
+    """Sampling seeded by the run, the step and ``first``, the global index of the worker's first prompt,
+    not by the rank. Engines add a prompt's index within the call (vLLM seeds prompt i ``seed + i``; hf
+    seeds each chunk of micro-batch size ``seed + its first prompt``), so a prompt's (vLLM) or a
+    micro-batch's (hf) samples depend on its place in the step's global batch only."""
     return SamplingParams(
         max_new_tokens=obj.max_new_tokens,
         temperature=obj.temperature,
         top_p=obj.top_p,
         n=obj.samples_per_prompt,
-        seed=(seed * 1_000_003 + step) % (2**31),
+        seed=(seed * 1_000_003 + step * 65_537 + first) % (2**31),
     )
 
 
