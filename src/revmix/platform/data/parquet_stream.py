@@ -127,13 +127,8 @@ class ParquetDirectionStream:
             start += block.rows
             if pending >= self.shuffle_buffer:
                 pending = 0
-        self._epoch, self._window_index, self._window, self._chunk_index, self._chunk = (
-            epoch,
-            -1,
-            None,
-            -1,
-            [],
-        )
+        self._epoch, self._window_index, self._window = epoch, -1, None
+        self._chunk_index, self._chunk = -1, []
 
     def _load(self, window: int) -> None:
         """Read one window's blocks and put its rows in their seeded order (the previous window is freed
