@@ -174,3 +174,13 @@ def test_memory_is_bounded_by_the_window_not_the_corpus(tmp_path):
     assert arrow_big <= 3 * window_bytes < corpus_arrow / 20, (arrow_small, arrow_big, window_bytes)
     assert rss_big <= max(1.5 * rss_small, 32 << 20), (rss_small, rss_big)
     assert rss_big < materialised / 4, (rss_big, materialised)
+
+
+@pytest.mark.integration
+def test_reads_back_a_tokenised_cache_entry_written_by_ray_data(tmp_path, ray_local):
+    from revmix.platform.data.prepare import _write_parquet_cache
+
+    rows = [{**r, "answer": None if r["row_index"] % 3 else r["answer"]} for r in random_tokenised_rows(500)]
+    _write_parquet_cache(rows, tmp_path / "forward")
+    got = list(itertools.islice(ParquetDirectionStream(tmp_path / "forward", 0, "forward", 64), 500))
+    assert sorted(got, key=lambda r: r["row_index"]) == rows
