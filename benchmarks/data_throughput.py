@@ -10,8 +10,8 @@ measures, each in a fresh process so that peak RSS belongs to that size alone:
 - ``driver``: a :class:`ParquetDirectionStream` over the corpus in a plain process, collated the same way;
 - ``worker``: the same inside a Ray task (``max_calls=1``: its own worker process).
 
-Start-up is construction to first row (footers read, first window loaded); the worker's also has its
-task's scheduling and imports as ``task_start_s``. Targets (issue 13): driver and worker peak RSS within
+Start-up is construction to first row (footers read, first window loaded); ``task_start_s`` is the Ray
+task's submission to its first line (scheduling and a fresh worker process); imports are timed in neither. Targets (issue 13): driver and worker peak RSS within
 1.5x from 100k rows to the largest size; stream rows/s >= 0.9x in-process from 100k; start-up <= 5 s.
 
     python benchmarks/data_throughput.py                     # 10k, 100k, 1M
@@ -81,7 +81,8 @@ def worker_stream(corpus: str, n: int, batch: int, pad: int, buffer: int) -> dic
 
 
 def in_process_rows(corpus: str, n: int, batch: int, pad: int) -> dict[str, float]:
-    """The corpus's rows as one Python list (base rows shared, as the tokenised list would be), looped."""
+    """The corpus's rows as one Python list, looped. Rows share their base row's token lists, so this list
+    takes less memory than a real tokenised one (about 4 kB a row)."""
     import pyarrow.parquet as pq
 
     from revmix.platform.data.parquet_stream import table_rows
