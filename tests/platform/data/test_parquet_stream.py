@@ -1,0 +1,186 @@
+"""ParquetDirectionStream: a global order that is a pure function of (seed, epoch), exact skips, rows as
+plain dicts, memory independent of the corpus size, and clear errors for what is not a corpus."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tracemalloc
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from revmix.platform.data.parquet_stream import CHUNK_ROWS, ParquetDirectionStream, table_rows
+from revmix.platform.data.synthetic_parquet import random_tokenised_rows, write_corpus
+
+N = 5000  # rows: files of 1200 in row groups of 300; the last file is one group of 200
+BASE = random_tokenised_rows(37, seed=3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(
+        tmp_path_factory.mktemp("c") / "forward", N, BASE, rows_per_group=300, rows_per_file=1200
+    )
+
+
+def ids(stream: ParquetDirectionStream, n: int) -> list[int]:
+    return [r["row_index"] for r in itertools.islice(stream, n)]
+
+
+def test_same_seed_same_order_and_every_row_once_per_epoch(corpus):
+    a = ids(ParquetDirectionStream(corpus, 7, "forward", shuffle_buffer=700), 2 * N)
+    b = ids(ParquetDirectionStream(corpus, 7, "forward", shuffle_buffer=700), 2 * N)
+    assert a == b
+    assert sorted(a[:N]) == list(range(N)) and sorted(a[N:]) == list(range(N))
+    assert a[:N] != a[N:]  # a fresh order every epoch
+    assert a[:N] != ids(ParquetDirectionStream(corpus, 8, "forward", shuffle_buffer=700), N)
+    assert a[:N] != ids(ParquetDirectionStream(corpus, 7, "reverse", shuffle_buffer=700), N)
+
+
+def test_order_is_shuffled_across_blocks(corpus):
+    first = ids(ParquetDirectionStream(corpus, 7, "forward", shuffle_buffer=700), 700)
+    assert first != sorted(first)
+    assert len({i // 300 for i in first}) >= 3  # one window mixes at least three row groups
+
+
+def test_without_a_buffer_each_row_group_is_read_whole(corpus):
+    # shuffle_buffer=1: every window is one row group, so the output is the row groups one after another
+    # (each shuffled): 17 groups, 4 per file of 1200 rows and rows 4800..4999 as one group of 200.
+    order = ids(ParquetDirectionStream(corpus, 1, "forward", shuffle_buffer=1), N)
+    groups, k = [], 0
+    while k < N:
+        g = order[k] // 300
+        size = 200 if g == 16 else 300
+        assert {i // 300 for i in order[k : k + size]} == {g}
+        groups.append(g)
+        k += size
+    assert sorted(groups) == list(range(17))
+
+
+@pytest.mark.parametrize("n", [0, 1, 299, 300, 701, 4999, 5000, 5001, 12345])
+def test_skip_then_next_is_the_next_row_of_a_fresh_stream(corpus, n):
+    full = ids(ParquetDirectionStream(corpus, 5, "forward", shuffle_buffer=700), n + 3)
+    s = ParquetDirectionStream(corpus, 5, "forward", shuffle_buffer=700)
+    s.skip(n)
+    assert s.position == n
+    assert ids(s, 3) == full[n:]
+    assert s.position == n + 3
+
+
+def test_skip_reads_only_the_window_it_lands_in(corpus, monkeypatch):
+    import revmix.platform.data.parquet_stream as ps
+
+    reads = []
+    real = ps.read_block
+    monkeypatch.setattr(ps, "read_block", lambda b: reads.append(b) or real(b))
+    s = ParquetDirectionStream(corpus, 5, "forward", shuffle_buffer=700)
+    s.skip(3 * N + 2500)
+    next(s)
+    assert 1 <= len(reads) <= 3  # one window: >= 700 rows of whole 300-row groups (or a last short one)
+
+
+def test_rows_are_plain_python_values_equal_to_the_written_rows(corpus):
+    s = ParquetDirectionStream(corpus, 2, "forward", shuffle_buffer=700)
+    for row in itertools.islice(s, CHUNK_ROWS + 10):  # crosses a chunk boundary
+        i = row["row_index"]
+        assert row == {**BASE[i % len(BASE)], "row_index": i, "item_id": f"x{i}"}
+        assert type(row["row_index"]) is int and type(row["prompt_ids"]) is list
+        assert all(type(t) is int for t in row["other_ids"])
+
+
+def test_blocks_with_a_null_typed_column_mix_with_typed_ones(tmp_path):
+    # Ray Data writes a block whose answers are all None with a null-typed column.
+    rows = random_tokenised_rows(20)
+    pq.write_table(pa.Table.from_pylist([{**r, "answer": None} for r in rows[:10]]), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[10:]), tmp_path / "b.parquet")
+    assert pq.read_schema(tmp_path / "a.parquet").field("answer").type == pa.null()
+    got = {
+        r["row_index"]: r["answer"] for r in itertools.islice(ParquetDirectionStream(tmp_path, 0, "f"), 20)
+    }
+    assert got == {i: (None if i < 10 else str(i % 97)) for i in range(20)}
+
+
+def test_no_rows_is_valid_until_asked(tmp_path):
+    s = ParquetDirectionStream(tmp_path, 0, "reverse")
+    s.skip(5)
+    with pytest.raises(ValueError, match=r"no training rows for direction 'reverse' in .*has none"):
+        next(s)
+
+
+def test_bad_paths_and_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope: no such file or directory \(expected a Parquet"):
+        ParquetDirectionStream(tmp_path / "nope", 0, "forward")
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"x\.parquet: not a readable Parquet file"):
+        ParquetDirectionStream(tmp_path, 0, "forward")
+    with pytest.raises(ValueError, match=r"shuffle_buffer: expected a row count >= 1, got 0"):
+        ParquetDirectionStream(tmp_path, 0, "forward", shuffle_buffer=0)
+
+
+def test_files_with_different_columns_are_named(tmp_path):
+    pq.write_table(pa.table({"row_index": [0], "prompt_ids": [[1]]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"row_index": [1], "ids": [[1]]}), tmp_path / "b.parquet")
+    with pytest.raises(
+        ValueError, match=r"b\.parquet: columns \['row_index', 'ids'\] differ from .* in .*a\.parquet"
+    ):
+        ParquetDirectionStream(tmp_path, 0, "forward")
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_growth_streaming(path: Path, n: int) -> tuple[int, int]:
+    """(peak Arrow bytes, peak RSS growth) held between rows while streaming ``n`` rows of ``path``."""
+    arrow0, rss0 = pa.total_allocated_bytes(), rss_bytes()
+    arrow, rss = 0, 0
+    for k, _ in enumerate(
+        itertools.islice(ParquetDirectionStream(path, 0, "forward", shuffle_buffer=2000), n)
+    ):
+        arrow = max(arrow, pa.total_allocated_bytes() - arrow0)
+        if k % 512 == 0:
+            rss = max(rss, rss_bytes() - rss0)
+    return arrow, rss
+
+
+def python_bytes_per_row(block: pa.Table) -> float:
+    """What one row costs as Python objects (the materialised alternative)."""
+    tracemalloc.start()
+    rows = table_rows(block)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return held / len(rows)
+
+
+def test_memory_is_bounded_by_the_window_not_the_corpus(tmp_path):
+    small = [
+        {**r, "prompt_ids": r["prompt_ids"][:4], "response_ids": r["response_ids"][:4], "other_ids": [5]}
+        for r in BASE
+    ]
+    sizes = (20_000, 200_000)
+    corpora = {
+        n: write_corpus(tmp_path / str(n), n, small, rows_per_group=1000, rows_per_file=50_000) for n in sizes
+    }
+    (arrow_small, rss_small), (arrow_big, rss_big) = (peak_growth_streaming(corpora[n], n) for n in sizes)
+    block = pq.ParquetFile(next(corpora[sizes[0]].glob("*.parquet"))).read_row_group(0)
+    window_bytes = block.nbytes * 3  # a window: at least 2000 rows of whole 1000-row groups
+    materialised = sizes[1] * python_bytes_per_row(block)
+    # Between rows Arrow holds one shuffled window (plus what its pool keeps), Python one chunk of rows:
+    # bounds set by the window, far below the corpus (200 row groups), the same for 20k and 200k rows.
+    corpus_arrow = sizes[1] / block.num_rows * block.nbytes
+    assert arrow_big <= 3 * window_bytes < corpus_arrow / 20, (arrow_small, arrow_big, window_bytes)
+    assert rss_big <= max(1.5 * rss_small, 32 << 20), (rss_small, rss_big)
+    assert rss_big < materialised / 4, (rss_big, materialised)
+
+
+@pytest.mark.integration
+def test_reads_back_a_tokenised_cache_entry_written_by_ray_data(tmp_path, ray_local):
+    from revmix.platform.data.prepare import _write_parquet_cache
+
+    rows = [{**r, "answer": None if r["row_index"] % 3 else r["answer"]} for r in random_tokenised_rows(500)]
+    _write_parquet_cache(rows, tmp_path / "forward")
+    got = list(itertools.islice(ParquetDirectionStream(tmp_path / "forward", 0, "forward", 64), 500))
+    assert sorted(got, key=lambda r: r["row_index"]) == rows
