@@ -18,13 +18,21 @@ it builds a :class:`StageRecipe` and calls its steps in order:
 
 A checkpoint (:mod:`revmix.platform.checkpoint`) holds the trainable weights, optimizer, scheduler, the
 Mixer's state and the last metrics record, written by rank 0.
+
+A run on a bucket (:mod:`revmix.platform.storage`): each worker works in a local staging folder (the
+stage's start model, the checkpoint to resume from and ``metrics.jsonl`` are downloaded into it first);
+rank 0 uploads what it writes — each checkpoint (marker last) with ``metrics.jsonl``, the stop record,
+and at the end the stage model, then ``result.json`` last, which the driver reads from the bucket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +51,7 @@ from revmix.platform.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    publish_checkpoint,
     save_checkpoint,
     stage_checkpoints,
 )
@@ -62,6 +71,7 @@ from revmix.platform.step import (
     nonfinite,
     supervised_step,
 )
+from revmix.platform.storage import Store, local_copy, staging_dir
 
 STOPPED = "stopped.json"  # in stages/<i>/: why the stage stopped early (read by the driver)
 
@@ -80,9 +90,10 @@ class StageJob:
     steps: int
     steps_per_epoch: int
     schedule: Schedule  # the Mixer's reverse fraction over the stage
-    out_dir: Path
+    out_dir: Path  # the local folder rank 0 writes into: the run's, or a worker's staging folder
     use_gpu: bool
-    resume_from: Path | None = None  # a checkpoint of this stage (``--resume``)
+    store: Store | None = None  # the run's store when it is not ``out_dir`` itself (a bucket)
+    resume_from: str | Path | None = None  # a checkpoint of this stage (``--resume``): a path or URI
     inline_data: dict[str, list[dict]] | None = None  # rows by direction when num_workers is 0
     eval_rows: list[dict] | None = None  # held-out rows; None: no evaluation
     on_report: Callable[[dict], None] | None = None  # every step's record, rank 0, in-process runs only
@@ -95,21 +106,63 @@ class StageJob:
 def train_loop_per_worker(config: dict[str, StageJob]) -> None:
     """What ``TorchTrainer`` runs on each worker: ``config["job"]`` is the stage (see the module docstring).
 
-    Rank 0 writes the stage's result to ``stages/<i>/result.json``, where the driver reads it."""
+    Rank 0 writes the stage's result to ``stages/<i>/result.json`` on the run's store, where the driver
+    reads it."""
     import ray.train
 
     context = ray.train.get_context()
-    recipe = StageRecipe(config["job"], context.get_world_rank(), context.get_world_size())
-    recipe.setup()
-    try:
-        recipe.resume()
-        recipe.train()
-    except StageStopped as stop:  # returned, not raised: Ray would restart the workers into the same step
-        recipe.record_stop(str(stop))
+    rank = context.get_world_rank()
+    with contextlib.ExitStack() as local:
+        recipe = StageRecipe(_staged(config["job"], rank, local), rank, context.get_world_size())
+        recipe.setup()
+        try:
+            recipe.resume()
+            recipe.train()
+        except StageStopped as stop:  # returned, not raised: Ray would restart the workers into the same step
+            recipe.record_stop(str(stop))
+            return
+        finally:
+            recipe.cleanup()
+        recipe.finish()
+
+
+def _remote(job: StageJob) -> Store | None:
+    """The run's store when it is off this machine's disk (files then go through a staging folder)."""
+    return job.store if job.store is not None and not job.store.is_local else None
+
+
+def _staged(job: StageJob, rank: int, local: contextlib.ExitStack) -> StageJob:
+    """The job with local paths: for a run on a bucket, a staging folder (removed when ``local`` closes)
+    holding the stage's start model, the checkpoint to resume from and (rank 0) the run's metrics."""
+    store = _remote(job)
+    if store is None:
+        return job
+    work = staging_dir(f"stage{job.stage_index}-rank{rank}")
+    local.callback(shutil.rmtree, work, ignore_errors=True)
+    if rank == 0 and store.is_file("metrics.jsonl"):
+        store.download("metrics.jsonl", work / "metrics.jsonl")
+    return dataclasses.replace(
+        job,
+        out_dir=work,
+        init_path=str(local.enter_context(_fetch(store, job.init_path))),
+        resume_from=local.enter_context(_fetch(store, job.resume_from)) if job.resume_from else None,
+    )
+
+
+@contextlib.contextmanager
+def _fetch(store: Store, location: str | Path) -> Any:
+    """A local copy of ``location``: through the run's store when it lies there, else by its own URI."""
+    prefix = store.url() + "/"
+    if not str(location).startswith(prefix):
+        with local_copy(location) as path:
+            yield path
         return
+    rel = str(location)[len(prefix) :]
+    work = staging_dir("fetch")
+    try:
+        yield store.download(rel, work / Path(rel).name)
     finally:
-        recipe.cleanup()
-    recipe.finish()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -259,6 +312,7 @@ class StageRecipe:
 
         ckpt = ray.train.get_checkpoint()
         resume_dir = Path(ckpt.to_directory()) if ckpt is not None else self.job.resume_from
+        resume_dir = Path(resume_dir) if resume_dir is not None else None
         drawn_by = self.mixer
         if resume_dir is not None:
             state = load_checkpoint(resume_dir, self.policy, self.optimizer, self.scheduler)
@@ -317,6 +371,7 @@ class StageRecipe:
             stage_dir = self.job.out_dir / "stages" / str(self.job.stage_index)
             stage_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(stage_dir / STOPPED, json.dumps({"message": message}))
+            self._publish("metrics.jsonl", f"stages/{self.job.stage_index}/{STOPPED}")
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         """One step on the Mixer's rows for ``step``; its metrics averaged over the workers."""
@@ -414,10 +469,23 @@ class StageRecipe:
             "last": self.last,
         }
         save_checkpoint(path, self.policy, self.optimizer, self.scheduler, state)
-        prune_checkpoints(
-            stage_checkpoints(self.job.out_dir, self.job.stage_index), self.cfg.checkpoint.keep_last
-        )
+        keep = self.cfg.checkpoint.keep_last
+        prune_checkpoints(stage_checkpoints(self.job.out_dir, self.job.stage_index), keep)
+        store = _remote(self.job)
+        if store is not None:  # the bucket's copy: metrics up to this step, then the checkpoint, then pruning
+            self._publish("metrics.jsonl")
+            publish_checkpoint(path, store.child(path.relative_to(self.job.out_dir).as_posix()))
+            prune_checkpoints(stage_checkpoints(store, self.job.stage_index), keep)
         return ray.train.Checkpoint.from_directory(str(path))
+
+    def _publish(self, *rels: str) -> None:
+        """Upload files or folders rank 0 wrote under ``out_dir`` to the run's bucket (a no-op locally)."""
+        store = _remote(self.job)
+        if store is None:
+            return
+        for rel in rels:
+            if (self.job.out_dir / rel).exists():
+                store.upload(self.job.out_dir / rel, rel)
 
     def _train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.t_start
@@ -454,6 +522,8 @@ class StageRecipe:
         merged = merge_lora(self.policy) if self.lora else self.policy
         save_model(merged, self.tokenizer, stage_dir / "model")
         atomic_write(stage_dir / "result.json", json.dumps(result, indent=1))
+        i = self.job.stage_index  # result.json last: the driver takes it as the stage's end
+        self._publish("metrics.jsonl", f"stages/{i}/model", f"stages/{i}/result.json")
 
 
 # --------------------------------------------------------------------------------------------------
