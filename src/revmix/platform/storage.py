@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -214,7 +215,7 @@ class Store:
 
     # ----------------------------------------------------------------------------------- Ray
 
-    def ray_storage(self, rel: str) -> dict[str, object]:
+    def ray_storage(self, rel: str) -> dict[str, Any]:
         """``storage_path`` (and ``storage_filesystem`` off local disk) for Ray's ``RunConfig``."""
         if self.is_local:
             return {"storage_path": self.path(rel)}
