@@ -95,3 +95,10 @@ def test_relative_out_goes_under_revmix_storage(monkeypatch: pytest.MonkeyPatch,
     assert resolve_location("run") == str(tmp_path / "run")
     monkeypatch.delenv(STORAGE_ENV)
     assert resolve_location("run") == str(Path("run").absolute())
+
+
+def test_a_missing_bucket_is_named_before_anything_is_written(s3):
+    store = Store(f"s3://{s3.bucket}-missing/run")
+    with pytest.raises(StorageError, match="does not exist"):
+        store.check_reachable()
+    Store(s3.uri("run")).check_reachable()  # the fixture's bucket exists

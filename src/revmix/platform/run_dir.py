@@ -74,6 +74,7 @@ def is_run(out: Path | Store) -> bool:
 
 def check_out_dir(out: Store, resume: bool) -> None:
     """Refuse an ``--out`` the platform may not use, before anything is written to it."""
+    out.check_reachable()
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory; nothing was written")
     if is_run(out):

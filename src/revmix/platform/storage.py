@@ -102,6 +102,22 @@ class Store:
         sub.uri, sub.fs, sub.root, sub.is_local = self.url(rel), self.fs, self.path(rel), self.is_local
         return sub
 
+    def check_reachable(self) -> None:
+        """Raise :class:`StorageError` naming the location when its bucket does not exist or cannot be
+        reached (before anything is written there); a local folder is created when first written."""
+        if self.is_local:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            found = self.fs.get_file_info(bucket).type == pafs.FileType.Directory
+        except OSError as e:
+            raise StorageError(f"cannot reach {self.uri}: {e}") from None
+        if not found:
+            raise StorageError(
+                f"{self.uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                "create it first, revmix does not create buckets. Nothing was written"
+            )
+
     # ----------------------------------------------------------------------------------- reading
 
     def _info(self, rel: str) -> pafs.FileInfo:

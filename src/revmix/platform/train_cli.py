@@ -81,7 +81,5 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
         prefix = {DataError: "data error: ", TrainingStopped: "stopped: "}.get(type(e), "")
         print(f"revmix train: {prefix}{e}", file=sys.stderr)
         return 1 if isinstance(e, (CheckpointError, TrainingStopped)) else 2  # 2: nothing was written
-    print(
-        json.dumps({"out": summary["out_dir"], "steps": summary["steps"], "final": summary["final"]})
-    )
+    print(json.dumps({"out": summary["out_dir"], "steps": summary["steps"], "final": summary["final"]}))
     return 0

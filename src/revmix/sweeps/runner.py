@@ -312,6 +312,7 @@ def _comparable(d: dict) -> dict:
 
 
 def _prepare_dir(spec: SweepSpec, out_dir: Store, resume: bool) -> None:
+    out_dir.check_reachable()
     if resume:
         if not out_dir.is_dir(TUNE_DIR):
             raise SweepExistsError(f"--resume: {out_dir} holds no sweep to resume (no {TUNE_DIR}/ inside)")
