@@ -102,3 +102,13 @@ def test_a_missing_bucket_is_named_before_anything_is_written(s3):
     with pytest.raises(StorageError, match="does not exist"):
         store.check_reachable()
     Store(s3.uri("run")).check_reachable()  # the fixture's bucket exists
+
+
+def test_a_pickled_s3_store_needs_no_environment(s3, monkeypatch: pytest.MonkeyPatch):
+    """What a Ray worker gets: the endpoint and keys travel with the store, not with the process."""
+    store = Store(s3.uri("p"))
+    store.write("x.txt", "1")
+    blob = pickle.dumps(store)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key)
+    assert pickle.loads(blob).read_text("x.txt") == "1"

@@ -59,3 +59,21 @@ def test_a_two_stage_run_on_s3_is_interrupted_and_resumes_from_the_bucket(s3, tm
     assert list(tmp_path.iterdir()) == []
     keys = s3.keys("runs/two/")
     assert "runs/two/revmix_run.json" in keys and "runs/two/config.yaml" in keys
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_ray_worker_run_on_s3_reports_through_the_bucket(s3, ray_local, tmp_path, monkeypatch):
+    """One Ray Train worker (its own process): its staging folder is its own, the driver reads the bucket."""
+    monkeypatch.chdir(tmp_path)
+    over = ["data.n_items=40", "stages.0.steps=2", "stages.0.batch_size=4", "stages.0.checkpoint_every=1"]
+    over += ["runtime.num_workers=1", "runtime.cpus_per_worker=0.5", "checkpoint.keep_last=1"]
+    uri = s3.uri("runs/worker")
+    summary = run_experiment(load_config(SFT, over), uri, evaluate=False)
+    store = Store(uri)
+    assert summary["steps"] == 2 and _records(store) == [(0, 1), (0, 2)]
+    assert json.loads(store.read_text("stages/0/result.json"))["steps"] == 2
+    assert store.listdir("checkpoints/stage0") == ["step_000002"]
+    ray_files = s3.keys("runs/worker/ray/")  # Ray's own copy of the kept checkpoint, on the same bucket
+    assert any(k.endswith("step_000002/complete.json") or k.endswith("/complete.json") for k in ray_files)
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ it is what Ray Train and Tune use for their own ``storage_path`` (the same :clas
 credentials), and its S3 client reads the standard AWS environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` /
 ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server) or an instance profile. A :class:`Store` pickles with
-its file system, so Ray workers use the driver's resolved endpoint.
+its file system, so Ray workers use the driver's endpoint and keys (:func:`s3_options`).
 
 Libraries that need a local path (HF ``save_pretrained``/``from_pretrained``, torch, safetensors) work in
 a local folder; :meth:`Store.upload` and :meth:`Store.download` move files between it and the store. On a
@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -66,7 +67,9 @@ class Store:
     def __init__(self, location: str | Path) -> None:
         self.uri = resolve_location(location)
         try:
-            if is_uri(self.uri):
+            if self.uri.startswith("s3://") and "?" not in self.uri:
+                self.fs, self.root = pafs.S3FileSystem(**s3_options()), self.uri[len("s3://") :]
+            elif is_uri(self.uri):
                 self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
             else:
                 self.fs, self.root = pafs.LocalFileSystem(), self.uri
@@ -236,6 +239,26 @@ class Store:
         if self.is_local:
             return {"storage_path": self.path(rel)}
         return {"storage_path": self.path(rel), "storage_filesystem": self.fs}
+
+
+def s3_options() -> dict[str, Any]:
+    """The S3 client's settings from the standard AWS variables, made explicit so that the file system
+    pickles with them: a Ray worker whose process lacks the variables reaches the same endpoint with the
+    same keys (without keys in the environment each node falls back to its own instance profile)."""
+    env = os.environ
+    opts: dict[str, Any] = {}
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        opts.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"])
+        if env.get("AWS_SESSION_TOKEN"):
+            opts["session_token"] = env["AWS_SESSION_TOKEN"]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["region"] = region
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        opts.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme)
+    return opts
 
 
 def open_store(location: str | Path | Store) -> Store:
