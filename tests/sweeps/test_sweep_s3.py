@@ -50,12 +50,21 @@ def _sweep_file(tmp_path: Path) -> Path:
     return path
 
 
-def _finished_trials(store: Store) -> list[str]:
-    return [t for t in store.listdir("trials") if store.is_file(f"trials/{t}/final.json")]
+def _terminated_trials(store: Store) -> list[str]:
+    """Trials Tune's experiment state on the bucket records as TERMINATED (what a resume keeps)."""
+    states = [n for n in store.listdir("tune") if n.startswith("experiment_state-") and n.endswith(".json")]
+    if not states:
+        return []
+    try:
+        data = json.loads(store.read_text(f"tune/{states[-1]}"))
+    except (json.JSONDecodeError, OSError):
+        return []
+    trials = [json.loads(t[0]) for t in data["trial_data"]]
+    return [t["trial_id"] for t in trials if t["status"] == "TERMINATED"]
 
 
 def _kill_when_one_trial_finished(cmd: list[str], store: Store, log: Path) -> str:
-    """Run the CLI sweep; SIGKILL its process group once a trial is done and Tune's state is saved."""
+    """Run the CLI sweep; SIGKILL its process group once Tune's state on the bucket has a trial done."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, killed with it
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
     with open(log, "w") as out:
@@ -65,8 +74,8 @@ def _kill_when_one_trial_finished(cmd: list[str], store: Store, log: Path) -> st
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            done = _finished_trials(store)
-            if done and [n for n in store.listdir("tune") if n.startswith("experiment_state")]:
+            done = _terminated_trials(store)
+            if done:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
                 return done[0]
