@@ -112,3 +112,22 @@ def test_a_pickled_s3_store_needs_no_environment(s3, monkeypatch: pytest.MonkeyP
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(key)
     assert pickle.loads(blob).read_text("x.txt") == "1"
+
+
+def test_train_and_sweep_refuse_a_missing_bucket_or_mlflow_sqlite_there_before_writing(s3, tmp_path, capsys):
+    from revmix.cli import main
+    from revmix.sweeps.runner import SweepExistsError, _check_tracking
+    from revmix.sweeps.spec import load_sweep
+    from tests.sweeps.helpers import sweep_raw, write_sweep
+
+    root = Path(__file__).resolve().parents[2]
+    missing = f"s3://{s3.bucket}-missing/run"
+    assert main(["train", str(root / "configs/runs/sft_tiny.yaml"), "--out", missing]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    sweep = write_sweep(tmp_path, sweep_raw(tracking={"mlflow": False}))
+    assert main(["sweep", str(sweep), "--out", missing]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    sweep = write_sweep(tmp_path, sweep_raw(tracking={"mlflow": True}))
+    with pytest.raises(SweepExistsError, match="tracking_uri"):
+        _check_tracking(load_sweep(sweep), Store(s3.uri("sweep")))
+    assert s3.keys() == []

@@ -311,7 +311,8 @@ def _comparable(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("source", "base")}
 
 
-def _prepare_dir(spec: SweepSpec, out_dir: Store, resume: bool) -> None:
+def _prepare_dir(spec: SweepSpec, out: Path | Store, resume: bool) -> None:
+    out_dir = as_store(out)
     out_dir.check_reachable()
     if resume:
         if not out_dir.is_dir(TUNE_DIR):
