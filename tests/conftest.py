@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.s3_server"]  # the `s3` fixture: a moto S3 server on 127.0.0.1
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

@@ -10,6 +10,10 @@ A checkpoint is a folder ``checkpoints/stage<i>/step_<NNNNNN>`` holding
 * ``complete.json`` — written last: the size of every other file. A folder without it, or whose files
   differ from it (a truncated copy), is not a checkpoint and is never resumed from.
 
+Rank 0 writes a checkpoint locally; when the run lives on a bucket (:mod:`revmix.platform.storage`) it
+is then uploaded to the same layout there, marker last (:func:`publish_checkpoint`), and listing, pruning
+and the completeness check work on either.
+
 The folder is filled under a temporary name, every file is flushed to disk, and one rename makes it
 appear whole; a kill at any moment leaves either the previous checkpoints or the new complete one.
 """
@@ -22,11 +26,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
 from revmix.atomic import fsync_dir, fsync_path
+from revmix.platform.storage import Store, as_store
 
 CKPT_STATE = "state.json"
 CKPT_MARKER = "complete.json"
@@ -41,9 +46,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be restored: incomplete, truncated, foreign or not plain data."""
 
 
-def stage_checkpoints(out_dir: Path, stage_idx: int) -> Path:
-    """The folder of one stage's checkpoints in a run directory."""
-    return out_dir / "checkpoints" / f"stage{stage_idx}"
+@overload
+def stage_checkpoints(out_dir: Path, stage_idx: int) -> Path: ...
+@overload
+def stage_checkpoints(out_dir: Store, stage_idx: int) -> Store: ...
+def stage_checkpoints(out_dir: Path | Store, stage_idx: int) -> Path | Store:
+    """The folder of one stage's checkpoints in a run directory (local, or on the run's store)."""
+    rel = f"checkpoints/stage{stage_idx}"
+    return out_dir.child(rel) if isinstance(out_dir, Store) else Path(out_dir) / rel
 
 
 def checkpoint_path(out_dir: Path, stage_idx: int, step: int) -> Path:
@@ -93,22 +103,29 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint (None: it is one)."""
+def checkpoint_problem(path: Path | Store) -> str | None:
+    """Why ``path`` (a local folder or a folder on a store) is not a complete checkpoint (None: it is one)."""
+    store = as_store(path)
     try:
-        marker = json.loads((path / CKPT_MARKER).read_text())
+        marker = json.loads(store.read_text(CKPT_MARKER))
         files = dict(marker["files"])
     except FileNotFoundError:
         return f"no {CKPT_MARKER} (written last): the checkpoint was never finished"
     except (ValueError, KeyError, TypeError) as e:
         return f"unreadable {CKPT_MARKER}: {e}"
     for name, size in files.items():
-        file = path / name
-        if not file.is_file():
+        found = store.size(name)
+        if found is None:
             return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} is {file.stat().st_size} bytes, {CKPT_MARKER} says {size} (truncated or replaced)"
+        if found != size:
+            return f"{name} is {found} bytes, {CKPT_MARKER} says {size} (truncated or replaced)"
     return None
+
+
+def publish_checkpoint(local: Path, target: Store) -> None:
+    """Copy a complete local checkpoint to a store folder, its marker last (no-op where they coincide):
+    an upload cut short has no marker and is never resumed from."""
+    target.upload(local, "", last=(CKPT_MARKER,))
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
@@ -133,32 +150,48 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> d
     return json.loads((path / CKPT_STATE).read_text())
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoints in ``root``, oldest first (incomplete or truncated ones are skipped)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()]
-    return sorted(p for p in found if checkpoint_problem(p) is None)
+def _complete_names(store: Store) -> list[str]:
+    found = [n for n in store.listdir() if STEP_DIR.fullmatch(n) and store.is_dir(n)]
+    return sorted(n for n in found if checkpoint_problem(store.child(n)) is None)
 
 
-def latest_checkpoint(out_dir: Path, stage_idx: int) -> Path | None:
+@overload
+def complete_checkpoints(root: Path) -> list[Path]: ...
+@overload
+def complete_checkpoints(root: Store) -> list[Store]: ...
+def complete_checkpoints(root: Path | Store) -> list[Path] | list[Store]:
+    """The complete checkpoints in ``root``, oldest first (incomplete or truncated ones are skipped);
+    paths for a local folder, stores for a folder on a store."""
+    names = _complete_names(as_store(root))
+    if isinstance(root, Store):
+        return [root.child(n) for n in names]
+    return [Path(root) / n for n in names]
+
+
+@overload
+def latest_checkpoint(out_dir: Path, stage_idx: int) -> Path | None: ...
+@overload
+def latest_checkpoint(out_dir: Store, stage_idx: int) -> Store | None: ...
+def latest_checkpoint(out_dir: Path | Store, stage_idx: int) -> Path | Store | None:
     """The newest complete checkpoint of a stage, or None."""
     done = complete_checkpoints(stage_checkpoints(out_dir, stage_idx))
     return done[-1] if done else None
 
 
-def prune_checkpoints(root: Path, keep_last: int | None) -> list[Path]:
-    """Remove all but the ``keep_last`` newest complete checkpoints in ``root``; returns the removed ones.
+def prune_checkpoints(root: Path | Store, keep_last: int | None) -> list[Path]:
+    """Remove all but the ``keep_last`` newest complete checkpoints in ``root``; returns the removed ones
+    (as paths under ``root``'s local path or, on a store, its path there).
 
     Only complete checkpoints are removed: their marker proves the platform wrote them.
     """
     if keep_last is None:
         return []
-    done = complete_checkpoints(root)
+    store = as_store(root)
+    done = _complete_names(store)
     removed = done[: max(len(done) - keep_last, 0)]
-    for path in removed:
-        shutil.rmtree(path)
-    return removed
+    for name in removed:
+        store.delete_tree(name)
+    return [Path(store.path(name)) for name in removed]
 
 
 def remove_stale_temporaries(root: Path) -> None:

@@ -18,14 +18,22 @@ it builds a :class:`StageRecipe` and calls its steps in order:
 
 A checkpoint (:mod:`revmix.platform.checkpoint`) holds the trainable weights, optimizer, scheduler, the
 Mixer's state and the last metrics record, written by rank 0.
+
+A run on a bucket (:mod:`revmix.platform.storage`): each worker works in a local staging folder (the
+stage's start model, the checkpoint to resume from and ``metrics.jsonl`` are downloaded into it first);
+rank 0 uploads what it writes — each checkpoint (marker last) with ``metrics.jsonl``, the stop record,
+and at the end the stage model, then ``result.json`` last, which the driver reads from the bucket.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,13 +52,20 @@ from revmix.platform.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    publish_checkpoint,
     save_checkpoint,
     stage_checkpoints,
 )
 from revmix.platform.console import format_eta, quiet_libraries
 from revmix.platform.data.mixer import Mixer, Schedule
 from revmix.platform.data.schema import DIRECTIONS
-from revmix.platform.data.streams import open_direction_stream, row_id, worker_slice
+from revmix.platform.data.streams import (
+    DirectionStream,
+    ExampleStream,
+    open_direction_stream,
+    row_id,
+    worker_slice,
+)
 from revmix.platform.data.tokenize import collate
 from revmix.platform.rollout.engines import RolloutEngine, build_rollout_engine
 from revmix.platform.rollout.objective import RolloutObjective, check_rollout_objective
@@ -63,6 +78,7 @@ from revmix.platform.step import (
     nonfinite,
     supervised_step,
 )
+from revmix.platform.storage import Store, local_copy, staging_dir
 
 STOPPED = "stopped.json"  # in stages/<i>/: why the stage stopped early (read by the driver)
 
@@ -81,10 +97,12 @@ class StageJob:
     steps: int
     steps_per_epoch: int
     schedule: Schedule  # the Mixer's reverse fraction over the stage
-    out_dir: Path
+    out_dir: Path  # the local folder rank 0 writes into: the run's, or a worker's staging folder
     use_gpu: bool
-    resume_from: Path | None = None  # a checkpoint of this stage (``--resume``)
+    store: Store | None = None  # the run's store when it is not ``out_dir`` itself (a bucket)
+    resume_from: str | Path | None = None  # a checkpoint of this stage (``--resume``): a path or URI
     inline_data: dict[str, list[dict]] | None = None  # rows by direction when num_workers is 0
+    stream_dirs: dict[str, str] | None = None  # direction -> tokenised Parquet folder, for streamed data
     eval_rows: list[dict] | None = None  # held-out rows; None: no evaluation
     on_report: Callable[[dict], None] | None = None  # every step's record, rank 0, in-process runs only
 
@@ -96,21 +114,63 @@ class StageJob:
 def train_loop_per_worker(config: dict[str, StageJob]) -> None:
     """What ``TorchTrainer`` runs on each worker: ``config["job"]`` is the stage (see the module docstring).
 
-    Rank 0 writes the stage's result to ``stages/<i>/result.json``, where the driver reads it."""
+    Rank 0 writes the stage's result to ``stages/<i>/result.json`` on the run's store, where the driver
+    reads it."""
     import ray.train
 
     context = ray.train.get_context()
-    recipe = StageRecipe(config["job"], context.get_world_rank(), context.get_world_size())
-    recipe.setup()
-    try:
-        recipe.resume()
-        recipe.train()
-    except StageStopped as stop:  # returned, not raised: Ray would restart the workers into the same step
-        recipe.record_stop(str(stop))
+    rank = context.get_world_rank()
+    with contextlib.ExitStack() as local:
+        recipe = StageRecipe(_staged(config["job"], rank, local), rank, context.get_world_size())
+        recipe.setup()
+        try:
+            recipe.resume()
+            recipe.train()
+        except StageStopped as stop:  # returned, not raised: Ray would restart the workers into the same step
+            recipe.record_stop(str(stop))
+            return
+        finally:
+            recipe.cleanup()
+        recipe.finish()
+
+
+def _remote(job: StageJob) -> Store | None:
+    """The run's store when it is off this machine's disk (files then go through a staging folder)."""
+    return job.store if job.store is not None and not job.store.is_local else None
+
+
+def _staged(job: StageJob, rank: int, local: contextlib.ExitStack) -> StageJob:
+    """The job with local paths: for a run on a bucket, a staging folder (removed when ``local`` closes)
+    holding the stage's start model, the checkpoint to resume from and (rank 0) the run's metrics."""
+    store = _remote(job)
+    if store is None:
+        return job
+    work = staging_dir(f"stage{job.stage_index}-rank{rank}")
+    local.callback(shutil.rmtree, work, ignore_errors=True)
+    if rank == 0 and store.is_file("metrics.jsonl"):
+        store.download("metrics.jsonl", work / "metrics.jsonl")
+    return dataclasses.replace(
+        job,
+        out_dir=work,
+        init_path=str(local.enter_context(_fetch(store, job.init_path))),
+        resume_from=local.enter_context(_fetch(store, job.resume_from)) if job.resume_from else None,
+    )
+
+
+@contextlib.contextmanager
+def _fetch(store: Store, location: str | Path) -> Any:
+    """A local copy of ``location``: through the run's store when it lies there, else by its own URI."""
+    prefix = store.url() + "/"
+    if not str(location).startswith(prefix):
+        with local_copy(location) as path:
+            yield path
         return
+    rel = str(location)[len(prefix) :]
+    work = staging_dir("fetch")
+    try:
+        yield store.download(rel, work / Path(rel).name)
     finally:
-        recipe.cleanup()
-    recipe.finish()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -205,16 +265,18 @@ class StageRecipe:
         of workers: each worker keeps its slice of them (:meth:`_optimizer_step`)."""
         seed = self.cfg.seed
         self.mixer = Mixer(self.stage.batch_size, self.job.steps, self.job.schedule, seed=seed * 7919)
-        if self.job.inline_data is not None:
-            sources: dict[str, Any] = dict(self.job.inline_data)
+        if self.job.stream_dirs is not None:  # large data: read a window at a time, never held whole
+            sources: dict[str, Any] = dict(self.job.stream_dirs)
+        elif self.job.inline_data is not None:
+            sources = dict(self.job.inline_data)
         else:
             import ray.train
 
             sources = {d: ray.train.get_dataset_shard(d) for d in DIRECTIONS}  # unsplit: all rows
         self.streams = {d: open_direction_stream(d, seed * 104729, sources[d]) for d in DIRECTIONS}
-        rows: dict[str, list[dict]] = {d: self.streams[d].rows for d in DIRECTIONS}
         self.ref_cache: ReferenceLogpCache | None = None
-        if self.ref is not None and self.stage.reference == "cache":
+        if self.ref is not None and self.stage.reference == "cache":  # small data only (train.check_streamed)
+            rows: dict[str, list[dict]] = {d: _held(self.streams[d]) for d in DIRECTIONS}
             self.ref_cache = _reference_cache(self.ref, rows, self.tokenizer, self.job.init_path, self.device)
 
     def _setup_step(self) -> None:
@@ -281,6 +343,7 @@ class StageRecipe:
 
         ckpt = ray.train.get_checkpoint()
         resume_dir = Path(ckpt.to_directory()) if ckpt is not None else self.job.resume_from
+        resume_dir = Path(resume_dir) if resume_dir is not None else None
         drawn_by = self.mixer
         if resume_dir is not None:
             state = load_checkpoint(resume_dir, self.policy, self.optimizer, self.scheduler)
@@ -339,6 +402,7 @@ class StageRecipe:
             stage_dir = self.job.out_dir / "stages" / str(self.job.stage_index)
             stage_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(stage_dir / STOPPED, json.dumps({"message": message}))
+            self._publish("metrics.jsonl", f"stages/{self.job.stage_index}/{STOPPED}")
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         """One step on this worker's slice of the Mixer's global rows for ``step``; its metrics averaged
@@ -439,10 +503,23 @@ class StageRecipe:
             "last": self.last,
         }
         save_checkpoint(path, self.policy, self.optimizer, self.scheduler, state)
-        prune_checkpoints(
-            stage_checkpoints(self.job.out_dir, self.job.stage_index), self.cfg.checkpoint.keep_last
-        )
+        keep = self.cfg.checkpoint.keep_last
+        prune_checkpoints(stage_checkpoints(self.job.out_dir, self.job.stage_index), keep)
+        store = _remote(self.job)
+        if store is not None:  # the bucket's copy: metrics up to this step, then the checkpoint, then pruning
+            self._publish("metrics.jsonl")
+            publish_checkpoint(path, store.child(path.relative_to(self.job.out_dir).as_posix()))
+            prune_checkpoints(stage_checkpoints(store, self.job.stage_index), keep)
         return ray.train.Checkpoint.from_directory(str(path))
+
+    def _publish(self, *rels: str) -> None:
+        """Upload files or folders rank 0 wrote under ``out_dir`` to the run's bucket (a no-op locally)."""
+        store = _remote(self.job)
+        if store is None:
+            return
+        for rel in rels:
+            if (self.job.out_dir / rel).exists():
+                store.upload(self.job.out_dir / rel, rel)
 
     def _train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.t_start
@@ -479,11 +556,20 @@ class StageRecipe:
         merged = merge_lora(self.policy) if self.lora else self.policy
         save_model(merged, self.tokenizer, stage_dir / "model")
         atomic_write(stage_dir / "result.json", json.dumps(result, indent=1))
+        i = self.job.stage_index  # result.json last: the driver takes it as the stage's end
+        self._publish("metrics.jsonl", f"stages/{i}/model", f"stages/{i}/result.json")
 
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
+
+
+def _held(stream: ExampleStream) -> list[dict]:
+    """The rows of a stream held in memory (the materialised path); a streamed one has none to give."""
+    if not isinstance(stream, DirectionStream):
+        raise TypeError("the reference cache needs the training rows in memory; this data is streamed")
+    return stream.rows
 
 
 def _device(use_gpu: bool) -> torch.device:

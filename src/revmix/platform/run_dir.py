@@ -29,6 +29,7 @@ import yaml
 
 from revmix.atomic import atomic_write
 from revmix.config import ExperimentConfig, to_dict
+from revmix.platform.storage import Store, as_store
 
 MANIFEST = "revmix_run.json"
 MANIFEST_KIND = "revmix-run"
@@ -62,17 +63,18 @@ class RunExistsError(RunDirError):
     """The output directory already holds a run and ``--resume`` was not given (or holds none to resume)."""
 
 
-def is_run(out: Path) -> bool:
+def is_run(out: Path | Store) -> bool:
     """Whether ``out`` holds a run the platform created (its manifest is there and is ours)."""
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = json.loads(as_store(out).read_text(MANIFEST))
     except (OSError, ValueError):
         return False
     return isinstance(manifest, dict) and manifest.get("kind") == MANIFEST_KIND
 
 
-def check_out_dir(out: Path, resume: bool) -> None:
+def check_out_dir(out: Store, resume: bool) -> None:
     """Refuse an ``--out`` the platform may not use, before anything is written to it."""
+    out.check_reachable()
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory; nothing was written")
     if is_run(out):
@@ -84,16 +86,19 @@ def check_out_dir(out: Path, resume: bool) -> None:
         return
     if resume:
         raise RunExistsError(f"--resume: {out} holds no revmix run to resume (no {MANIFEST})")
-    if out.exists() and any(out.iterdir()):
+    if out.listdir():
         raise RunDirError(
             f"--out {out} is not empty and is not a revmix run (no {MANIFEST}); revmix writes only into a new "
             "or an empty directory, so nothing of yours is overwritten: choose a new --out. Nothing was written"
         )
 
 
-def check_layout(out: Path) -> None:
-    """Refuse to go on when a path the platform replaces holds something it did not make."""
-    final = out / FINAL_MODEL
+def check_layout(store: Store) -> None:
+    """Refuse to go on when a path the platform replaces holds something it did not make (the ``model``
+    link of a local run; a run on a bucket has no link: its summary names the final model)."""
+    if not store.is_local:
+        return
+    final = store.local_path(FINAL_MODEL)
     if final.is_symlink():
         if FINAL_TARGET.fullmatch(os.readlink(final).replace(os.sep, "/")):
             return
@@ -108,23 +113,27 @@ def check_layout(out: Path) -> None:
     )
 
 
-def write_run(out: Path, cfg: ExperimentConfig, changes: list[str]) -> None:
+def write_run(out: Store, cfg: ExperimentConfig, changes: list[str]) -> None:
     """Create (or, on resume, update) the run's ``config.yaml`` and manifest; the first writes to ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((out / MANIFEST).read_text()) if is_run(out) else None
+    manifest = json.loads(out.read_text(MANIFEST)) if is_run(out) else None
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if manifest is None or changes:
-        atomic_write(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        out.write("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if manifest is None:
         manifest = {"kind": MANIFEST_KIND, "format": 1, "created": now, "resumes": []}
     else:
         manifest.setdefault("resumes", []).append({"at": now, "changed": changes})
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
+    out.write(MANIFEST, json.dumps(manifest, indent=1))
 
 
-def link_final_model(out: Path, n_stages: int) -> None:
-    """``<out>/model`` becomes the link to the last stage's model (it may only replace such a link)."""
-    check_layout(out)
+def link_final_model(store: Store, n_stages: int) -> None:
+    """``<out>/model`` becomes the link to the last stage's model (it may only replace such a link).
+
+    Local runs only: object stores have no links (the summary's ``final_model`` names it there)."""
+    check_layout(store)
+    if not store.is_local:
+        return
+    out = store.local_path()
     tmp = out / f".{FINAL_MODEL}.{secrets.token_hex(4)}.tmp"
     tmp.symlink_to(Path("stages") / str(n_stages - 1) / "model")
     try:
@@ -153,10 +162,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resume_config(out: Path, cfg: ExperimentConfig, allow: Iterable[str] = ()) -> list[str]:
+def check_resume_config(out: Store, cfg: ExperimentConfig, allow: Iterable[str] = ()) -> list[str]:
     """Compare ``cfg`` with the run's stored config; returns the changed paths accepted, else raises."""
     try:
-        stored = flatten(yaml.safe_load((out / "config.yaml").read_text()) or {})
+        stored = flatten(yaml.safe_load(out.read_text("config.yaml")) or {})
     except (OSError, yaml.YAMLError) as e:
         raise RunDirError(f"--resume: cannot read the run's config.yaml to compare with ({e})") from None
     new = flatten(to_dict(cfg))
@@ -178,7 +187,7 @@ def check_resume_config(out: Path, cfg: ExperimentConfig, allow: Iterable[str] =
     return accepted
 
 
-def _step_change_problem(out: Path, path: str, stored: dict, new: dict) -> str:
+def _step_change_problem(out: Store, path: str, stored: dict, new: dict) -> str:
     """Why a change of ``stages.<i>.steps`` is not safe ("" when it is)."""
     m = re.fullmatch(r"stages\.(\d+)\.steps", path)
     if m is None:
@@ -186,17 +195,17 @@ def _step_change_problem(out: Path, path: str, stored: dict, new: dict) -> str:
     old, value = stored.get(path), new.get(path)
     if not isinstance(old, int) or not isinstance(value, int) or value < old:
         return "steps may only grow"
-    later = [p for p in (out / "stages").glob("*") if p.name.isdigit() and int(p.name) > int(m.group(1))]
+    later = [n for n in out.listdir("stages") if n.isdigit() and int(n) > int(m.group(1))]
     later += [
-        p
-        for p in (out / "checkpoints").glob("stage*")
-        if p.name[5:].isdigit() and int(p.name[5:]) > int(m.group(1))
+        n
+        for n in out.listdir("checkpoints")
+        if n.startswith("stage") and n[5:].isdigit() and int(n[5:]) > int(m.group(1))
     ]
     return "a later stage has already started" if later else ""
 
 
-def _resume_message(out: Path, refused: list[str], unflagged: list[str]) -> str:
-    lines = [f"--resume: the config differs from the run's {out / 'config.yaml'}:"]
+def _resume_message(out: Store, refused: list[str], unflagged: list[str]) -> str:
+    lines = [f"--resume: the config differs from the run's {out.url('config.yaml')}:"]
     if refused:
         lines.append("  cannot change in a resumed run (start a new --out instead):")
         lines += [f"    {w}" for w in refused]

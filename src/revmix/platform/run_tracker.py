@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import Any, Protocol
 
 from revmix.atomic import atomic_write
 from revmix.config import ExperimentConfig, MlflowConfig, TrackingConfig, WandbConfig, to_dict
+from revmix.platform.storage import Store, is_uri, resolve_location, staging_dir
 from revmix.platform.tracking import (
     ensure_mlflow_experiment,
     mlflow_key,
@@ -268,7 +270,27 @@ def _tracker_actor(args: tuple[Any, ...]) -> tuple[RunTracking, Callable[[bool],
 def track_run(cfg: ExperimentConfig, out_dir: str | Path, verbose: bool = False) -> Iterator[RunTracking]:
     """The trackers of ``cfg.tracking`` for a run into ``out_dir``: in the driver for an in-process run,
     else as a Ray actor. Closed on exit; an exception marks the MLflow run FAILED and the W&B run's exit
-    code 1."""
+    code 1. On a bucket the trackers write into a local folder on the driver's node (they need a file
+    system), downloaded from the bucket first on a resume and uploaded to ``<run>/tracking`` at the end."""
+    location = resolve_location(out_dir)
+    if not cfg.tracking.enabled or not is_uri(location):
+        with _track_into(cfg, location, verbose) as tracking:
+            yield tracking
+        return
+    store, local = Store(location), staging_dir("tracking")
+    try:
+        if store.is_dir(TRACKING_DIR):
+            store.download(TRACKING_DIR, local / TRACKING_DIR)
+        with _track_into(cfg, local, verbose) as tracking:
+            yield tracking
+    finally:
+        if (local / TRACKING_DIR).is_dir():
+            store.upload(local / TRACKING_DIR, TRACKING_DIR)
+        shutil.rmtree(local, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _track_into(cfg: ExperimentConfig, out_dir: str | Path, verbose: bool) -> Iterator[RunTracking]:
     if not cfg.tracking.enabled:
         yield RunTracking(None, None, lambda summary: None)
         return

@@ -4,6 +4,10 @@
 the stage recipe (:mod:`revmix.platform.recipe`) on a typed :class:`~revmix.platform.recipe.StageJob`. A
 stage ends by merging its LoRA adapter into a full model saved under ``stages/<i>/model``, which the next
 stage loads and trains a fresh adapter on — its reference policy is that model with the adapter disabled.
+
+``out_dir`` is a local/NFS folder or a bucket URI (:mod:`revmix.platform.storage`). The driver reads what a
+stage produced (``result.json``, ``stopped.json``, checkpoints to resume from) from that store, never from
+rank 0's local disk: rank 0 writes there (on a bucket: writes locally, then uploads) before it returns.
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ from typing import Any
 
 import torch
 
-from revmix.atomic import atomic_write
 from revmix.config import ConfigError, ExperimentConfig, StageConfig
 from revmix.platform.checkpoint import latest_checkpoint, remove_stale_temporaries, stage_checkpoints
 from revmix.platform.data.mixer import Mixer, schedule_from_config
 from revmix.platform.data.prepare import PreparedData, prepare_data, to_ray_datasets
 from revmix.platform.data.schema import DIRECTIONS
-from revmix.platform.evaluation.hooks import complete_stage_eval, resolve_generator
+from revmix.platform.evaluation.hooks import complete_stage_eval, eval_pending, resolve_generator
 from revmix.platform.recipe import STOPPED, StageJob, train_loop_per_worker
 from revmix.platform.run_dir import (
     RunDirError,
@@ -34,6 +37,7 @@ from revmix.platform.run_dir import (
     link_final_model,
     write_run,
 )
+from revmix.platform.storage import Store, local_copy, open_store
 
 __all__ = ["RunDirError", "RunExistsError", "TrainingStopped", "run_experiment", "stage_plan"]
 
@@ -74,7 +78,7 @@ class _Inputs:
 
 def run_experiment(
     cfg: ExperimentConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | Store,
     *,
     resume: bool = False,
     allow_changes: Sequence[str] = (),
@@ -82,7 +86,8 @@ def run_experiment(
     evaluate: bool = True,
     on_report: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Run every stage of ``cfg`` into ``out_dir``; returns (and writes) ``summary.json``.
+    """Run every stage of ``cfg`` into ``out_dir`` (a path, a URI or a :class:`Store`); returns (and
+    writes) ``summary.json``.
 
     Nothing is written to ``out_dir`` before the directory (:mod:`revmix.platform.run_dir`), the config
     (on ``resume``: unchanged but for the ``allow_changes`` paths), the data and every stage's mix have
@@ -91,7 +96,7 @@ def run_experiment(
     with Ray workers pass ``callbacks`` instead. Raises :class:`TrainingStopped` when a stage stops on a
     non-finite loss or gradient norm.
     """
-    out = Path(out_dir).expanduser().absolute()
+    out = open_store(out_dir)
     check_out_dir(out, resume)
     changes = check_resume_config(out, cfg, allow_changes) if resume else []
     t0 = time.perf_counter()
@@ -103,13 +108,14 @@ def run_experiment(
     for i, stage in enumerate(cfg.stages):
         result = _run_stage(run_cfg, i, out, init_path, inputs, resume, callbacks, on_report)
         summary["stages"].append(_stage_summary(stage, i, result))
-        init_path = str(out / "stages" / str(i) / "model")
+        init_path = out.url(f"stages/{i}/model")
     link_final_model(out, len(cfg.stages))
+    summary["final_model"] = out.url(f"stages/{len(cfg.stages) - 1}/model")
     summary["wall_s"] = time.perf_counter() - t0
     summary["steps"] = sum(s["steps"] for s in summary["stages"])
     summary["final"] = summary["stages"][-1]["final"]
     summary["eval"] = summary["stages"][-1].get("eval")
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    out.write("summary.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -125,9 +131,23 @@ def _prepare_inputs(cfg: ExperimentConfig, evaluate: bool) -> _Inputs:
         cfg.data, tokenizer, tokenizer_id=model_path, pairs_needed_by=pairs[0] if pairs else None
     )
     check_mix(cfg, data)
+    check_streamed(cfg, data)
     use_gpu = cfg.runtime.use_gpu if cfg.runtime.use_gpu is not None else torch.cuda.is_available()
-    datasets = to_ray_datasets(data, cfg.data) if cfg.runtime.num_workers > 0 else None
+    # Streamed data: every worker opens the cache entry's Parquet itself (StageJob.stream_dirs).
+    datasets = to_ray_datasets(data, cfg.data) if cfg.runtime.num_workers > 0 and not data.streamed else None
     return _Inputs(model_path, data, datasets, use_gpu, data.test_rows if evaluate else None)
+
+
+def check_streamed(cfg: ExperimentConfig, data: PreparedData) -> None:
+    """A reference cache holds log-probs of every training row: only for data held in memory."""
+    for i, stage in enumerate(cfg.stages):
+        if data.streamed and stage.objective.needs_reference and stage.reference == "cache":
+            raise ConfigError(
+                f"stages.{i}.reference: 'cache' keeps every training row's reference log-probs, but the "
+                f"{sum(len(r) for r in data.train.values())} training rows are streamed (above "
+                f"data.stream_threshold_rows {cfg.data.stream_threshold_rows}); use 'adapter' or 'copy', or "
+                "raise data.stream_threshold_rows"
+            )
 
 
 def check_mix(cfg: ExperimentConfig, data: PreparedData) -> None:
@@ -148,11 +168,11 @@ def check_mix(cfg: ExperimentConfig, data: PreparedData) -> None:
                 )
 
 
-def _summary_head(cfg: ExperimentConfig, out_dir: Path, inputs: _Inputs) -> dict[str, Any]:
+def _summary_head(cfg: ExperimentConfig, out: Store, inputs: _Inputs) -> dict[str, Any]:
     data = inputs.data
     return {
         "name": cfg.name,
-        "out_dir": str(out_dir),
+        "out_dir": out.url(),
         "model": inputs.model_path,
         "data": {
             "train_items": data.n_items,
@@ -169,7 +189,7 @@ def _summary_head(cfg: ExperimentConfig, out_dir: Path, inputs: _Inputs) -> dict
 def _run_stage(
     cfg: ExperimentConfig,
     i: int,
-    out_dir: Path,
+    out: Store,
     init_path: str,
     inputs: _Inputs,
     resume: bool,
@@ -177,16 +197,17 @@ def _run_stage(
     on_report: Callable[[dict], None] | None,
 ) -> dict:
     """Fit one stage (or read its result when a resumed run already finished it); returns its result."""
-    stage_dir = out_dir / "stages" / str(i)
-    result_path = stage_dir / "result.json"
+    stage_dir = f"stages/{i}"
     data = inputs.data
     plan = stage_plan(cfg.stages[i], data.n_items, len(data.train["forward"]), len(data.train["reverse"]))
-    if resume and result_path.exists():
-        result = json.loads(result_path.read_text())
+    if resume and out.is_file(f"{stage_dir}/result.json"):
+        result = json.loads(out.read_text(f"{stage_dir}/result.json"))
         if result.get("steps") == plan["steps"]:  # else the stage grew (--allow-change stages.<i>.steps)
-            return _with_stage_eval(cfg, result, stage_dir, inputs)
-    (stage_dir / STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop record
-    remove_stale_temporaries(stage_checkpoints(out_dir, i))
+            return _with_stage_eval(cfg, result, out, stage_dir, inputs)
+    out.delete_file(f"{stage_dir}/{STOPPED}")  # an earlier attempt's stop record
+    if out.is_local:  # uploads to a bucket leave no temporaries (an object appears whole or not at all)
+        remove_stale_temporaries(stage_checkpoints(out.local_path(), i))
+    resume_from = latest_checkpoint(out, i) if resume else None
     in_process = cfg.runtime.num_workers == 0
     job = StageJob(
         cfg=cfg,
@@ -195,26 +216,33 @@ def _run_stage(
         steps=plan["steps"],
         steps_per_epoch=plan["steps_per_epoch"],
         schedule=plan["schedule"],
-        out_dir=out_dir,
+        out_dir=out.local_path() if out.is_local else Path(),  # a bucket: each worker stages locally
+        store=out,
         use_gpu=inputs.use_gpu,
-        resume_from=latest_checkpoint(out_dir, i) if resume else None,
-        inline_data=data.train if in_process else None,
+        resume_from=resume_from.url() if resume_from is not None else None,
+        inline_data=data.train if in_process and not data.streamed else None,
+        stream_dirs={d: str(data.entry / d) for d in DIRECTIONS} if data.streamed and data.entry else None,
         eval_rows=inputs.eval_rows,
         on_report=on_report if in_process else None,
     )
     _fit(job, inputs.datasets, callbacks)
-    if (stage_dir / STOPPED).exists():
-        raise TrainingStopped(json.loads((stage_dir / STOPPED).read_text())["message"])
-    return _with_stage_eval(cfg, json.loads(result_path.read_text()), stage_dir, inputs)
+    if out.is_file(f"{stage_dir}/{STOPPED}"):
+        raise TrainingStopped(json.loads(out.read_text(f"{stage_dir}/{STOPPED}"))["message"])
+    return _with_stage_eval(
+        cfg, json.loads(out.read_text(f"{stage_dir}/result.json")), out, stage_dir, inputs
+    )
 
 
-def _with_stage_eval(cfg: ExperimentConfig, result: dict, stage_dir: Path, inputs: _Inputs) -> dict:
+def _with_stage_eval(
+    cfg: ExperimentConfig, result: dict, out: Store, stage_dir: str, inputs: _Inputs
+) -> dict:
     """The stage's result with the generation rank 0 left to the driver done (``eval.generator: vllm``)."""
-    if inputs.eval_rows is None:  # evaluation off (e.g. a resume with evaluate=False): leave it pending
+    if inputs.eval_rows is None or not eval_pending(result):  # evaluation off (e.g. evaluate=False): pending
         return result
-    done = complete_stage_eval(cfg, result, str(stage_dir / "model"), inputs.eval_rows, inputs.use_gpu)
+    with local_copy(out.url(f"{stage_dir}/model")) as model:  # vLLM reads a local folder
+        done = complete_stage_eval(cfg, result, str(model), inputs.eval_rows, inputs.use_gpu)
     if done is not result:
-        atomic_write(stage_dir / "result.json", json.dumps(done, indent=1))
+        out.write(f"{stage_dir}/result.json", json.dumps(done, indent=1))
     return done
 
 
@@ -234,7 +262,7 @@ def _fit(job: StageJob, datasets: dict[str, Any] | None, callbacks: list | None)
         ),
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-stage{job.stage_index}-{int(time.time() * 1000)}",
-            storage_path=_storage_path(cfg, job.out_dir),
+            **_ray_storage(cfg, job.store or Store(job.out_dir)),
             failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             callbacks=callbacks,
@@ -247,11 +275,13 @@ def _fit(job: StageJob, datasets: dict[str, Any] | None, callbacks: list | None)
     trainer.fit()
 
 
-def _storage_path(cfg: ExperimentConfig, out_dir: Path) -> str:
+def _ray_storage(cfg: ExperimentConfig, out: Store) -> dict[str, Any]:
+    """Where Ray keeps its copies of the stage's checkpoints: ``<out>/ray`` on the run's own store, or
+    ``runtime.storage_path`` when set (any path or URI)."""
     sp = cfg.runtime.storage_path
     if sp is None:
-        return str(out_dir / "ray")
-    return sp if "://" in sp else str(Path(sp).expanduser().absolute())
+        return out.ray_storage("ray")
+    return Store(sp if "://" in sp else Path(sp).expanduser().absolute()).ray_storage("")
 
 
 def _stage_summary(stage: StageConfig, idx: int, result: dict) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,11 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="experiment YAML (configs/runs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.lr=1e-3 model.scale=small")
-    p.add_argument("--out", help="run directory: new, empty, or a run to --resume (anything else is refused)")
+    p.add_argument(
+        "--out",
+        help="run directory, a path or a bucket URI (s3://..., gs://...; a relative name goes under "
+        "$REVMIX_STORAGE when set): new, empty, or a run to --resume (anything else is refused)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument(
         "--allow-change",
@@ -65,6 +68,7 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from revmix.platform.data.loaders import DataError
     from revmix.platform.run_tracker import track_run
     from revmix.platform.runtime import ensure_ray
+    from revmix.platform.storage import StorageError
     from revmix.platform.train import RunDirError, TrainingStopped, run_experiment
 
     quiet_libraries(args.verbose)  # before Ray starts: its workers inherit the choice
@@ -82,11 +86,9 @@ def _train(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
                 on_report=tracking.on_report,
             )
             tracking.log_summary(summary)
-    except (RunDirError, ConfigError, DataError, CheckpointError, TrainingStopped) as e:
+    except (RunDirError, ConfigError, DataError, CheckpointError, TrainingStopped, StorageError) as e:
         prefix = {DataError: "data error: ", TrainingStopped: "stopped: "}.get(type(e), "")
         print(f"revmix train: {prefix}{e}", file=sys.stderr)
         return 1 if isinstance(e, (CheckpointError, TrainingStopped)) else 2  # 2: nothing was written
-    print(
-        json.dumps({"out": os.path.abspath(args.out), "steps": summary["steps"], "final": summary["final"]})
-    )
+    print(json.dumps({"out": summary["out_dir"], "steps": summary["steps"], "final": summary["final"]}))
     return 0

@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="sweep YAML (configs/sweeps/*.yaml)")
-    p.add_argument("--out", help="sweep directory (refused if it exists, unless --resume)")
+    p.add_argument(
+        "--out",
+        help="sweep directory: a path or a bucket URI (s3://..., gs://...); a relative name goes under "
+        "$REVMIX_STORAGE when set; refused if it exists, unless --resume",
+    )
     p.add_argument("--resume", action="store_true", help="continue the killed/interrupted sweep in --out")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials; start nothing")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N", help="cap on concurrent trials")
@@ -52,14 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("revmix sweep: --out DIR is required (or --dry-run)", file=sys.stderr)
         return 2
-    if "://" in args.out:
-        print(
-            f"revmix sweep: --out {args.out!r}: the sweep directory must be a path every node can open "
-            "(local disk on one machine, NFS on a cluster); bucket URIs are for runs' runtime.storage_path",
-            file=sys.stderr,
-        )
-        return 2
     from revmix.platform.console import quiet_libraries
+    from revmix.platform.storage import StorageError
     from revmix.sweeps.runner import SweepExistsError, run_sweep
 
     quiet_libraries(args.verbose)  # before Ray starts: its processes inherit the choice
@@ -72,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
             write_report=not args.no_report,
             verbose=args.verbose,
         )
-    except SweepExistsError as e:
+    except (SweepExistsError, StorageError) as e:
         print(f"revmix sweep: {e}", file=sys.stderr)
         return 2
     return _report_failures(outcome.table, outcome.out_dir)
 
 
-def _report_failures(table: Any, out_dir: Path) -> int:
+def _report_failures(table: Any, out_dir: str) -> int:
     """Exit status 1, with each failed trial and its error file on stderr, when any trial ended in ERROR.
 
     A sweep with a failed trial is not a success even if the others finished: scripts and CI must see it.

@@ -21,12 +21,16 @@ Flat metric names (also what a trial reports to Tune at its end, so ``metric:`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from revmix.atomic import atomic_target
+from revmix.platform.storage import Store, staging_dir
 from revmix.sweeps.plan import format_value
 from revmix.sweeps.spec import ALP_PARTS, SweepSpec
 
@@ -330,12 +334,44 @@ def load_table(spec: SweepSpec, out_dir: str | Path):
     return rebuild_table(spec, out_dir) if has_trial_folders(out_dir) else read_table(out_dir)
 
 
-def failed_trials(df, out_dir: str | Path) -> list[tuple[str, Path]]:
-    """``(trial id, its error file)`` for every trial that ended in ERROR, in table order."""
+def failed_trials(df, out_dir: str | Path) -> list[tuple[str, str]]:
+    """``(trial id, its error file)`` for every trial that ended in ERROR, in table order (``out_dir``: a
+    local path or a bucket URI)."""
     if "status" not in df.columns:
         return []
     ids = [str(t) for t in df.loc[df["status"] == STATUS_ERROR, "trial_id"]]
-    return [(t, Path(out_dir) / "trials" / t / ERROR_FILE) for t in ids]
+    return [(t, f"{str(out_dir).rstrip('/')}/trials/{t}/{ERROR_FILE}") for t in ids]
+
+
+# What the table and the report read from a sweep directory (no models, checkpoints or Tune state).
+RECORD_FILES = (TRIAL_META, "final.json", ERROR_FILE, STATUS_FILE, "run/metrics.jsonl")
+SWEEP_FILES = ("spec.json", "sweep.yaml", "results.parquet", "results.csv")
+OUTPUTS = ("results.parquet", "results.csv", "report.md", "report.html", "plots")
+
+
+@contextlib.contextmanager
+def local_record(store: Store) -> Iterator[Path]:
+    """The sweep directory's record as a local folder for the table and report code: the folder itself
+    when local; from a bucket, the trial folders' record files downloaded into a staging folder, and
+    what was written there (results, reports, plots) uploaded back when the block ends without error."""
+    if store.is_local:
+        yield store.local_path()
+        return
+    work = staging_dir("sweep-record")
+    try:
+        for rel in store.walk("trials"):
+            parts = rel.split("/", 1)
+            if len(parts) == 2 and parts[1] in RECORD_FILES:
+                store.download(f"trials/{rel}", work / "trials" / rel)
+        for name in SWEEP_FILES:
+            if store.is_file(name):
+                store.download(name, work / name)
+        yield work
+        for name in OUTPUTS:
+            if (work / name).exists():
+                store.upload(work / name, name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def summary_text(df, metric: str, mode: str, max_rows: int = 20, paths: list[str] | None = None) -> str:

@@ -17,7 +17,11 @@ Sweep directory layout (``--out DIR``)::
     DIR/mlflow.db, DIR/mlruns/     MLflow runs (SQLite) and artifacts, when tracking.mlflow is on
     DIR/wandb/                     W&B run folders (offline-run-*), when tracking.wandb is on
 
-On a multi-node cluster DIR must be shared storage (NFS…): trials write their run there.
+DIR may be a local/NFS path or a bucket URI (``s3://…``, ``gs://…``; :mod:`revmix.platform.storage`):
+trials write their folders and runs there, Tune keeps its experiment state there (``storage_path`` +
+``storage_filesystem``), and the results and reports are built from the trial folders read back from
+there (in a local staging folder) and uploaded. On a multi-node cluster DIR must be a bucket or shared
+storage (NFS…), never a node's local disk.
 
 Resume: ``tune.Tuner.restore(DIR/tune, resume_unfinished=True, restart_errored=False)`` keeps finished
 trials; an unfinished trial's driver starts again and, finding ``run/config.yaml``, calls
@@ -37,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from revmix.atomic import atomic_write
 from revmix.platform.console import quiet_libraries
+from revmix.platform.storage import Store, as_store, open_store, staging_dir
 from revmix.sweeps import results as res
 from revmix.sweeps.resources import TrialResources, plan_resources
 from revmix.sweeps.space import plain_value
@@ -58,8 +62,8 @@ class SweepExistsError(RuntimeError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=1, default=str))
+def _write_json(store: Store, rel: str, data: Any) -> None:
+    store.write(rel, json.dumps(data, indent=1, default=str))
 
 
 @contextlib.contextmanager
@@ -96,12 +100,14 @@ class TrialMeta:
     A retried or resumed trial keeps counting from the time its earlier attempts recorded.
     """
 
-    def __init__(self, tdir: Path, trial_id: str, point: dict[str, Any], seed: int) -> None:
+    def __init__(self, store: Store, tdir: str, trial_id: str, point: dict[str, Any], seed: int) -> None:
         import ray
 
-        self.path = tdir / res.TRIAL_META
+        self.store, self.path = store, f"{tdir}/{res.TRIAL_META}"
         self.data = (
-            json.loads(self.path.read_text()) if self.path.exists() else {"elapsed_s": 0.0, "attempts": 0}
+            json.loads(store.read_text(self.path))
+            if store.is_file(self.path)
+            else {"elapsed_s": 0.0, "attempts": 0}
         )
         self.prior_s = float(self.data.get("elapsed_s") or 0.0)
         self.started = self.last_save = time.time()
@@ -114,7 +120,7 @@ class TrialMeta:
                 "node_id": ray.get_runtime_context().get_node_id(),  # which node ran the (last) attempt
             }
         )
-        _write_json(self.path, self.data)
+        _write_json(self.store, self.path, self.data)
 
     @property
     def attempt(self) -> int:
@@ -128,7 +134,7 @@ class TrialMeta:
         """Record the elapsed time: at most every 5 s while training, always at the end (``force``)."""
         if force or time.time() - self.last_save > 5.0:
             self.data["elapsed_s"] = self.prior_s + time.time() - self.started
-            _write_json(self.path, self.data)
+            _write_json(self.store, self.path, self.data)
             self.last_save = time.time()
 
 
@@ -138,24 +144,24 @@ def trial_fn(config: dict, ctx: dict) -> None:
 
     quiet_libraries()  # a trial's process: the driver's --verbose reaches it via REVMIX_VERBOSE
     spec: SweepSpec = ctx["spec"]
+    store: Store = ctx["store"]  # pickled with its file system: the driver's endpoint and credentials
     trial_id = tune.get_context().get_trial_id()
-    tdir = Path(ctx["out_dir"]) / "trials" / trial_id
-    tdir.mkdir(parents=True, exist_ok=True)
+    tdir = f"trials/{trial_id}"
     point = {p: plain_value(v) for p, v in dict(config["point"]).items()}
     seed = trial_seed(spec, config)
-    meta = TrialMeta(tdir, trial_id, point, seed)
-    (tdir / res.STATUS_FILE).unlink(missing_ok=True)  # a verdict belongs to a trial that has ended
-    if (tdir / "final.json").exists():  # finished before the driver died; Tune had not recorded it yet
-        _report_final(spec, json.loads((tdir / "final.json").read_text()), tdir)
+    meta = TrialMeta(store, tdir, trial_id, point, seed)
+    store.delete_file(f"{tdir}/{res.STATUS_FILE}")  # a verdict belongs to a trial that has ended
+    if store.is_file(f"{tdir}/final.json"):  # finished before the driver died; Tune had not recorded it
+        _report_final(spec, json.loads(store.read_text(f"{tdir}/final.json")))
         return
     cfg = _trial_config(spec, point, seed, trial_id, int(ctx["torch_threads"]))
-    summary = _run_trial(spec, cfg, tdir, meta)
+    summary = _run_trial(spec, cfg, store.child(tdir), meta)
     final = res.flatten_summary(summary)
     final[res.FINAL_MARKER] = 1.0
     meta.save(force=True)
     final["wall_s"] = meta.elapsed_s
-    _write_json(tdir / "final.json", final)
-    _report_final(spec, final, tdir)
+    _write_json(store, f"{tdir}/final.json", final)
+    _report_final(spec, final)
 
 
 def _trial_config(spec: SweepSpec, point: dict[str, Any], seed: int, trial_id: str, threads: int) -> Any:
@@ -169,7 +175,7 @@ def _trial_config(spec: SweepSpec, point: dict[str, Any], seed: int, trial_id: s
     return cfg
 
 
-def _run_trial(spec: SweepSpec, cfg: Any, tdir: Path, meta: TrialMeta) -> dict:
+def _run_trial(spec: SweepSpec, cfg: Any, tdir: Store, meta: TrialMeta) -> dict:
     """``run_experiment`` in ``tdir/run`` (resumed when a config is there); every failure lands in error.txt.
 
     Step metrics reach Tune as they happen: through ``on_report`` in-process, through
@@ -190,13 +196,12 @@ def _run_trial(spec: SweepSpec, cfg: Any, tdir: Path, meta: TrialMeta) -> dict:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks, guard = [TuneReportCallback()], contextlib.nullcontext()
-    run_dir = tdir / "run"
     try:
         with guard:
             return run_experiment(
                 cfg,
-                run_dir,
-                resume=(run_dir / "config.yaml").exists(),
+                tdir.child("run"),
+                resume=tdir.is_file("run/config.yaml"),
                 evaluate=spec.eval,
                 on_report=on_report if in_process else None,
                 callbacks=callbacks,
@@ -208,28 +213,30 @@ def _run_trial(spec: SweepSpec, cfg: Any, tdir: Path, meta: TrialMeta) -> dict:
         raise
 
 
-def _report_final(spec: SweepSpec, final: dict, tdir: Path) -> None:
-    """The trial's last Tune report, with a tiny checkpoint (Tune fills Result.metrics from checkpoints).
+def _report_final(spec: SweepSpec, final: dict) -> None:
+    """The trial's last Tune report, with a tiny checkpoint (Tune fills Result.metrics from checkpoints;
+    it copies the local folder into its storage, under ``DIR/tune/<trial_id>/``).
 
     A step metric (``loss``) lives under ``final/`` here; searchers read it by its own name, so it is
     repeated under that name.
     """
     from ray import tune
 
-    ckpt = tdir / "final_checkpoint"
-    ckpt.mkdir(exist_ok=True)
-    _write_json(ckpt / "final.json", final)
-    report = dict(final)
-    alias = res.metric_column(spec.metric, list(final))
-    if alias != spec.metric and alias in final:
-        report[spec.metric] = final[alias]
-    tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+    ckpt = staging_dir("final-checkpoint")
+    try:
+        (ckpt / "final.json").write_text(json.dumps(final, indent=1, default=str))
+        report = dict(final)
+        alias = res.metric_column(spec.metric, list(final))
+        if alias != spec.metric and alias in final:
+            report[spec.metric] = final[alias]
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def _record_error(tdir: Path, attempt: int) -> None:
-    with open(tdir / res.ERROR_FILE, "a") as f:
-        f.write(f"--- attempt {attempt} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        f.write(traceback.format_exc())
+def _record_error(tdir: Store, attempt: int) -> None:
+    text = f"--- attempt {attempt} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n{traceback.format_exc()}"
+    tdir.append_text(res.ERROR_FILE, text)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -305,36 +312,46 @@ def _comparable(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("source", "base")}
 
 
-def _prepare_dir(spec: SweepSpec, out_dir: Path, resume: bool) -> None:
-    tune_dir = out_dir / TUNE_DIR
+def _prepare_dir(spec: SweepSpec, out: Path | Store, resume: bool) -> None:
+    out_dir = as_store(out)
+    out_dir.check_reachable()
     if resume:
-        if not tune_dir.exists():
+        if not out_dir.is_dir(TUNE_DIR):
             raise SweepExistsError(f"--resume: {out_dir} holds no sweep to resume (no {TUNE_DIR}/ inside)")
-        stored = json.loads((out_dir / "spec.json").read_text()) if (out_dir / "spec.json").exists() else None
+        stored = json.loads(out_dir.read_text("spec.json")) if out_dir.is_file("spec.json") else None
         if stored is not None and _comparable(stored) != _comparable(spec.to_dict()):
             stored, now = _comparable(stored), _comparable(spec.to_dict())
             diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
             raise SweepExistsError(
                 f"--resume: {spec.source} differs from the sweep stored in {out_dir} (keys: "
-                f"{', '.join(diff)}); resume with the original file ({out_dir / 'sweep.yaml'}) or use a new --out"
+                f"{', '.join(diff)}); resume with the original file ({out_dir.url('sweep.yaml')}) or use a new "
+                "--out"
             )
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.listdir():
         raise SweepExistsError(
             f"{out_dir} already exists and is not empty; pass --resume to continue the sweep in it, "
             "or choose a new --out"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     if spec.source.exists():
-        shutil.copyfile(spec.source, out_dir / "sweep.yaml")
-    _write_json(out_dir / "spec.json", spec.to_dict())
+        out_dir.upload(spec.source, "sweep.yaml")
+    _write_json(out_dir, "spec.json", spec.to_dict())
+
+
+def _check_tracking(spec: SweepSpec, store: Store) -> None:
+    """MLflow's default SQLite file needs a local folder: on a bucket, a tracking server must be named."""
+    if spec.tracking.mlflow.enabled and spec.tracking.mlflow.tracking_uri is None and not store.is_local:
+        raise SweepExistsError(
+            f"tracking.mlflow: --out {store} is a bucket, where MLflow's default SQLite store cannot live; "
+            "set tracking.mlflow.tracking_uri (an MLflow server) or turn mlflow off. Nothing was written"
+        )
 
 
 @dataclass
 class SweepOutcome:
-    out_dir: Path
+    out_dir: str  # a local path or a bucket URI
     table: Any  # pandas.DataFrame
-    report: Path | None
+    report: str | None
     resources: TrialResources
 
 
@@ -353,20 +370,24 @@ def run_sweep(
     """
     from revmix.platform.runtime import ensure_ray
 
-    out_dir = Path(out_dir).expanduser().absolute()
-    _prepare_dir(spec, out_dir, resume)
+    store = open_store(out_dir)
+    _check_tracking(spec, store)
+    _prepare_dir(spec, store, resume)
     ensure_ray()
     plan = _plan_on_cluster(spec, max_concurrent)
-    print(f"revmix sweep {spec.name}: {spec.num_trials()} trial(s) → {out_dir}\n  {plan.note}", flush=True)
+    print(f"revmix sweep {spec.name}: {spec.num_trials()} trial(s) → {store}\n  {plan.note}", flush=True)
     prepare_sweep_data(spec)
-    grid = _fit(spec, out_dir, plan, resume=resume, verbose=verbose)
-    table = collect_results(spec, out_dir, grid)
-    res.write_table(table, out_dir)
-    print(res.summary_text(table, spec.metric, spec.mode, paths=list(spec.space)), flush=True)
-    _warn_if_metric_missing(spec, table)
-    report = _report_or_none(out_dir, spec, table) if write_report else None
-    print(f"results: {out_dir / 'results.csv'}" + (f"\nreport: {report}" if report else ""), flush=True)
-    return SweepOutcome(out_dir, table, report, plan)
+    grid = _fit(spec, store, plan, resume=resume, verbose=verbose)
+    collect_verdicts(spec, store, grid)
+    with res.local_record(store) as local:  # the trial folders, read back from a bucket when on one
+        table = res.rebuild_table(spec, local)
+        res.write_table(table, local)
+        print(res.summary_text(table, spec.metric, spec.mode, paths=list(spec.space)), flush=True)
+        _warn_if_metric_missing(spec, table)
+        written = _report_or_none(local, spec, table) if write_report else None
+    report = store.url(written.name) if written else None
+    print(f"results: {store.url('results.csv')}" + (f"\nreport: {report}" if report else ""), flush=True)
+    return SweepOutcome(store.url(), table, report, plan)
 
 
 DATA_PATHS = (
@@ -432,13 +453,14 @@ def _plan_on_cluster(spec: SweepSpec, max_concurrent: int | None) -> TrialResour
     return plan_resources(spec, ray.cluster_resources(), max_concurrent=max_concurrent, node_cpus=node_cpus)
 
 
-def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, verbose: bool) -> Any:
+def _fit(spec: SweepSpec, store: Store, plan: TrialResources, *, resume: bool, verbose: bool) -> Any:
     """Build (or restore) the Tuner and run it to the end; returns Tune's ResultGrid."""
     from ray import tune
 
     from revmix.platform.tracking import tracking_env, tune_callbacks
 
-    ctx = {"spec": spec, "out_dir": str(out_dir), "torch_threads": plan.torch_threads}
+    ctx = {"spec": spec, "store": store, "torch_threads": plan.torch_threads}
+    out_dir = store.local_path() if store.is_local else Path()  # MLflow's SQLite: local sweeps only
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), plan.bundle)
     # Strict metric checking wants the metric in every report; eval/* and final/* metrics only exist in a
     # trial's last one. Auto loggers off: tracking_callbacks adds exactly the ones the sweep asks for.
@@ -449,8 +471,9 @@ def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, 
     with _env(**env):
         if resume:
             tuner = tune.Tuner.restore(
-                str(out_dir / TUNE_DIR),
+                store.path(TUNE_DIR),
                 trainable=trainable,
+                storage_filesystem=store.ray_storage("").get("storage_filesystem"),
                 resume_unfinished=True,
                 resume_errored=False,
                 restart_errored=False,
@@ -471,7 +494,7 @@ def _fit(spec: SweepSpec, out_dir: Path, plan: TrialResources, *, resume: bool, 
                 ),
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
-                    storage_path=str(out_dir),
+                    **store.ray_storage(""),
                     failure_config=tune.FailureConfig(max_failures=1),
                     callbacks=tune_callbacks(spec.tracking, out_dir, spec.name, verbose),
                     verbose=int(verbose),  # 0: no status tables, 1: Tune's default
@@ -501,36 +524,45 @@ def _report_or_none(out_dir: Path, spec: SweepSpec, table: Any) -> Path | None:
         return None
 
 
-def collect_results(spec: SweepSpec, out_dir: Path, grid: Any) -> Any:
-    """One row per Tune trial, built from the trial folders once Tune's verdicts are saved in them.
+def collect_results(spec: SweepSpec, out_dir: Path | Store, grid: Any) -> Any:
+    """One row per Tune trial: the verdicts saved (:func:`collect_verdicts`), then the table rebuilt from
+    the trial folders."""
+    store = as_store(out_dir)
+    collect_verdicts(spec, store, grid)
+    with res.local_record(store) as local:
+        return res.rebuild_table(spec, local)
+
+
+def collect_verdicts(spec: SweepSpec, store: Store, grid: Any) -> None:
+    """Tune's verdict of every trial saved in its folder, from which the results table is then built.
 
     The folders are thereby the whole record of the sweep: ``revmix report DIR`` rebuilds the same table
     from them when ``results.*`` are lost.
     """
     for r in grid:
-        _save_verdict(spec, out_dir / "trials" / Path(r.path).name, r)
-    return res.rebuild_table(spec, out_dir)
+        _save_verdict(spec, store.child(f"trials/{Path(r.path).name}"), r)
 
 
-def _save_verdict(spec: SweepSpec, tdir: Path, result: Any) -> None:
+def _save_verdict(spec: SweepSpec, tdir: Store, result: Any) -> None:
     """Tune's status of one trial into ``tdir``, with a ``trial.json`` and an error file where it has none.
 
     TERMINATED needs a final result; a trial Tune ended without one was stopped early by the scheduler.
     A trial that failed before its driver ran (nothing in ``tdir``) gets its point from Tune's config and
     its error from Tune.
     """
-    tdir.mkdir(parents=True, exist_ok=True)
-    if not (tdir / res.TRIAL_META).exists():
+    if not tdir.is_file(res.TRIAL_META):
         config = result.config or {}
         point = {p: plain_value(v) for p, v in dict(config.get("point") or {}).items()}
         seed = trial_seed(spec, config) if config else spec.seeds[0]
-        meta = {"trial_id": tdir.name, "point": point, "seed": seed, "attempts": 0, "elapsed_s": None}
-        _write_json(tdir / res.TRIAL_META, meta)
+        trial_id = Path(result.path).name
+        meta = {"trial_id": trial_id, "point": point, "seed": seed, "attempts": 0, "elapsed_s": None}
+        _write_json(tdir, res.TRIAL_META, meta)
     if result.error is not None:
         status = res.STATUS_ERROR
-        if not (tdir / res.ERROR_FILE).exists():
-            text = "".join(traceback.format_exception_only(type(result.error), result.error))
-            atomic_write(tdir / res.ERROR_FILE, text)
+        if not tdir.is_file(res.ERROR_FILE):
+            tdir.write(
+                res.ERROR_FILE, "".join(traceback.format_exception_only(type(result.error), result.error))
+            )
     else:
-        status = res.STATUS_OK if (tdir / "final.json").exists() else res.STATUS_STOPPED
-    _write_json(tdir / res.STATUS_FILE, {"status": status})
+        status = res.STATUS_OK if tdir.is_file("final.json") else res.STATUS_STOPPED
+    _write_json(tdir, res.STATUS_FILE, {"status": status})

@@ -178,9 +178,13 @@ def test_memory_is_bounded_by_the_window_not_the_corpus(tmp_path):
 
 @pytest.mark.integration
 def test_reads_back_a_tokenised_cache_entry_written_by_ray_data(tmp_path, ray_local):
-    from revmix.platform.data.prepare import _write_parquet_cache
+    import pyarrow as pa
+    import ray.data
+
+    from revmix.platform.data.cache import tokenised_schema
 
     rows = [{**r, "answer": None if r["row_index"] % 3 else r["answer"]} for r in random_tokenised_rows(500)]
-    _write_parquet_cache(rows, tmp_path / "forward")
+    table = pa.Table.from_pylist(rows, schema=tokenised_schema())
+    ray.data.from_arrow(table).repartition(4).write_parquet(str(tmp_path / "forward"))
     got = list(itertools.islice(ParquetDirectionStream(tmp_path / "forward", 0, "forward", 64), 500))
     assert sorted(got, key=lambda r: r["row_index"]) == rows

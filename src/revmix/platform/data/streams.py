@@ -6,21 +6,34 @@ seed does not depend on the worker's rank: every Ray Train worker holds the same
 step's whole global batch from it and keeps its own slice (:func:`worker_slice`), so the examples of a
 step are the same whatever the number of workers.
 
-:func:`open_direction_stream` is the one place a worker's stream is built; another stream kind (e.g. one
-read from Parquet files) plugs in there, with the same interface: ``position``, ``skip(n)``, ``__next__``.
+:func:`open_direction_stream` is the one place a worker's stream is built: rows held in memory (small
+data, :class:`DirectionStream`) or a folder of tokenised Parquet read a window at a time (data above
+``data.stream_threshold_rows``, :class:`~revmix.platform.data.parquet_stream.ParquetDirectionStream`), both
+with the interface of :class:`ExampleStream`.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from revmix.platform.data.schema import DIRECTIONS
 
 T = TypeVar("T")
+
+
+class ExampleStream(Protocol):
+    """What the Mixer draws from: an endless iterator of one direction's rows, resumable by count."""
+
+    position: int  # examples yielded (or skipped) so far
+
+    def skip(self, n: int) -> None: ...
+
+    def __next__(self) -> dict: ...
 
 
 class DirectionStream:
@@ -61,12 +74,17 @@ class DirectionStream:
         return row
 
 
-def open_direction_stream(direction: str, seed: int, source: list[dict] | Any) -> DirectionStream:
+def open_direction_stream(direction: str, seed: int, source: list[dict] | str | Path | Any) -> ExampleStream:
     """The stream of one direction's training rows, identical on every worker.
 
-    ``source``: the rows themselves (the in-process loop), or a Ray Data dataset or iterator over *all* of
-    the direction's rows (each worker reads the whole small set; it is not split between workers).
+    ``source``: the rows themselves (the in-process loop), a Ray Data dataset or iterator over *all* of
+    the direction's (small, materialised) rows, or the path of its folder in the tokenised cache (large
+    data, streamed from Parquet: each worker reads the global stream a window at a time).
     """
+    if isinstance(source, str | Path):
+        from revmix.platform.data.parquet_stream import ParquetDirectionStream
+
+        return ParquetDirectionStream(source, seed, direction)
     rows = source if isinstance(source, list) else rows_from_shard(source)
     return DirectionStream(rows, seed, direction)
 

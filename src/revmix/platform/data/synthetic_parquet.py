@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from revmix.platform.data.prepare import CACHE_DONE
+from revmix.platform.data.cache import CACHE_DONE
 
 ROWS_PER_GROUP = 8192
 ROWS_PER_FILE = 131072

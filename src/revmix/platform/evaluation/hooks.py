@@ -135,6 +135,11 @@ def resolve_generator(cfg: ExperimentConfig, use_gpu: bool) -> ExperimentConfig:
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"generator": choice})})
 
 
+def eval_pending(result: dict[str, Any]) -> bool:
+    """Whether rank 0 left the stage's generation to the driver (``eval.generator: vllm``)."""
+    return (result.get("eval") or {}).get(PENDING) == "vllm"
+
+
 def complete_stage_eval(
     cfg: ExperimentConfig, result: dict[str, Any], model_dir: str, eval_rows: list[dict], use_gpu: bool
 ) -> dict[str, Any]:
@@ -143,9 +148,9 @@ def complete_stage_eval(
     Runs on the driver after the stage's workers are gone, so the engines get the GPUs training held;
     ALP stays the one rank 0 computed with the live policy.
     """
-    ev = result.get("eval") or {}
-    if ev.get(PENDING) != "vllm":
+    if not eval_pending(result):
         return result
+    ev = result["eval"]
     from revmix.platform.evaluation.runner import evaluate
     from revmix.platform.generation.vllm_backend import RayDataLLMGenerator
 
