@@ -97,16 +97,60 @@ def test_two_stages_chain_models(tmp_path):
     assert os.readlink(tmp_path / "run" / "model") == os.path.join("stages", "1", "model")
 
 
+def _trace(run: Path) -> dict[tuple[int, int], list[str]]:
+    """(step, rank) -> the row ids that worker trained on (a replayed step's last record counts)."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for path in sorted((run / "stages" / "0" / "trace").glob("rows.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out[rec["step"], rec["rank"]] = rec["rows"]
+    return out
+
+
+@pytest.mark.integration
+def test_streamed_data_resumes_on_the_same_examples(tmp_path, ray_local, capsys):
+    """Above data.stream_threshold_rows the rows are tokenised in Ray Data and read from the cache entry's
+    Parquet a window at a time; a resumed run trains on exactly the examples of an uninterrupted one."""
+    over = [
+        *SHORT,
+        "stages.0.steps=5",
+        "stages.0.checkpoint_every=2",
+        "data.stream_threshold_rows=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "runtime.trace=true",
+    ]
+    cfg = load_config(SFT, over)
+    run_experiment(cfg, tmp_path / "full", evaluate=False)
+    assert "streamed from Parquet" in capsys.readouterr().out
+
+    def interrupt_after_step_3(record: dict) -> None:
+        if record["step"] == 3:
+            raise SystemExit("simulated interruption")
+
+    with pytest.raises(SystemExit, match="simulated interruption"):
+        run_experiment(cfg, tmp_path / "cut", evaluate=False, on_report=interrupt_after_step_3)
+    run_experiment(cfg, tmp_path / "cut", evaluate=False, resume=True)
+    full, cut = _trace(tmp_path / "full"), _trace(tmp_path / "cut")
+    assert sorted(full) == [(s, 0) for s in range(1, 6)]
+    assert cut == full
+    assert len({r for rows in full.values() for r in rows}) > 8  # steps draw different examples
+    for a, b in zip(_records(tmp_path / "full"), _records(tmp_path / "cut")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
-def test_two_ray_workers_stream_shards(tmp_path, ray_local):
-    cfg = load_config(
-        SFT, [*SHORT, "stages.0.steps=3", "runtime.num_workers=2", "runtime.cpus_per_worker=0.5"]
-    )
-    summary = run_experiment(cfg, tmp_path / "run", evaluate=False)
+def test_two_ray_workers_stream_from_parquet(tmp_path, ray_local):
+    over = [*SHORT, "stages.0.steps=3", "runtime.num_workers=2", "runtime.cpus_per_worker=0.5"]
+    over += ["data.stream_threshold_rows=0", f"data.cache_dir={tmp_path / 'cache'}", "runtime.trace=true"]
+    summary = run_experiment(load_config(SFT, over), tmp_path / "run", evaluate=False)
     recs = _records(tmp_path / "run")
     assert summary["steps"] == 3 and len(recs) == 3
     assert all(r["mix/n_reverse"] + r["mix/n_forward"] == 8 for r in recs)  # the global batch's mix
+    trace = _trace(tmp_path / "run")
+    for step in range(1, 4):  # every example of a step reaches exactly one worker
+        a, b = trace[step, 0], trace[step, 1]
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
     assert (tmp_path / "run" / "checkpoints" / "stage0" / "step_000003" / "state.json").exists()
 
 
