@@ -59,19 +59,22 @@ def test_existing_run_refused_without_resume(tmp_path):
         run_experiment(cfg, tmp_path / "run", evaluate=False)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    over = [*SHORT, "stages.0.steps=6", "stages.0.checkpoint_every=2", "model.lora.enabled=true"]
-    cfg = load_config(SFT, over)
-    run_experiment(cfg, tmp_path / "full", evaluate=False)
-
+def _interrupted_after_step_3_then_resumed(cfg, run: Path) -> None:
     def interrupt_after_step_3(record: dict) -> None:
         if record["step"] == 3:
             raise SystemExit("simulated interruption")
 
     with pytest.raises(SystemExit, match="simulated interruption"):
-        run_experiment(cfg, tmp_path / "cut", evaluate=False, on_report=interrupt_after_step_3)
+        run_experiment(cfg, run, evaluate=False, on_report=interrupt_after_step_3)
+    run_experiment(cfg, run, evaluate=False, resume=True)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    over = [*SHORT, "stages.0.steps=6", "stages.0.checkpoint_every=2", "model.lora.enabled=true"]
+    cfg = load_config(SFT, over)
+    run_experiment(cfg, tmp_path / "full", evaluate=False)
     # Step 3 ran but its checkpoint (every 2) did not: resume restarts from step 2, replaying step 3.
-    run_experiment(cfg, tmp_path / "cut", evaluate=False, resume=True)
+    _interrupted_after_step_3_then_resumed(cfg, tmp_path / "cut")
     full = _records(tmp_path / "full")
     cut_records = _records(tmp_path / "cut")  # the replayed step 3 replaces its first record
     assert [r["step"] for r in cut_records] == [r["step"] for r in full] == list(range(1, 7))
@@ -122,14 +125,7 @@ def test_streamed_data_resumes_on_the_same_examples(tmp_path, ray_local, capsys)
     cfg = load_config(SFT, over)
     run_experiment(cfg, tmp_path / "full", evaluate=False)
     assert "streamed from Parquet" in capsys.readouterr().out
-
-    def interrupt_after_step_3(record: dict) -> None:
-        if record["step"] == 3:
-            raise SystemExit("simulated interruption")
-
-    with pytest.raises(SystemExit, match="simulated interruption"):
-        run_experiment(cfg, tmp_path / "cut", evaluate=False, on_report=interrupt_after_step_3)
-    run_experiment(cfg, tmp_path / "cut", evaluate=False, resume=True)
+    _interrupted_after_step_3_then_resumed(cfg, tmp_path / "cut")
     full, cut = _trace(tmp_path / "full"), _trace(tmp_path / "cut")
     assert sorted(full) == [(s, 0) for s in range(1, 6)]
     assert cut == full

@@ -335,20 +335,29 @@ def score_completion(completion: str, gold: str, kind: str) -> bool:
     ``choice`` also looks for a letter in the whole completion ("... so the answer is C") when the
     extracted answer is not one; ``exact`` compares the last non-empty line when no answer is marked.
     """
+    if not isinstance(completion, str):
+        _check_kind(kind)
+        return False
+    return is_equivalent(_read_answer(completion, kind), gold, kind)
+
+
+def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown answer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    if not isinstance(completion, str):
-        return False
+
+
+def _read_answer(completion: str, kind: str) -> str | None:
+    """The answer ``completion`` gives under ``kind``: the letter for ``choice`` (from the marked answer,
+    else anywhere in the text); for ``exact`` the last non-empty line when no answer is marked."""
+    _check_kind(kind)
     pred = extract_answer(completion)
     if kind == "choice":
         letter = extract_choice(pred) if pred is not None else None
-        if letter is None:
-            letter = extract_choice(completion)
-        return is_equivalent(letter, gold, "choice")
+        return letter if letter is not None else extract_choice(completion)
     if kind == "exact" and pred is None:
         lines = [line for line in completion.splitlines() if line.strip()]
         pred = lines[-1] if lines else None
-    return is_equivalent(pred, gold, kind)
+    return pred
 
 
 def answer_key(completion: str, kind: str) -> str | None:
@@ -358,17 +367,12 @@ def answer_key(completion: str, kind: str) -> str | None:
     ``choice``; the integer for ``integer``; for ``math`` the number when the answer is a plain number
     (``$18.00`` and ``18`` vote together), else its normal form; for ``exact`` its normalised text.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown answer kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if not isinstance(completion, str):
+        _check_kind(kind)
         return None
-    pred = extract_answer(completion)
+    pred = _read_answer(completion, kind)
     if kind == "choice":
-        letter = extract_choice(pred) if pred is not None else None
-        return letter if letter is not None else extract_choice(completion)
-    if kind == "exact" and pred is None:
-        lines = [line for line in completion.splitlines() if line.strip()]
-        pred = lines[-1] if lines else None
+        return pred
     if pred is None or not pred.strip():
         return None
     if kind == "exact":
