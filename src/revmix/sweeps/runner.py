@@ -32,6 +32,7 @@ Tune's retry of a failed trial (``FailureConfig(max_failures=1)``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from revmix.platform.console import quiet_libraries
+from revmix.platform.data.prepare import cache_root
 from revmix.platform.storage import Store, as_store, open_store, staging_dir
 from revmix.sweeps import results as res
 from revmix.sweeps.resources import TrialResources, plan_resources
@@ -460,7 +462,7 @@ def _fit(spec: SweepSpec, store: Store, plan: TrialResources, *, resume: bool, v
     from revmix.platform.tracking import tracking_env, tune_callbacks
 
     ctx = {"spec": spec, "store": store, "torch_threads": plan.torch_threads}
-    out_dir = store.local_path() if store.is_local else Path()  # MLflow's SQLite: local sweeps only
+    out_dir = store.local_path() if store.is_local else _tracking_root(spec, store)
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), plan.bundle)
     # Strict metric checking wants the metric in every report; eval/* and final/* metrics only exist in a
     # trial's last one. Auto loggers off: tracking_callbacks adds exactly the ones the sweep asks for.
@@ -511,6 +513,15 @@ def _warn_if_metric_missing(spec: SweepSpec, table: Any) -> None:
             f"WARNING: no trial reported metric {spec.metric!r}{did_you_mean(spec.metric, columns)}",
             flush=True,
         )
+
+
+def _tracking_root(spec: SweepSpec, store: Store) -> Path:
+    """Where a bucket sweep's local tracker files go (W&B's offline runs; MLflow needs a server there):
+    a folder under the cache, one per bucket location, said once so the runs can be synced later."""
+    root = cache_root() / "sweep-tracking" / hashlib.sha256(store.url().encode()).hexdigest()[:16]
+    if spec.tracking.wandb.enabled and not spec.tracking.wandb.dir:
+        print(f"revmix sweep: W&B writes its offline runs locally, in {root}/wandb (wandb sync)", flush=True)
+    return root
 
 
 def _report_or_none(out_dir: Path, spec: SweepSpec, table: Any) -> Path | None:
