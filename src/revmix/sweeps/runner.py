@@ -311,7 +311,10 @@ def _env(**values: str):
 
 
 def _comparable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in ("source", "base")}
+    """What a resume must find unchanged: not where the spec came from, nor the trackers (they decide
+    where metrics are copied, not what a trial computes; and a sweep stored before ``tracking`` took its
+    current shape can still be resumed)."""
+    return {k: v for k, v in d.items() if k not in ("source", "base", "tracking")}
 
 
 def _prepare_dir(spec: SweepSpec, out: Path | Store, resume: bool) -> None:
