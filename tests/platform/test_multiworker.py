@@ -117,6 +117,7 @@ DPO_STAGE = (
 
 
 @pytest.mark.slow  # about 2 min on 2 busy cores
+@pytest.mark.heavy
 def test_dpo_lora_two_workers_equal_one(tmp_path, ray_local):
     over = [DPO_STAGE, "model.lora.enabled=true", "model.lora.dropout=0.0"]
     one = _train(RUNS / "dpo_tiny.yaml", tmp_path / "one", [*over, *ONE])
@@ -127,6 +128,7 @@ def test_dpo_lora_two_workers_equal_one(tmp_path, ray_local):
 
 
 @pytest.mark.slow  # about 2 min on 2 busy cores
+@pytest.mark.heavy
 def test_pcgrad_two_workers_equal_one(tmp_path, ray_local):
     """PCGrad projects per micro-batch, before gradients are averaged: the same micro-batches on one or
     two workers give the same projected gradients."""
@@ -147,6 +149,7 @@ PPO_STAGE = (
 
 
 @pytest.mark.slow  # 40-65 s on 2 busy cores
+@pytest.mark.heavy
 def test_ppo_two_workers_equal_one(tmp_path, ray_local):
     """PPO with a group baseline, one mini-batch and row-linear losses: every micro-batch of the global batch
     is sampled with a seed of its place, so both runs roll out the same responses and take the same steps.
@@ -179,6 +182,7 @@ def _kill_rank_after(run: Path, rank: int, step: int, killed: list[int], timeout
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_killed_worker_restarts_group_from_checkpoint(tmp_path, ray_local):
     """A worker killed mid-stage (as it starts step 6 of 8, checkpoints every 2 steps): Ray Train restarts
     both workers from a reported checkpoint, and the run ends at the same step, on the same rows, losses and

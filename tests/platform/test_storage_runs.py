@@ -31,6 +31,7 @@ def _records(store: Store) -> list[tuple[int, int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_two_stage_run_on_s3_is_interrupted_and_resumes_from_the_bucket(s3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may appear in the working folder
     cfg = load_config(SFT, TWO_STAGES)
@@ -63,6 +64,7 @@ def test_a_two_stage_run_on_s3_is_interrupted_and_resumes_from_the_bucket(s3, tm
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_ray_worker_run_on_s3_reports_through_the_bucket(s3, ray_local, tmp_path, monkeypatch):
     """One Ray Train worker (its own process): its staging folder is its own, the driver reads the bucket."""
     monkeypatch.chdir(tmp_path)

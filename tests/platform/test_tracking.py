@@ -197,6 +197,7 @@ def check_tracked_run(out: Path, experiment: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_revmix_train_in_process_tracks_to_all_three_quietly(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -210,6 +211,7 @@ def test_revmix_train_in_process_tracks_to_all_three_quietly(
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_revmix_train_with_ray_workers_tracks_what_the_controller_receives(tmp_path: Path, ray_local) -> None:
     """A Ray Train worker reports; the Train V2 callback hands rank 0's record to the tracker actor."""
     out = tmp_path / "run"

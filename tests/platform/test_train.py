@@ -136,6 +136,7 @@ def test_streamed_data_resumes_on_the_same_examples(tmp_path, ray_local, capsys)
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_ray_workers_stream_from_parquet(tmp_path, ray_local):
     over = [*SHORT, "stages.0.steps=3", "runtime.num_workers=2", "runtime.cpus_per_worker=0.5"]
     over += ["data.stream_threshold_rows=0", f"data.cache_dir={tmp_path / 'cache'}", "runtime.trace=true"]

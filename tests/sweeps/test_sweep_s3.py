@@ -23,7 +23,7 @@ from revmix.sweeps.runner import SweepExistsError, run_sweep
 from revmix.sweeps.spec import load_sweep
 from tests.sweeps.helpers import ROOT, SFT_TINY
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
 
 def _sweep_file(tmp_path: Path) -> Path:

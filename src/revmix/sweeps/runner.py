@@ -425,13 +425,20 @@ def prepare_sweep_data(spec: SweepSpec) -> list[str]:
             [cfg.data.model_dump(mode="json"), cfg.model.model_dump(mode="json"), pairs_needed_by(cfg)]
         )
         if ident not in keys:
-            keys[ident] = prepare_experiment_data(cfg)[2].key
+            try:
+                keys[ident] = prepare_experiment_data(cfg)[2].key
+            except Exception as e:  # e.g. a trial's model that cannot load: that trial fails and is recorded
+                keys[ident] = ""
+                print(
+                    f"revmix sweep: a trial's data was not prepared ahead ({type(e).__name__}); it will try",
+                    flush=True,
+                )
     print(
-        f"revmix sweep: data prepared before the trials: {len(set(keys.values()))} distinct tokenised "
+        f"revmix sweep: data prepared before the trials: {len(set(keys.values()) - {''})} distinct tokenised "
         f"data key(s) for {len(configs)} trial(s)",
         flush=True,
     )
-    return list(dict.fromkeys(keys.values()))
+    return [k for k in dict.fromkeys(keys.values()) if k]
 
 
 def _trial_configs_for_data(spec: SweepSpec) -> list[Any] | None:

@@ -195,6 +195,7 @@ def test_two_processes_building_one_entry_write_one_copy(tmp_path):
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch: about 90 s on 2 busy cores
+@pytest.mark.heavy
 def test_two_runs_preparing_the_same_data_share_one_copy_of_each_row(tmp_path):
     source, _ = _source(tmp_path, n_items=150)
     cache = tmp_path / "cache"

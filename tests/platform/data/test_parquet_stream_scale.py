@@ -15,7 +15,7 @@ import pytest
 from revmix.platform.data.parquet_stream import ParquetDirectionStream
 from revmix.platform.data.synthetic_parquet import write_corpus
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.heavy]
 
 N = 1_000_000
 WORLD = 2

@@ -16,6 +16,7 @@ from revmix.platform.data.prepare import prepare_data
 from revmix.platform.data.synthetic import generate_mix, split_by_item
 from revmix.platform.data.tokenize import chat_prompt_ids, tokenise_checked, tokenise_rows
 from revmix.platform.models import load_tokenizer, resolve_model_path
+from revmix.platform.storage import Store
 from revmix.platform.train import _prepare_inputs, _summary_head
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -126,7 +127,7 @@ def test_prepare_counts_per_direction_prints_one_line_and_fills_the_summary(tmp_
     ]
 
     cfg = load_config(SFT, [f"data.source={f}"])  # the default: truncate
-    summary = _summary_head(cfg, tmp_path / "out", _prepare_inputs(cfg, evaluate=False))["data"]
+    summary = _summary_head(cfg, Store(tmp_path / "out"), _prepare_inputs(cfg, evaluate=False))["data"]
     cut = 0
     for n in lines:
         p, y, _ = _lengths(tokenizer, rows[n - 1])
