@@ -70,7 +70,8 @@ class ParquetDirectionStream:
         self._windows: list[list[Block]] = []
         self._starts: list[int] = []  # first in-epoch offset of each window
         self._window_index = -1
-        self._window: pa.Table | None = None  # the current window's rows, already in their shuffled order
+        self._window: dict[str, Column] = {}  # the current window's columns, in the order read
+        self._order = np.zeros(0, dtype=np.int64)  # the window's rows in their seeded order
         self._chunk_index = -1
         self._chunk: list[dict[str, Any]] = []
         self._chunk_first = 0  # the position of the chunk's first row
@@ -104,8 +105,10 @@ class ParquetDirectionStream:
             self._load(window)
         chunk, i = divmod(offset - self._starts[window], CHUNK_ROWS)
         if chunk != self._chunk_index:
-            assert self._window is not None
-            self._chunk = table_rows(self._window.slice(chunk * CHUNK_ROWS, CHUNK_ROWS))
+            self._chunk = []  # freed before the next chunk is made
+            self._chunk = window_rows(
+                self._window, self._order[chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS]
+            )
             self._chunk_index = chunk
             self._chunk_first = self.position - i
         self.position += 1
@@ -127,16 +130,17 @@ class ParquetDirectionStream:
             start += block.rows
             if pending >= self.shuffle_buffer:
                 pending = 0
-        self._epoch, self._window_index, self._window = epoch, -1, None
+        self._epoch, self._window_index, self._window = epoch, -1, {}
         self._chunk_index, self._chunk = -1, []
 
     def _load(self, window: int) -> None:
-        """Read one window's blocks and put its rows in their seeded order (the previous window is freed
-        first, so at most one window is held)."""
-        self._window, self._chunk, self._chunk_index = None, [], -1
+        """Read one window's blocks and draw its rows' seeded order (the previous window is freed first,
+        so at most one window is held). The rows stay in Arrow's buffers in the order read: a chunk's rows
+        are gathered in the drawn order when they are converted, so the window is never copied."""
+        self._window, self._chunk, self._chunk_index = {}, [], -1
         table = concat([read_block(b) for b in self._windows[window]])
-        perm = seeded_rng(self.seed, self.name, self._epoch, window).permutation(table.num_rows)
-        self._window = table.take(pa.array(perm))
+        self._order = seeded_rng(self.seed, self.name, self._epoch, window).permutation(table.num_rows)
+        self._window = window_columns(table)
         self._window_index = window
 
 
@@ -195,16 +199,91 @@ def seeded_rng(*parts: Any) -> np.random.Generator:
 
 
 def table_rows(table: pa.Table) -> list[dict[str, Any]]:
-    """The rows of ``table`` as plain Python dicts (list columns as lists of ints), converting each list
-    column in one pass over its values rather than one scalar at a time."""
-    columns = {name: column_values(table.column(name).combine_chunks()) for name in table.column_names}
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+    """The rows of ``table`` as plain Python dicts, in order (list columns as lists of ints)."""
+    return window_rows(window_columns(table), np.arange(table.num_rows))
 
 
-def column_values(array: pa.Array) -> list[Any]:
-    if not pa.types.is_list(array.type) or array.null_count:
-        return array.to_pylist()
-    offsets = array.offsets.to_numpy()
-    bounds = (offsets - offsets[0]).tolist()
-    values = array.flatten().to_numpy(zero_copy_only=False).tolist()
-    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+@dataclass(frozen=True)
+class ListColumn:
+    """A list<integer> column without nulls as two numpy views of the Arrow buffers: row ``i`` is
+    ``values[offsets[i]:offsets[i + 1]]`` (``offsets`` index the unsliced child array). ``ints`` is
+    :data:`SHARED_INTS`'s table when every value is one of its indices, else ``None``."""
+
+    offsets: np.ndarray
+    values: np.ndarray
+    ints: np.ndarray | None
+
+
+class SharedInts:
+    """One Python ``int`` object per value in ``[0, size)``, for token ids: a row's ids are picked from it
+    rather than allocated (ids above 256 are not cached by Python), which is about a third of converting a
+    row and also spares freeing them. Grown on demand (doubling) up to ``LIMIT`` values, which covers
+    every tokenizer vocabulary in use (about 10 MB at most, shared by every stream in the process)."""
+
+    LIMIT = 1 << 18
+
+    def __init__(self) -> None:
+        self.table = np.zeros(0, dtype=object)
+
+    def covering(self, values: np.ndarray) -> np.ndarray | None:
+        """The table, grown to cover ``values``; ``None`` when some value is negative or >= ``LIMIT``."""
+        if not len(values):
+            return self.table
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= self.LIMIT:
+            return None
+        if high >= len(self.table):
+            size = min(self.LIMIT, max(high + 1, 2 * len(self.table)))
+            self.table = np.array(range(size), dtype=object)
+        return self.table
+
+
+SHARED_INTS = SharedInts()
+
+
+Column = ListColumn | np.ndarray | list[Any]
+
+
+def window_columns(table: pa.Table) -> dict[str, Column]:
+    """``table``'s columns in the form :func:`window_rows` converts fastest: list<integer> and integer
+    columns without nulls as numpy views (no Python objects), strings and all-null columns as numpy object
+    arrays (one ``str`` or ``None`` a row), anything else as a Python list."""
+    return {name: _column(table.column(name).combine_chunks()) for name in table.column_names}
+
+
+def _column(array: pa.Array) -> Column:
+    kind, nulls = array.type, array.null_count
+    if pa.types.is_list(kind) and pa.types.is_integer(kind.value_type) and not nulls:
+        values = array.values
+        if not values.null_count:
+            ids = values.to_numpy()
+            return ListColumn(array.offsets.to_numpy(), ids, SHARED_INTS.covering(ids))
+    if pa.types.is_integer(kind) and not nulls:
+        return array.to_numpy()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
+        return array.to_numpy(zero_copy_only=False)
+    return array.to_pylist()
+
+
+def window_rows(columns: dict[str, Column], rows: np.ndarray) -> list[dict[str, Any]]:
+    """The rows at the indices ``rows`` (an int64 array) as plain Python dicts, in that order. Each column
+    is converted for all the rows at once: list columns gather their values with numpy, become one Python
+    list and are cut into rows by slicing, so no Arrow scalar and no per-row numpy call is made."""
+    values = [_column_rows(column, rows) for column in columns.values()]
+    return [dict(zip(columns, row)) for row in zip(*values)]
+
+
+def _column_rows(column: Column, rows: np.ndarray) -> list[Any]:
+    if isinstance(column, ListColumn):
+        starts = column.offsets[rows]
+        lengths = column.offsets[rows + 1] - starts
+        bounds = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        gather = np.repeat(starts - bounds[:-1], lengths) + np.arange(bounds[-1])
+        picked = column.values[gather]
+        flat = (picked if column.ints is None else column.ints[picked]).tolist()
+        cuts = bounds.tolist()
+        return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
+    if isinstance(column, np.ndarray):
+        return column[rows].tolist()
+    return [column[i] for i in rows.tolist()]
