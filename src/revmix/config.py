@@ -338,6 +338,28 @@ class ExperimentConfig(Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _fsdp_covers_stages(self) -> ExperimentConfig:
+        """What ``runtime.strategy: fsdp`` does not cover, refused before anything runs."""
+        if self.runtime.strategy != "fsdp":
+            return self
+        from revmix.objectives.multitask import MultiTask
+
+        for i, st in enumerate(self.stages):
+            obj = st.objective
+            if obj.needs_rollouts:
+                raise ValueError(
+                    f"stages.{i}.objective {obj.name!r} samples with the live weights, which "
+                    "runtime.strategy=fsdp does not cover; use runtime.strategy=ddp"
+                )
+            if (isinstance(obj, MultiTask) and obj.gradient_surgery == "pcgrad") or st.grad_cosine_every:
+                raise ValueError(
+                    f"stages.{i}: gradient_surgery pcgrad and grad_cosine_every compute per-direction "
+                    "gradients outside runtime.strategy=fsdp's sharded reduction; use runtime.strategy=ddp, "
+                    f"or set stages.{i}.objective.gradient_surgery=none and stages.{i}.grad_cosine_every=0"
+                )
+        return self
+
 
 def to_dict(obj: Any) -> Any:
     """Plain-data form of a config (what ``config.yaml`` of a run holds)."""

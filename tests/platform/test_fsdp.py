@@ -43,6 +43,21 @@ def test_fsdp_needs_ray_workers():
     assert load_config(RUNS / "sft_tiny.yaml", []).runtime.strategy == "ddp"
 
 
+@pytest.mark.parametrize(
+    ("config", "override", "named"),
+    [
+        ("ppo_tiny.yaml", [], "samples with the live weights"),
+        ("multitask_tiny.yaml", [], "gradient_surgery pcgrad"),
+        ("sft_tiny.yaml", ["stages.0.grad_cosine_every=2"], "grad_cosine_every"),
+    ],
+)
+def test_fsdp_refuses_what_it_does_not_cover(config, override, named):
+    over = ["runtime.strategy=fsdp", "runtime.num_workers=2", *override]
+    with pytest.raises(ValueError, match=named) as err:
+        load_config(RUNS / config, over)
+    assert "runtime.strategy=ddp" in str(err.value)
+
+
 def test_unknown_strategy_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"runtime.strategy: 'zero3' is not one of ddp, fsdp"):
         load_config(RUNS / "sft_tiny.yaml", ["runtime.strategy=zero3"])
@@ -88,10 +103,10 @@ def _assert_same_training(one: Path, two: Path, weights_rel: float = 1e-3) -> No
     assert sorted(w1) == sorted(w2) and w1
     start = load_model(str(_start_model(one)))
     moved = 0
-    for name, a in w1.items():
-        drift = float((w2[name] - a).norm())
-        assert drift <= weights_rel * float(a.norm()) + 1e-12, (name, drift, float(a.norm()))
-        moved += int(not torch.equal(a.float(), start.state_dict()[name]))
+    for name, w in w1.items():
+        drift = float((w2[name] - w).norm())
+        assert drift <= weights_rel * float(w.norm()) + 1e-12, (name, drift, float(w.norm()))
+        moved += int(not torch.equal(w.float(), start.state_dict()[name]))
     assert moved, "training changed no weight: the comparison would prove nothing"
 
 
@@ -152,3 +167,42 @@ def test_killed_fsdp_worker_resumes_from_sharded_checkpoint(tmp_path, ray_local)
     assert [r["step"] for r in _records(two)] == list(range(1, steps + 1))  # no duplicate line
     _assert_rows_split(one, two, steps=steps)
     _assert_same_training(one, two)
+
+
+# ---------------------------------------------------------------- bf16 mixed precision (CUDA)
+
+
+@pytest.fixture
+def one_gpu_group(tmp_path):
+    """A 1-process NCCL group on the first GPU: FSDP2's mixed precision without Ray."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield torch.device("cuda", 0)
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_mixed_precision_computes_in_bf16_keeps_fp32_shards(one_gpu_group):
+    """``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: the layers see bf16 weights and
+    activations, the sharded parameters and their gradients stay fp32, and the loss is the fp32 model's
+    within bf16 rounding."""
+    from revmix.platform.fsdp import shard_policy
+    from revmix.platform.models import resolve_model_path
+
+    path = resolve_model_path(None, "tiny", 0)
+    ids = (torch.arange(4 * 32).reshape(4, 32) % 200 + 5).to(one_gpu_group)
+    plain = load_model(path, dtype="float32", device=one_gpu_group)
+    expected = float(plain(input_ids=ids, labels=ids).loss)
+    model = load_model(path, dtype="float32", device=one_gpu_group)
+    shard_policy(model, one_gpu_group, bf16=True)
+    seen: list[torch.dtype] = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(m.weight.dtype))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert seen == [torch.bfloat16]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    assert float(loss) == pytest.approx(expected, rel=2e-2)  # bf16 keeps ~3 significant digits

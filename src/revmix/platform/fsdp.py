@@ -117,18 +117,13 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     weights, optim = get_state_dict(model, optimizer, options=_options())
-    state = {"model": weights, "optim": optim}
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(folder))  # fills both in place
     set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
-        options=_options(strict=False),
+        model, optimizer, model_state_dict=weights, optim_state_dict=optim, options=_options(strict=False)
     )
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     """The whole model's state dict on rank 0, on CPU (empty on the other ranks; collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

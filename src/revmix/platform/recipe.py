@@ -258,14 +258,10 @@ class StageRecipe:
         self.policy_forward = policy_forward(self.policy, groups, self.world, self.cfg.runtime.packing)
 
     def _shard_policy(self) -> None:
-        """``runtime.strategy: fsdp`` (:mod:`revmix.platform.fsdp`), after refusing what it does not cover."""
+        """``runtime.strategy: fsdp`` (:mod:`revmix.platform.fsdp`; the config refuses the objectives it does
+        not cover)."""
         from revmix.platform import fsdp
 
-        if self.objective.needs_rollouts:
-            raise ValueError(
-                f"runtime.strategy=fsdp: stages.{self.job.stage_index}.objective "
-                f"{self.stage.objective.name!r} samples with the live weights; use runtime.strategy=ddp"
-            )
         if _remote(self.job) is not None:
             raise ValueError(
                 "runtime.strategy=fsdp writes sharded checkpoints into one folder every worker sees; "
