@@ -218,6 +218,9 @@ class RuntimeConfig(Strict):
     activation_checkpointing: Literal["auto", "on", "off"] = _f(
         "auto", "recompute activations in backward (~30% more compute, far less memory); auto: on on GPU"
     )
+    strategy: Literal["ddp", "fsdp"] = _f(
+        "ddp", "ddp: a full model replica per worker; fsdp: FSDP2-sharded weights, grads, optimizer state"
+    )
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint (-1: no limit)", ge=-1)
     on_nonfinite: Literal["stop", "skip_step"] = _f(
         "stop", "non-finite loss or grad norm: stop (keeping the last good checkpoint) or skip that step"
@@ -226,6 +229,15 @@ class RuntimeConfig(Strict):
     trace: bool = _f(
         False, "write each worker's pid and per-step row ids to stages/<i>/trace/ (tests, debugging)"
     )
+
+    @model_validator(mode="after")
+    def _fsdp_has_workers(self) -> RuntimeConfig:
+        if self.strategy == "fsdp" and self.num_workers == 0:
+            raise ValueError(
+                "runtime.strategy=fsdp shards the model over Ray Train workers: set runtime.num_workers >= 1 "
+                "(0 trains in-process, unsharded), or runtime.strategy=ddp"
+            )
+        return self
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod
@@ -323,6 +335,28 @@ class ExperimentConfig(Strict):
                 raise ValueError(
                     f"stages.{i}.batch_size: {st.batch_size} is not divisible by num_workers × grad_accum = "
                     f"{workers * st.grad_accum}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_covers_stages(self) -> ExperimentConfig:
+        """What ``runtime.strategy: fsdp`` does not cover, refused before anything runs."""
+        if self.runtime.strategy != "fsdp":
+            return self
+        from revmix.objectives.multitask import MultiTask
+
+        for i, st in enumerate(self.stages):
+            obj = st.objective
+            if obj.needs_rollouts:
+                raise ValueError(
+                    f"stages.{i}.objective {obj.name!r} samples with the live weights, which "
+                    "runtime.strategy=fsdp does not cover; use runtime.strategy=ddp"
+                )
+            if (isinstance(obj, MultiTask) and obj.gradient_surgery == "pcgrad") or st.grad_cosine_every:
+                raise ValueError(
+                    f"stages.{i}: gradient_surgery pcgrad and grad_cosine_every compute per-direction "
+                    "gradients outside runtime.strategy=fsdp's sharded reduction; use runtime.strategy=ddp, "
+                    f"or set stages.{i}.objective.gradient_surgery=none and stages.{i}.grad_cosine_every=0"
                 )
         return self
 

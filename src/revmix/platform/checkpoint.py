@@ -7,6 +7,9 @@ A checkpoint is a folder ``checkpoints/stage<i>/step_<NNNNNN>`` holding
   back with ``torch.load(weights_only=True)``, so a checkpoint from a shared bucket cannot run code;
 * ``state.json`` — the Mixer's state, the step's last metrics record and the counters the stage's result
   needs (tokens, seconds, skipped steps), so a resume at the last step still writes a complete summary;
+* with ``runtime.strategy: fsdp``, ``sharded/`` instead of ``trainable.safetensors`` and the optimizer's
+  part of ``optim.pt``: every worker's shards of both (``torch.distributed.checkpoint``, written by every
+  worker: :func:`save_sharded_checkpoint`, :mod:`revmix.platform.fsdp`), resumable on any number of workers;
 * ``complete.json`` — written last: the size of every other file. A folder without it, or whose files
   differ from it (a truncated copy), is not a checkpoint and is never resumed from.
 
@@ -37,6 +40,7 @@ CKPT_STATE = "state.json"
 CKPT_MARKER = "complete.json"
 WEIGHTS = "trainable.safetensors"
 OPTIM = "optim.pt"
+SHARDED = "sharded"  # a sharded (FSDP) checkpoint's folder of weight and optimizer shards
 CKPT_FILES = (WEIGHTS, OPTIM, CKPT_STATE, CKPT_MARKER)
 STEP_DIR = re.compile(r"step_(\d{6})")
 TEMP_DIR = re.compile(r"\.step_\d{6}\.[A-Za-z0-9_]+\.tmp")  # what save_checkpoint fills before the rename
@@ -66,20 +70,54 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, stat
 
     from revmix.platform.models import trainable_state_dict
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temp_dir(path)
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()}
         save_file(weights, str(tmp / WEIGHTS))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM)
-        (tmp / CKPT_STATE).write_text(json.dumps(state))
-        sizes = {name: _synced_size(tmp / name) for name in (WEIGHTS, OPTIM, CKPT_STATE)}
-        (tmp / CKPT_MARKER).write_text(json.dumps({"format": 1, "files": sizes}))
-        _synced_size(tmp / CKPT_MARKER)
-        _replace_dir(tmp, path)
+        _seal(tmp, path, state)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder; gone already after the rename
     fsync_dir(path.parent)
+
+
+def save_sharded_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict, rank: int
+) -> None:
+    """:func:`save_checkpoint` of a sharded (FSDP) model, called by every worker: each writes its shards
+    into rank 0's temporary folder, then rank 0 adds the scheduler and ``state`` and renames it. The
+    folder must be one all workers see (one machine, or a shared file system)."""
+    from revmix.platform import fsdp
+
+    tmp = Path(fsdp.shared_value(str(_temp_dir(path)) if rank == 0 else None))
+    try:
+        fsdp.save_sharded(tmp / SHARDED, model, optimizer)
+        fsdp.barrier()  # every worker's shards are on disk
+        if rank == 0:
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / OPTIM)
+            _seal(tmp, path, state)
+    finally:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:
+        fsync_dir(path.parent)
+    fsdp.barrier()  # the checkpoint is complete before any worker goes on (and reports it)
+
+
+def _temp_dir(path: Path) -> Path:
+    """The temporary folder a checkpoint is filled in, beside its final place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+
+
+def _seal(tmp: Path, path: Path, state: dict) -> None:
+    """Write ``state``, then the marker listing every file's size (synced), then rename ``tmp`` to ``path``."""
+    (tmp / CKPT_STATE).write_text(json.dumps(state))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    sizes = {p.relative_to(tmp).as_posix(): _synced_size(p) for p in files}
+    (tmp / CKPT_MARKER).write_text(json.dumps({"format": 1, "files": sizes}))
+    _synced_size(tmp / CKPT_MARKER)
+    _replace_dir(tmp, path)
 
 
 def _synced_size(file: Path) -> int:
@@ -92,7 +130,7 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.replace(tmp, path)
         return
-    foreign = [p.name for p in path.iterdir() if p.name not in CKPT_FILES or not p.is_file()]
+    foreign = [p.name for p in path.iterdir() if not _ours(p)]
     if foreign:  # only checkpoint files (even an unfinished checkpoint's) are ours to remove
         raise CheckpointError(
             f"refusing to replace {path}: it holds {', '.join(sorted(foreign))}, not a checkpoint's files"
@@ -101,6 +139,11 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _ours(p: Path) -> bool:
+    """A file or folder a checkpoint holds (perhaps an unfinished checkpoint's)."""
+    return p.name in CKPT_FILES and p.is_file() or (p.name == SHARDED and p.is_dir())
 
 
 def checkpoint_problem(path: Path | Store) -> str | None:
@@ -129,25 +172,43 @@ def publish_checkpoint(local: Path, target: Store) -> None:
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns its ``state``."""
-    from safetensors.torch import load_file
-
-    from revmix.platform.models import load_trainable_state_dict
+    """Restore what :func:`save_checkpoint` (or, every worker calling it, :func:`save_sharded_checkpoint`)
+    wrote; returns its ``state``."""
+    from revmix.platform import fsdp
 
     problem = checkpoint_problem(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path}: {problem}")
-    try:
-        load_trainable_state_dict(model, load_file(str(path / WEIGHTS)))
-    except KeyError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
+    sharded = (path / SHARDED).is_dir()
+    if sharded != fsdp.is_sharded(model):
+        kinds = ("a full (runtime.strategy=ddp)", "a sharded (runtime.strategy=fsdp)")
+        raise CheckpointError(
+            f"checkpoint {path} is {kinds[sharded]} checkpoint; this run uses runtime.strategy="
+            f"{'fsdp' if fsdp.is_sharded(model) else 'ddp'}: resume with the strategy that wrote it"
+        )
+    if sharded:
+        fsdp.load_sharded(path / SHARDED, model, optimizer)
+    else:
+        _load_weights(path, model)
     try:  # tensors and plain values only: unpickling anything else could run code
         opt = torch.load(path / OPTIM, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path}/{OPTIM}: not plain tensors and values ({e})") from None
-    optimizer.load_state_dict(opt["optimizer"])
+    if not sharded:
+        optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((path / CKPT_STATE).read_text())
+
+
+def _load_weights(path: Path, model: Any) -> None:
+    from safetensors.torch import load_file
+
+    from revmix.platform.models import load_trainable_state_dict
+
+    try:
+        load_trainable_state_dict(model, load_file(str(path / WEIGHTS)))
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
 
 
 def _complete_names(store: Store) -> list[str]:

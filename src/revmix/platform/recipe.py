@@ -4,7 +4,7 @@
 it builds a :class:`StageRecipe` and calls its steps in order:
 
 1. :meth:`~StageRecipe.setup` — runtime (threads, device, seed), model (policy + tokenizer, LoRA),
-   objective and reference, the model forward passes go through (length groups, DDP), optimizer and LR
+   objective and reference, the model forward passes go through (length groups, DDP or FSDP), optimizer and LR
    schedule, data (Mixer, per-direction streams, reference cache), and the step function (supervised, or
    PPO's with a rollout engine);
 2. :meth:`~StageRecipe.resume` — from Ray's checkpoint after a worker-group restart, or from the run's own
@@ -17,7 +17,9 @@ it builds a :class:`StageRecipe` and calls its steps in order:
 5. :meth:`~StageRecipe.finish` — evaluate, detach training-only heads, save the stage model (LoRA merged).
 
 A checkpoint (:mod:`revmix.platform.checkpoint`) holds the trainable weights, optimizer, scheduler, the
-Mixer's state and the last metrics record, written by rank 0.
+Mixer's state and the last metrics record, written by rank 0 (with ``runtime.strategy: fsdp`` every
+worker writes its shards of the weights and optimizer; at the stage's end the model is gathered whole to
+rank 0, which evaluates and saves it).
 
 A run on a bucket (:mod:`revmix.platform.storage`): each worker works in a local staging folder (the
 stage's start model, the checkpoint to resume from and ``metrics.jsonl`` are downloaded into it first);
@@ -54,6 +56,7 @@ from revmix.platform.checkpoint import (
     prune_checkpoints,
     publish_checkpoint,
     save_checkpoint,
+    save_sharded_checkpoint,
     stage_checkpoints,
 )
 from revmix.platform.console import format_eta, quiet_libraries
@@ -245,11 +248,31 @@ class StageRecipe:
             from revmix.objectives.buckets import LengthBucketedLM
 
             self.train_model = LengthBucketedLM(self.policy, groups)
-        if self.world > 1:  # DDP wraps the bucketed model: still one forward per backward
+        self.sharded = self.cfg.runtime.strategy == "fsdp"
+        if self.sharded:  # FSDP2 shards the policy in place; the bucketed wrapper calls it as before
+            self._shard_policy()
+        elif self.world > 1:  # DDP wraps the bucketed model: still one forward per backward
             import ray.train.torch as rtt
 
             self.train_model = rtt.prepare_model(self.train_model, move_to_device=False)
         self.policy_forward = policy_forward(self.policy, groups, self.world, self.cfg.runtime.packing)
+
+    def _shard_policy(self) -> None:
+        """``runtime.strategy: fsdp`` (:mod:`revmix.platform.fsdp`; the config refuses the objectives it does
+        not cover)."""
+        from revmix.platform import fsdp
+
+        if _remote(self.job) is not None:
+            raise ValueError(
+                "runtime.strategy=fsdp writes sharded checkpoints into one folder every worker sees; "
+                "a run on a bucket is not supported yet: use a local or shared run folder, or ddp"
+            )
+        fsdp.shard_policy(self.policy, self.device, bf16=self._bf16())
+
+    def _bf16(self) -> bool:
+        """bf16 compute: ``runtime.precision`` bf16, or auto on a GPU."""
+        precision = self.cfg.runtime.precision
+        return precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
 
     def _setup_optimizer(self) -> None:
         self.trainable = trainable_parameters(self.policy)
@@ -280,7 +303,6 @@ class StageRecipe:
             self.ref_cache = _reference_cache(self.ref, rows, self.tokenizer, self.job.init_path, self.device)
 
     def _setup_step(self) -> None:
-        precision = self.cfg.runtime.precision
         self.ctx = StepContext(
             policy=self.policy,
             train_model=self.train_model,
@@ -292,7 +314,7 @@ class StageRecipe:
             device=self.device,
             stage=self.stage,
             world=self.world,
-            autocast=precision == "bf16" or (precision == "auto" and self.device.type == "cuda"),
+            autocast=self._bf16(),
             micro=self.stage.batch_size // self.world // self.stage.grad_accum,
             with_other="other_response" in self.objective.requires,
             seed=self.cfg.seed * 31,
@@ -456,7 +478,8 @@ class StageRecipe:
         every = self.cfg.eval.every_steps
         epoch_end = (step + 1) % self.job.steps_per_epoch == 0
         due = bool(every and (step + 1) % every == 0) or (self.cfg.eval.every_epoch and epoch_end)
-        return self.rank == 0 and bool(self.job.eval_rows) and due
+        # Under FSDP a forward pass is collective: every worker evaluates, rank 0 records.
+        return (self.rank == 0 or self.sharded) and bool(self.job.eval_rows) and due
 
     def _evaluate(self, alp_only: bool) -> dict[str, Any]:
         from revmix.platform.evaluation.hooks import evaluate_policy
@@ -489,7 +512,7 @@ class StageRecipe:
         """
         every = self.stage.checkpoint_every
         due = step + 1 == self.job.steps or bool(every and (step + 1) % every == 0)
-        if not due or self.rank != 0:
+        if not due or (self.rank != 0 and not self.sharded):  # a sharded one is written by every worker
             return None
         import ray.train
 
@@ -502,7 +525,12 @@ class StageRecipe:
             "train_s": self._train_seconds(),
             "last": self.last,
         }
-        save_checkpoint(path, self.policy, self.optimizer, self.scheduler, state)
+        if self.sharded:
+            save_sharded_checkpoint(path, self.policy, self.optimizer, self.scheduler, state, self.rank)
+            if self.rank != 0:
+                return None
+        else:
+            save_checkpoint(path, self.policy, self.optimizer, self.scheduler, state)
         keep = self.cfg.checkpoint.keep_last
         prune_checkpoints(stage_checkpoints(self.job.out_dir, self.job.stage_index), keep)
         store = _remote(self.job)
@@ -542,11 +570,25 @@ class StageRecipe:
             "start_step": self.start_step,
             "skipped_steps": self.skipped_steps,
         }
+        if self.sharded:  # from here on rank 0 evaluates and saves the whole model, unsharded
+            self.policy = self._consolidated_policy()
         if self.rank == 0:
             if self.job.eval_rows and self.cfg.eval.at_stage_end:
                 result["eval"] = self._evaluate(alp_only=False)
             self._save_stage_model(result)
         return result
+
+    def _consolidated_policy(self) -> Any:
+        """The trained model gathered whole on rank 0 (collective), loaded into a fresh unsharded policy
+        on this worker's device; the other workers keep their shards (they neither evaluate nor save)."""
+        from revmix.platform import fsdp
+
+        full = fsdp.full_state_dict(self.policy)
+        if self.rank != 0:
+            return self.policy
+        policy, _ = _build_policy(self.cfg, self.job.init_path, self.device, self.lora)
+        policy.load_state_dict(full)
+        return policy
 
     def _save_stage_model(self, result: dict[str, Any]) -> None:
         from revmix.platform.models import merge_lora, save_model
@@ -616,8 +658,9 @@ def _build_policy(
     )
 
     dtype = cfg.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "auto":  # FSDP keeps fp32 shards for the optimizer and computes in bf16 (fsdp.shard_policy)
+        gpu_bf16 = device.type == "cuda" and cfg.runtime.strategy != "fsdp"
+        dtype = "bfloat16" if gpu_bf16 else "float32"
     attn, why = choose_attn_implementation(cfg.model.attn_implementation, device)
     model: Any = load_model(init_path, dtype=dtype, device=device, attn_implementation=attn)
     # Before the adapter: on the base model, so the PeftModel's forward goes through checkpointed layers.

@@ -125,10 +125,12 @@ def _any_worker(flag: bool, device: torch.device) -> bool:
 
 def gradient_norm(ctx: StepContext) -> float:
     """The trainable parameters' gradient norm, clipped to ``max_grad_norm`` when that is set (not 0)."""
+    from revmix.platform.fsdp import local_value  # the norm of FSDP shards is a DTensor
+
     if ctx.stage.max_grad_norm:
-        return float(torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.stage.max_grad_norm))
+        return float(local_value(torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.stage.max_grad_norm)))
     grads = [p.grad for p in ctx.trainable if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return float(local_value(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
 
 
 def apply_update(ctx: StepContext, loss: float) -> tuple[float, bool]:
