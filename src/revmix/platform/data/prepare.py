@@ -124,14 +124,26 @@ def prepare_data(
     from the Parquet footer or the JSONL newlines) is never loaded whole: it is read, validated, split by
     item hash and tokenised a chunk at a time (:mod:`revmix.platform.data.prepare_lazy`).
     """
-    from revmix.platform.data.lazy import count_rows, lazy_source
+    from revmix.platform.data.lazy import lazy_source
 
     src = lazy_source(cfg.source, cfg.format, cfg.columns)
-    if src is not None and (n_source := count_rows(src.path)) > cfg.stream_threshold_rows:
+    n_source = _count_or_zero(src.path) if src is not None else 0
+    if src is not None and n_source > cfg.stream_threshold_rows:
         from revmix.platform.data.prepare_lazy import prepare_lazy
 
         return prepare_lazy(src, n_source, cfg, tokenizer, tokenizer_id, pairs_needed_by)
     return _prepare_loaded(cfg, tokenizer, tokenizer_id, pairs_needed_by)
+
+
+def _count_or_zero(path: Path) -> int:
+    """The source's row count for the switch; 0 for a file that cannot be counted (not Parquet, say),
+    which the loaded path then names as unreadable."""
+    from revmix.platform.data.lazy import count_rows
+
+    try:
+        return count_rows(path)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return 0
 
 
 def _prepare_loaded(
