@@ -75,8 +75,9 @@ def prepare_lazy(
         f"{'built' if built else 'reused'}: {entry}",
         flush=True,
     )
+    on_disk: dict[str, Any] = {d: TokenisedRows(entry / d) for d in DIRECTIONS}  # never materialised here
     data = PreparedData(
-        train={d: TokenisedRows(entry / d) for d in DIRECTIONS},  # type: ignore[misc]
+        train=on_disk,
         test_rows=_read_test_rows(entry / TEST_ROWS),
         n_items=int(meta["n_items"]),
         truncated=meta["truncated"],
