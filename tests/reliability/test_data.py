@@ -65,22 +65,28 @@ def tokenizer():
 # ------------------------------------------------------------------------------------- encodings
 
 
-def test_invalid_utf8_names_the_line_and_byte(tmp_path, capsys):
+LAZY = "data.stream_threshold_rows=0"  # a local file above the threshold is read lazily, never loaded whole
+PATHS = pytest.mark.parametrize("path", [[], [LAZY]], ids=["loaded", "lazy"])
+
+
+@PATHS
+def test_invalid_utf8_names_the_line_and_byte(tmp_path, capsys, path):
     rows = _rows(3)
     f = _write(tmp_path / "d" / "rows.jsonl", [rows[0], rows[1], b'{"prompt": "caf\xe9"}', *rows[2:]])
-    err = _refused(capsys, tmp_path, SFT, f)
+    err = _refused(capsys, tmp_path, SFT, f, *path)
     assert (
         f"{f}:3: <line>: expected a JSON object, got invalid JSON (invalid UTF-8: byte 0xe9 at position 15)"
         in err
     )
 
 
-def test_a_lone_surrogate_names_the_line_and_field(tmp_path, capsys):
+@PATHS
+def test_a_lone_surrogate_names_the_line_and_field(tmp_path, capsys, path):
     rows = _rows(3)
     lines: list[bytes | str | dict] = [rows[0], rows[1]]
     lines.append(json.dumps(rows[2]).replace('"prompt": "Let', '"prompt": "\\ud83dLet'))
     f = _write(tmp_path / "d" / "rows.jsonl", [*lines, *rows[3:]])
-    err = _refused(capsys, tmp_path, SFT, f)
+    err = _refused(capsys, tmp_path, SFT, f, *path)
     assert f"{f}:3: prompt: expected text, got a lone surrogate \\ud83d at character 0" in err
 
 
@@ -104,11 +110,12 @@ def test_a_byte_order_mark_is_not_a_problem(tmp_path):
         ("text.parquet", b"not parquet", "expected a readable row file"),
     ],
 )
-def test_empty_or_unreadable_files_are_named(tmp_path, capsys, name, content, message):
+@PATHS
+def test_empty_or_unreadable_files_are_named(tmp_path, capsys, name, content, message, path):
     f = tmp_path / "d" / name
     f.parent.mkdir()
     f.write_bytes(content)
-    err = _refused(capsys, tmp_path, SFT, f)
+    err = _refused(capsys, tmp_path, SFT, f, *path)
     assert f"{f}:1: <file>: {message}" in err
 
 

@@ -20,10 +20,11 @@ from revmix.config import load_config
 from revmix.objectives.reference import FrozenCopyReference
 from revmix.platform.data import prepare as prepare_module
 from revmix.platform.data.cache import BUILDS_LOG, build_once, builds, read_direction, write_direction
+from revmix.platform.data.lazy import is_test_item
 from revmix.platform.data.loaders import write_jsonl
 from revmix.platform.data.prepare import prepare_data
 from revmix.platform.data.schema import DIRECTIONS
-from revmix.platform.data.synthetic import generate_mix, split_by_item
+from revmix.platform.data.synthetic import generate_mix
 from revmix.platform.models import load_model, load_tokenizer, resolve_model_path
 from revmix.platform.recipe import _reference_cache
 
@@ -217,23 +218,26 @@ def test_two_runs_preparing_the_same_data_share_one_copy_of_each_row(tmp_path):
 
 @pytest.mark.integration
 def test_ray_data_tokenises_large_data_exactly_as_the_process_does(tmp_path, tokenizer, ray_local, capsys):
-    source, _ = _source(tmp_path)
+    """A large file goes the lazy way (hash split, spool, Ray Data); its tokens are the in-process ones
+    of the same training rows: the rows of the small path's entry for a file holding just those rows."""
+    source, rows = _source(tmp_path)
     cut = ["data.max_length=60"]  # every forward response is cut (prompts 40-45 tokens, responses 28-41)
-    small = prepare_data(_data_cfg(source, tmp_path / "a", *cut), tokenizer)
     large = prepare_data(_data_cfg(source, tmp_path / "b", *cut, "data.stream_threshold_rows=0"), tokenizer)
-    assert large.streamed and not small.streamed and large.key == small.key
-    assert large.meta["tokenised_in"] == "ray_data"
+    train = [r for r in rows if not is_test_item(r["item_id"], 0, 0.2)]
+    n_fwd = sum(r["direction"] == "forward" for r in train)
+    only_train = tmp_path / "train.jsonl"
+    write_jsonl(train, only_train)
+    small = prepare_data(_data_cfg(only_train, tmp_path / "a", *cut, "data.test_fraction=1e-9"), tokenizer)
+    assert large.streamed and not small.streamed and large.meta["tokenised_in"] == "ray_data"
     for d in DIRECTIONS:
-        assert len(large.train[d]) == len(small.train[d]) == 10
+        assert len(large.train[d]) == len(small.train[d]) == n_fwd
         assert list(large.train[d]) == small.train[d]
-    assert (large.truncated, large.dropped, large.n_items) == (small.truncated, small.dropped, 10)
-    assert large.truncated["forward"]["rows"] == 10
+    assert (large.truncated, large.dropped) == (small.truncated, small.dropped)
+    assert large.n_items == small.n_items == n_fwd and large.truncated["forward"]["rows"] == n_fwd
     out = capsys.readouterr().out
-    assert (
-        "20 training rows > data.stream_threshold_rows 0: tokenised in Ray Data, streamed from Parquet" in out
-    )
+    assert "data: 24 source rows > data.stream_threshold_rows 0 (JSONL lines): read, validated" in out
     datasets = prepare_module.to_ray_datasets(large, _data_cfg(source, tmp_path / "b"))
-    assert {d: ds.count() for d, ds in datasets.items()} == {"forward": 10, "reverse": 10}
+    assert {d: ds.count() for d, ds in datasets.items()} == {"forward": n_fwd, "reverse": n_fwd}
     assert {p.name for p in (tmp_path / "b").iterdir()} == {f".{large.key}.lock", BUILDS_LOG, large.key}
 
 
@@ -246,10 +250,9 @@ def test_ray_data_names_every_row_over_max_length_and_caches_nothing(tmp_path, t
     )
     with pytest.raises(prepare_module.DataError) as info:
         prepare_data(cfg, tokenizer)
-    train, _ = split_by_item(rows, 0.2, seed=0)
-    train_ids = {r["item_id"] for r in train}
+    train_ids = {r["item_id"] for r in rows if not is_test_item(r["item_id"], 0, 0.2)}  # the lazy split
     # every training row: prompts of 40-45 tokens leave 15-20 for responses of 28+ tokens
     expected = [(str(source), i + 1, "response") for i, r in enumerate(rows) if r["item_id"] in train_ids]
-    assert len(expected) == 20
+    assert len(expected) == 2 * len(train_ids) >= 16
     assert [(p.file, p.line, p.field) for p in info.value.problems] == expected
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []

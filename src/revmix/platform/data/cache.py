@@ -60,6 +60,16 @@ class ContentKey:
         self._h.update(json.dumps(values, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
         self.rows += 1
 
+    def update_record(self, line: int, rec: Any) -> None:
+        """One source record as read (the lazy reader's key): types kept (``5`` and ``"5"`` validate
+        differently), a record that did not parse hashed as its error, every field of a dict included."""
+        if isinstance(rec, dict):
+            text = json.dumps(rec, ensure_ascii=False, sort_keys=True, default=repr)
+        else:
+            text = f"<{type(rec).__name__} on line {line}: {rec}>"
+        self._h.update(text.encode("utf-8", "surrogatepass") + b"\n")
+        self.rows += 1
+
     def finish(
         self,
         tokenizer_identity: str,
@@ -67,6 +77,7 @@ class ContentKey:
         max_length: int,
         truncation: str,
         skip_invalid: bool,
+        extra: dict[str, Any] | None = None,
     ) -> str:
         """The key: the rows' hash with the tokenizer, chat template and length settings (32 hex).
 
@@ -82,6 +93,8 @@ class ContentKey:
             "truncation": truncation,
             "skip_invalid": skip_invalid,
         }
+        if extra:  # settings beyond tokenisation that decide the rows (the lazy reader's split, checks)
+            settings["extra"] = extra
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()[:32]
 

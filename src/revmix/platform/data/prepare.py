@@ -119,7 +119,37 @@ def prepare_data(
     once — in this process when there are at most ``data.stream_threshold_rows`` training rows, else in
     Ray Data — and reused by every later call with the same rows, tokenizer, chat template and length
     settings. ``tokenizer_id`` (the tokenizer's path) is recorded in the entry for people, not keyed on.
+
+    A local ``.jsonl`` / ``.parquet`` source with more than ``data.stream_threshold_rows`` rows (counted
+    from the Parquet footer or the JSONL newlines) is never loaded whole: it is read, validated, split by
+    item hash and tokenised a chunk at a time (:mod:`revmix.platform.data.prepare_lazy`).
     """
+    from revmix.platform.data.lazy import lazy_source
+
+    src = lazy_source(cfg.source, cfg.format, cfg.columns)
+    n_source = _count_or_zero(src.path) if src is not None else 0
+    if src is not None and n_source > cfg.stream_threshold_rows:
+        from revmix.platform.data.prepare_lazy import prepare_lazy
+
+        return prepare_lazy(src, n_source, cfg, tokenizer, tokenizer_id, pairs_needed_by)
+    return _prepare_loaded(cfg, tokenizer, tokenizer_id, pairs_needed_by)
+
+
+def _count_or_zero(path: Path) -> int:
+    """The source's row count for the switch; 0 for a file that cannot be counted (not Parquet, say),
+    which the loaded path then names as unreadable."""
+    from revmix.platform.data.lazy import count_rows
+
+    try:
+        return count_rows(path)
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+        return 0
+
+
+def _prepare_loaded(
+    cfg: DataConfig, tokenizer: Any, tokenizer_id: str, pairs_needed_by: str | None
+) -> PreparedData:
+    """:func:`prepare_data` with the source loaded whole (small files, synthetic, ``hf:`` and the rest)."""
     report = load_source(cfg)
     rows, origins = list(report.rows), list(report.origins)
     problems = _missing_pairs(rows, origins, pairs_needed_by)
@@ -137,7 +167,7 @@ def prepare_data(
 
     def build(tmp: Path) -> dict[str, Any]:
         stats = _tokenise_into(tmp, by_dir, tokenizer, cfg, streamed, fresh)
-        _raise_length_problems(stats, report, cfg.skip_invalid)
+        raise_length_problems(stats, report, cfg.skip_invalid)
         return _entry_meta(key, stats, by_dir, report.source, tokenizer_id, streamed)
 
     entry, built = build_once(tokenised_root(cfg), key, build)
@@ -221,7 +251,7 @@ def _tokenise_into(
     return stats
 
 
-def _raise_length_problems(stats: dict[str, dict[str, Any]], report: LoadReport, skip_invalid: bool) -> None:
+def raise_length_problems(stats: dict[str, dict[str, Any]], report: LoadReport, skip_invalid: bool) -> None:
     """Rows over ``max_length`` (``truncation=error``) always fail, listed with every long prompt unless
     skipped; long prompts alone fail unless ``skip_invalid``."""
     too_long = sorted(
@@ -252,6 +282,13 @@ def _entry_meta(
         "tokenised_in": "ray_data" if streamed else "process",
         "rows": {d: len(by_dir[d]) - len(stats[d]["left_out"]) for d in DIRECTIONS},
         "n_items": sum(1 for n in rows_of_item.values() if n > 0),
+        **losses_meta(stats),
+    }
+
+
+def losses_meta(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The rows and tokens lost to ``max_length`` per direction, and the prompts too long, for meta.json."""
+    return {
         "truncated": {
             d: {"rows": stats[d]["truncated"], "tokens": stats[d]["truncated_tokens"]} for d in DIRECTIONS
         },

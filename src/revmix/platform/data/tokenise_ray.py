@@ -26,14 +26,18 @@ MAX_ACTORS = 8  # tokenizer actors at most (each holds a tokenizer; more rarely 
 class TokeniseBatch:
     """The ``map_batches`` callable: canonical rows (Arrow) in, tokenised rows (Arrow) out."""
 
-    def __init__(self, tokenizer: Any, max_length: int, truncation: str, stats_dir: str) -> None:
+    def __init__(
+        self, tokenizer: Any, max_length: int, truncation: str, stats_dir: str, index_offset: int = 0
+    ) -> None:
         self.tokenizer, self.max_length, self.truncation = tokenizer, max_length, truncation
-        self.stats_dir = Path(stats_dir)
+        self.stats_dir, self.index_offset = Path(stats_dir), index_offset
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
         rows = batch.to_pylist()
+        for r in rows:  # the lazy reader numbers each direction from 0; reverse rows follow forward ones
+            r["row_index"] = int(r["row_index"]) + self.index_offset
         out, stats = tokenise_chunk(rows, self.tokenizer, self.max_length, self.truncation)
         first = min(int(r["row_index"]) for r in rows)
         atomic_write(self.stats_dir / f"{first:012d}.json", json.dumps(stats))
@@ -44,9 +48,7 @@ def tokenise_direction_in_ray(
     rows: list[dict[str, Any]], folder: Path, tokenizer: Any, max_length: int, truncation: str
 ) -> dict[str, Any]:
     """Tokenise one direction's canonical rows (with ``row_index`` and origin) into ``folder`` as Parquet;
-    returns the merged stats of every batch. One actor per batch up to one per cluster CPU but one (the
-    Parquet write tasks need a CPU while the actors hold theirs), at most :data:`MAX_ACTORS`."""
-    import ray
+    returns the merged stats of every batch (rows already in memory: synthetic and ``hf:`` sources)."""
     import ray.data
 
     from revmix.platform.runtime import ensure_ray
@@ -55,17 +57,59 @@ def tokenise_direction_in_ray(
         write_direction(folder, [])
         return merge_stats([])
     ensure_ray()
+    return _tokenise_dataset(ray.data.from_items(rows), len(rows), folder, tokenizer, max_length, truncation)
+
+
+def tokenise_spool_in_ray(
+    spool: Path,
+    n_rows: int,
+    folder: Path,
+    tokenizer: Any,
+    max_length: int,
+    truncation: str,
+    index_offset: int = 0,
+) -> dict[str, Any]:
+    """Tokenise the canonical rows of a spool folder of Parquet files (:mod:`revmix.platform.data.lazy`)
+    into ``folder``, read by Ray Data a block at a time, so no process holds the direction whole;
+    ``index_offset`` is added to every ``row_index``."""
+    import ray.data
+
+    from revmix.platform.runtime import ensure_ray
+
+    if n_rows == 0:
+        write_direction(folder, [])
+        return merge_stats([])
+    ensure_ray()
+    ds = ray.data.read_parquet(str(spool))
+    return _tokenise_dataset(ds, n_rows, folder, tokenizer, max_length, truncation, index_offset)
+
+
+def _tokenise_dataset(
+    ds: Any,
+    n_rows: int,
+    folder: Path,
+    tokenizer: Any,
+    max_length: int,
+    truncation: str,
+    index_offset: int = 0,
+) -> dict[str, Any]:
+    """``ds`` through tokenizer actors into ``folder``. One actor per batch up to one per cluster CPU but
+    one (the Parquet write tasks need a CPU while the actors hold theirs), at most :data:`MAX_ACTORS`."""
+    import ray
+    import ray.data
+
     stats_dir = folder.parent / f".stats-{folder.name}"
     stats_dir.mkdir(parents=True)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = max(1, min(MAX_ACTORS, cpus - 1, math.ceil(len(rows) / BATCH_ROWS)))
-    ds = ray.data.from_items(rows).map_batches(
+    actors = max(1, min(MAX_ACTORS, cpus - 1, math.ceil(n_rows / BATCH_ROWS)))
+    ds = ds.map_batches(
         TokeniseBatch,
         fn_constructor_kwargs={
             "tokenizer": tokenizer,
             "max_length": max_length,
             "truncation": truncation,
             "stats_dir": str(stats_dir),
+            "index_offset": index_offset,
         },
         batch_size=BATCH_ROWS,
         batch_format="pyarrow",

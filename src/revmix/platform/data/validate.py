@@ -129,6 +129,29 @@ def _check_record(rec: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def record_problems(file: str, line: int, rec: Any) -> list[Problem]:
+    """The problems of one record on its own (no cross-row state): a converter's :class:`RowError`, a
+    line that is not JSON or not an object, or the per-field rules. Shared by :func:`check_rows` and the
+    lazy reader (:mod:`revmix.platform.data.lazy`), so both name the same problems."""
+    if isinstance(rec, RowError):
+        return [Problem(file, line, f, m) for f, m in rec.problems]
+    if isinstance(rec, Exception):
+        return [Problem(file, line, LINE, f"expected a JSON object, got invalid JSON ({rec})")]
+    if not isinstance(rec, dict):
+        return [Problem(file, line, LINE, f"expected a JSON object, got {describe(rec)}")]
+    return [Problem(file, line, f, m) for f, m in _check_record(rec)]
+
+
+def duplicate_problem(file: str, line: int, key: tuple[str, str], first_line: int) -> Problem:
+    """The problem of a later row repeating an earlier row's ``(item_id, direction)``."""
+    return Problem(
+        file,
+        line,
+        "item_id",
+        f"expected a unique (item_id, direction); ({key[0]!r}, {key[1]!r}) first appears on line {first_line}",
+    )
+
+
 def check_rows(records: Iterable[Record], file: str, require_pairs: bool = False) -> Validation:
     """Scan ``(line, record)`` pairs; a record is a parsed dict, or the Exception parsing raised.
 
@@ -141,31 +164,17 @@ def check_rows(records: Iterable[Record], file: str, require_pairs: bool = False
     valid: list[tuple[int, str, str]] = []  # (line, item_id, direction) of rows with no problem so far
     for line, rec in records:
         result.n_records += 1
-        if isinstance(rec, RowError):
-            problems += [Problem(file, line, f, m) for f, m in rec.problems]
-            continue
-        if isinstance(rec, Exception):
-            problems.append(Problem(file, line, LINE, f"expected a JSON object, got invalid JSON ({rec})"))
-            continue
+        found = record_problems(file, line, rec)
         if not isinstance(rec, dict):
-            problems.append(Problem(file, line, LINE, f"expected a JSON object, got {describe(rec)}"))
+            problems += found
             continue
         for name in rec:
             if name not in ALL_FIELDS:
                 result.ignored_fields[name] += 1
-        found = [Problem(file, line, f, m) for f, m in _check_record(rec)]
         if not found:
             key = (rec["item_id"], rec["direction"])
             if key in first_seen:
-                found.append(
-                    Problem(
-                        file,
-                        line,
-                        "item_id",
-                        f"expected a unique (item_id, direction); ({key[0]!r}, {key[1]!r}) "
-                        f"first appears on line {first_seen[key]}",
-                    )
-                )
+                found.append(duplicate_problem(file, line, key, first_seen[key]))
             else:
                 first_seen[key] = line
                 valid.append((line, key[0], key[1]))
