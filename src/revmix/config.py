@@ -341,7 +341,8 @@ class ExperimentConfig(Strict):
         return self.model.lora.enabled if own is None else own
 
     def saves_full_model(self, i: int) -> bool:
-        """Whether stage ``i`` writes ``stages/<i>/model``: full fine-tuning always, LoRA on ``save.merged``."""
+        """Whether stage ``i`` writes ``stages/<i>/model``: full fine-tuning always, LoRA with
+        ``save.merged``."""
         return not self.stage_lora(i) or self.save.merged
 
 

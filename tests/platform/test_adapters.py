@@ -18,8 +18,15 @@ from safetensors import safe_open
 from revmix.cli import main
 from revmix.config import load_config
 from revmix.platform.artifacts import CHAIN_FILE, AdapterChain, read_chain, resolve_chain
+from revmix.platform.evaluation.cli import _loadable
 from revmix.platform.generation.protocol import full_model_only, resolve_model_dir
-from revmix.platform.models import full_model_dir, load_model, model_identity, resolve_model_path
+from revmix.platform.models import (
+    architecture_dir,
+    full_model_dir,
+    load_model,
+    model_identity,
+    resolve_model_path,
+)
 from revmix.platform.run_dir import link_final_model
 from revmix.platform.storage import Store
 from revmix.platform.train import run_experiment
@@ -135,6 +142,9 @@ def test_readers_resolve_adapter_stages(runs: dict[str, Path]) -> None:
         for k in chained:
             torch.testing.assert_close(copy[k].double(), chained[k].double(), rtol=1e-6, atol=1e-7)
     assert not Path(full).exists()  # the merged copy is temporary
+    with _loadable(str(run / "model"), "vllm") as for_vllm, _loadable(str(run / "model"), "hf") as for_hf:
+        assert (Path(for_vllm) / "config.json").is_file() and for_hf == str(run / "model")
+    assert architecture_dir(run / "stages" / "1") == resolve_model_path(None)  # PPO's vLLM engine
     stage0, stage1 = model_identity(run / "stages" / "0"), model_identity(run / "stages" / "1")
     assert stage0 != stage1 and stage0 == model_identity(run / "stages" / "0")
 

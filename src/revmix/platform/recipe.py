@@ -24,7 +24,8 @@ Mixer's state and the last metrics record, written by rank 0.
 A run on a bucket (:mod:`revmix.platform.storage`): each worker works in a local staging folder (the
 stage's start model, the checkpoint to resume from and ``metrics.jsonl`` are downloaded into it first);
 rank 0 uploads what it writes — each checkpoint (marker last) with ``metrics.jsonl``, the stop record,
-and at the end the stage's adapter or model, then ``result.json`` last, which the driver reads from the bucket.
+and at the end the stage's adapter or model, then ``result.json`` last, which the driver reads from the
+bucket. A stage starting from an adapter stage downloads its chain's run folders (adapters, base).
 """
 
 from __future__ import annotations

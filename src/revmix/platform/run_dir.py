@@ -109,8 +109,8 @@ def check_layout(store: Store) -> None:
     else:
         return
     raise RunDirError(
-        f"{final} is {what}, not the link to stages/<i>/model (or stages/<i>) that revmix makes; revmix replaces only what it "
-        "made: move it out of the run directory, then run again"
+        f"{final} is {what}, not the link to stages/<i>/model (or stages/<i>) that revmix makes; revmix "
+        "replaces only what it made: move it out of the run directory, then run again"
     )
 
 
@@ -128,8 +128,8 @@ def write_run(out: Store, cfg: ExperimentConfig, changes: list[str]) -> None:
 
 
 def link_final_model(store: Store, target: str) -> None:
-    """``<out>/model`` becomes the link to the last stage's model ``target`` (run-relative: ``stages/<i>/model``
-    or an adapter stage ``stages/<i>``); it may only replace such a link.
+    """``<out>/model`` becomes the link to the last stage's model ``target`` (run-relative:
+    ``stages/<i>/model``, or an adapter stage ``stages/<i>``); it may only replace such a link.
 
     Local runs only: object stores have no links (the summary's ``final_model`` names it there)."""
     check_layout(store)

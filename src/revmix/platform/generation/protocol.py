@@ -128,8 +128,9 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> str:
 
     A model directory (``config.json`` inside) or an adapter stage (``revmix_chain.json`` inside, which
     :func:`revmix.platform.models.load_model` loads as base + adapters) is returned as is; a run directory
-    (``revmix train --out DIR``) gives its final model ``DIR/model``; ``tiny:<scale>`` gives the locally built tiny model; a hub id
-    (``org/name``, not an existing path) is passed through. Anything else is an error naming the layouts.
+    (``revmix train --out DIR``) gives its final model ``DIR/model``; ``tiny:<scale>`` gives the locally
+    built tiny model; a hub id (``org/name``, not an existing path) is passed through. Anything else is an
+    error naming the layouts.
     """
     from revmix.platform.artifacts import CHAIN_FILE
 
@@ -147,8 +148,8 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> str:
         return p  # a hub id; from_pretrained resolves (or, offline, reports) it
     raise FileNotFoundError(
         f"{p!r} is neither a model directory (config.json inside), an adapter stage (revmix_chain.json "
-        "inside), a run directory (model/config.json "
-        "inside, as written by `revmix train --out DIR`), a tiny model name (tiny:tiny, tiny:small, "
+        "inside), a run directory (model/config.json or model/revmix_chain.json inside, as written by "
+        "`revmix train --out DIR`), a tiny model name (tiny:tiny, tiny:small, "
         "tiny:base) nor a hub id (org/name)"
     )
 
