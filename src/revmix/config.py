@@ -250,6 +250,14 @@ class CheckpointConfig(Strict):
     keep_last: int | None = _f(None, "keep the N newest checkpoints of each stage (null: keep all)", ge=1)
 
 
+class SaveConfig(Strict):
+    merged: bool = _f(
+        False,
+        "LoRA stages also save the merged full model in stages/<i>/model (else the adapter alone; full "
+        "fine-tuning always saves the full model)",
+    )
+
+
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
@@ -322,6 +330,7 @@ class ExperimentConfig(Strict):
     )
     runtime: RuntimeConfig = _f(RuntimeConfig, "Ray Train resources")
     checkpoint: CheckpointConfig = _f(CheckpointConfig, "what checkpoints are kept")
+    save: SaveConfig = _f(SaveConfig, "what each stage saves: its LoRA adapter, or a merged model too")
     eval: EvalConfig = _f(EvalConfig, "evaluation during and after training")
     tracking: TrackingConfig = _f(TrackingConfig, "experiment trackers of `revmix train` (list or mapping)")
 
@@ -359,6 +368,16 @@ class ExperimentConfig(Strict):
                     f"or set stages.{i}.objective.gradient_surgery=none and stages.{i}.grad_cosine_every=0"
                 )
         return self
+
+    def stage_lora(self, i: int) -> bool:
+        """Whether stage ``i`` trains a LoRA adapter (its own ``lora``, else ``model.lora.enabled``)."""
+        own = self.stages[i].lora
+        return self.model.lora.enabled if own is None else own
+
+    def saves_full_model(self, i: int) -> bool:
+        """Whether stage ``i`` writes ``stages/<i>/model``: full fine-tuning always, LoRA with
+        ``save.merged``."""
+        return not self.stage_lora(i) or self.save.merged
 
 
 def to_dict(obj: Any) -> Any:

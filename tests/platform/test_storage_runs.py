@@ -50,13 +50,19 @@ def test_a_two_stage_run_on_s3_is_interrupted_and_resumes_from_the_bucket(s3, tm
         run_experiment(cfg, uri, evaluate=False)
 
     summary = run_experiment(cfg, uri, evaluate=False, resume=True)
-    assert summary["steps"] == 6 and summary["final_model"] == f"{uri}/stages/1/model"
+    assert summary["steps"] == 6 and summary["final_model"] == f"{uri}/stages/1"  # an adapter stage
     assert json.loads(store.read_text("summary.json"))["steps"] == 6
     # stage b restarted from its step-2 checkpoint: steps 3-4 ran again, their records once each
     assert _records(store) == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (1, 4)]
     assert store.listdir("checkpoints/stage0") == ["step_000002"]
     assert store.listdir("checkpoints/stage1") == ["step_000004"]
-    assert {"config.json", "model.safetensors"} <= set(store.listdir("stages/1/model"))
+    # LoRA stages keep their adapters only; stage b loaded base + stage a's adapter from the bucket
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(store.listdir("stages/1/adapter"))
+    assert not store.exists("stages/0/model") and not store.exists("stages/1/model")
+    assert json.loads(store.read_text("stages/1/revmix_chain.json"))["adapters"] == [
+        "stages/0/adapter",
+        "stages/1/adapter",
+    ]
     assert list(tmp_path.iterdir()) == []
     keys = s3.keys("runs/two/")
     assert "runs/two/revmix_run.json" in keys and "runs/two/config.yaml" in keys

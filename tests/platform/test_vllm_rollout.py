@@ -225,7 +225,7 @@ def test_ppo_stage_trains_with_vllm_rollouts(ray_local, tmp_path, runtime: list[
         assert r["ppo/time/rollout_s"] > 0
         assert 0.0 <= r["ppo/accuracy"] <= 1.0 and torch.isfinite(torch.tensor(r["loss"]))
         assert "ppo/kl" in r and "ppo/response_length" in r
-    assert (tmp_path / "run" / "stages" / "1" / "model" / "config.json").exists()
+    assert (tmp_path / "run" / "stages" / "1" / "adapter" / "adapter_config.json").exists()  # a LoRA stage
 
 
 @needs_vllm

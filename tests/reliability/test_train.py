@@ -128,7 +128,7 @@ def test_the_run_is_marked_and_keeps_its_last_checkpoints(good_run):
     assert json.loads((out / MANIFEST).read_text())["kind"] == "revmix-run"
     kept = complete_checkpoints(out / "checkpoints" / "stage0")
     assert [p.name for p in kept] == ["step_000003", "step_000004"]  # checkpoint.keep_last=2
-    assert os.readlink(out / "model") == os.path.join("stages", "0", "model")
+    assert os.readlink(out / "model") == os.path.join("stages", "0")  # a LoRA run: the adapter stage
     optim = torch.load(kept[-1] / "optim.pt", weights_only=True)  # tensors and plain values only
     assert set(optim) == {"optimizer", "scheduler"}
     state = json.loads((kept[-1] / "state.json").read_text())

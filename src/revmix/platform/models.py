@@ -12,6 +12,7 @@ Nothing here downloads: a tiny model needs no network, and a real model name is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +39,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from revmix.platform.artifacts import ADAPTER_DIR, CHAIN_FILE, AdapterChain, is_adapter_stage, resolve_chain
 
 # --------------------------------------------------------------------------------------------------
 # Scales
@@ -337,7 +341,7 @@ def resolve_model_path(name_or_path: str | None, scale: str = "tiny", seed: int 
 def load_tokenizer(path: str, *, padding_side: str | None = None) -> PreTrainedTokenizerFast:
     """``AutoTokenizer`` (fast only) with a pad token guaranteed, so batches can be left-padded for
     generation (``padding_side="left"``) or right-padded for training (the saved default)."""
-    tok = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    tok = AutoTokenizer.from_pretrained(resolve_chain(path)[0], use_fast=True)  # training keeps the base's
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise TypeError(
             f"load_tokenizer({path!r}): got {type(tok).__name__}, need a fast (tokenizers) tokenizer"
@@ -388,13 +392,20 @@ def load_model(
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained(path, dtype=..., attn_implementation=...)`` moved to
     ``device``, in eval mode. ``attn_implementation``: None keeps transformers' default; ``auto`` follows
-    :func:`choose_attn_implementation`."""
+    :func:`choose_attn_implementation`.
+
+    ``path`` may also be a stage folder holding an adapter chain (:data:`CHAIN_FILE`): its base model is
+    loaded and every adapter of the chain merged into it in memory, oldest first, as training did."""
     if dtype not in DTYPES:
         raise ValueError(f"load_model: unknown dtype {dtype!r}; valid: {list(DTYPES)}")
     kwargs = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = choose_attn_implementation(attn_implementation, device)[0]
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], **kwargs)
+    base, adapters = resolve_chain(path)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype], **kwargs)
+    with torch.random.fork_rng(devices=[]):  # peft initialises each adapter before loading it: keep the
+        for adapter in adapters:  # caller's RNG as a full model's load leaves it (the next LoRA's init)
+            model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
     # transformers declares .to through functools.wraps(nn.Module.to), which mypy reads as unbound.
     return model.to(device)  # type: ignore[arg-type]
 
@@ -535,6 +546,58 @@ def save_model(
     full = merge_lora(copy.deepcopy(model)) if isinstance(model, peft.PeftModel) else model
     full.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter chains: what a LoRA stage saves instead of a merged full model
+# --------------------------------------------------------------------------------------------------
+
+
+def save_adapter(model: peft.PeftModel, chain: AdapterChain, stage_dir: str | Path) -> None:
+    """A LoRA stage's artifact: the adapter alone (``save_pretrained`` of a ``PeftModel`` writes only the
+    adapter's weights and config) in ``stage_dir/adapter``, and the chain it completes (the tokenizer is
+    the base's: training never changes it)."""
+    if not isinstance(model, peft.PeftModel):
+        raise TypeError(f"save_adapter: the model has no LoRA adapter ({type(model).__name__})")
+    out = Path(stage_dir)
+    model.save_pretrained(str(out / ADAPTER_DIR))
+    (out / CHAIN_FILE).write_text(chain.to_json())
+
+
+def model_identity(path: str | Path) -> str:
+    """The identity by content of the model ``path`` loads as (a full model, or a chain's base and every
+    adapter): the reference log-prob cache's key, so another chain never reads a stale entry."""
+    from revmix.objectives.reference import files_identity
+
+    base, adapters = resolve_chain(path)
+    if not adapters:
+        return files_identity(base)
+    parts = [files_identity(f) for f in (base, *adapters)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def full_model_dir(path: str | Path) -> Iterator[str]:
+    """A folder holding a full model for ``path``, for readers that load weights from disk themselves
+    (vLLM): ``path`` itself, or for an adapter chain a merged copy in a temporary folder (removed after).
+
+    Materialising costs one model's disk for the reader's lifetime; it keeps the default (adapter-only)
+    saves usable by every vLLM path, where erroring would force ``save.merged: true`` on every trial."""
+    if not is_adapter_stage(path):
+        yield str(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="revmix-merged-"))
+    try:
+        save_model(load_model(str(path), dtype="auto"), load_tokenizer(str(path)), tmp)
+        yield str(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def architecture_dir(path: str | Path) -> str:
+    """A full model with ``path``'s architecture and tokenizer: the chain's base (or ``path`` itself).
+    Enough for an engine that receives the live weights before every use (the vLLM rollout engine)."""
+    return resolve_chain(path)[0]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -14,7 +14,9 @@ it builds a :class:`StageRecipe` and calls its steps in order:
    non-finite loss or gradient norm stops the stage (``runtime.on_nonfinite: stop``): rank 0 writes
    ``stages/<i>/stopped.json`` naming the step, the driver raises, and the last good checkpoint stays;
 4. :meth:`~StageRecipe.cleanup` — frees the rollout engine (a vLLM engine's memory) before what follows;
-5. :meth:`~StageRecipe.finish` — evaluate, detach training-only heads, save the stage model (LoRA merged).
+5. :meth:`~StageRecipe.finish` — evaluate, detach training-only heads, save the stage's artifact: a LoRA
+   stage its adapter and adapter chain (the merged model too with ``save.merged``), full fine-tuning the
+   full model.
 
 A checkpoint (:mod:`revmix.platform.checkpoint`) holds the trainable weights, optimizer, scheduler, the
 Mixer's state and the last metrics record, written by rank 0 (with ``runtime.strategy: fsdp`` every
@@ -24,7 +26,8 @@ rank 0, which evaluates and saves it).
 A run on a bucket (:mod:`revmix.platform.storage`): each worker works in a local staging folder (the
 stage's start model, the checkpoint to resume from and ``metrics.jsonl`` are downloaded into it first);
 rank 0 uploads what it writes — each checkpoint (marker last) with ``metrics.jsonl``, the stop record,
-and at the end the stage model, then ``result.json`` last, which the driver reads from the bucket.
+and at the end the stage's adapter or model, then ``result.json`` last, which the driver reads from the
+bucket. A stage starting from an adapter stage downloads its chain's run folders (adapters, base).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -83,6 +86,9 @@ from revmix.platform.step import (
 )
 from revmix.platform.storage import Store, local_copy, staging_dir
 
+if TYPE_CHECKING:
+    from revmix.platform.artifacts import AdapterChain
+
 STOPPED = "stopped.json"  # in stages/<i>/: why the stage stopped early (read by the driver)
 
 
@@ -108,6 +114,7 @@ class StageJob:
     stream_dirs: dict[str, str] | None = None  # direction -> tokenised Parquet folder, for streamed data
     eval_rows: list[dict] | None = None  # held-out rows; None: no evaluation
     on_report: Callable[[dict], None] | None = None  # every step's record, rank 0, in-process runs only
+    chain: AdapterChain | None = None  # ``init_path`` as base + adapters, run-relative (None: init_path)
 
     @property
     def stage(self) -> StageConfig:
@@ -162,18 +169,17 @@ def _staged(job: StageJob, rank: int, local: contextlib.ExitStack) -> StageJob:
 
 @contextlib.contextmanager
 def _fetch(store: Store, location: str | Path) -> Any:
-    """A local copy of ``location``: through the run's store when it lies there, else by its own URI."""
+    """A local copy of ``location``: through the run's store when it lies there (an adapter stage with the
+    run folders its chain names), else by its own URI."""
+    from revmix.platform.artifacts import fetch_local
+
     prefix = store.url() + "/"
     if not str(location).startswith(prefix):
         with local_copy(location) as path:
             yield path
         return
-    rel = str(location)[len(prefix) :]
-    work = staging_dir("fetch")
-    try:
-        yield store.download(rel, work / Path(rel).name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with fetch_local(store, str(location)[len(prefix) :]) as path:
+        yield path
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -591,15 +597,26 @@ class StageRecipe:
         return policy
 
     def _save_stage_model(self, result: dict[str, Any]) -> None:
-        from revmix.platform.models import merge_lora, save_model
+        """A LoRA stage saves its adapter and the chain it completes (``stages/<i>/adapter``,
+        ``revmix_chain.json``); a full model (``stages/<i>/model``) with full fine-tuning or
+        ``save.merged``. ``result.json`` last: the driver takes it as the stage's end."""
+        from revmix.platform.artifacts import ADAPTER_DIR, CHAIN_FILE, AdapterChain
+        from revmix.platform.models import merge_lora, save_adapter, save_model
 
         self.objective.release_policy(self.policy)  # heads only training needs stay out of the model
-        stage_dir = self.job.out_dir / "stages" / str(self.job.stage_index)
-        merged = merge_lora(self.policy) if self.lora else self.policy
-        save_model(merged, self.tokenizer, stage_dir / "model")
+        i = self.job.stage_index
+        stage_dir = self.job.out_dir / "stages" / str(i)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        saved: list[str] = []
+        if self.lora:
+            start = self.job.chain or AdapterChain(self.job.init_path)
+            save_adapter(self.policy, start.extend(f"stages/{i}/{ADAPTER_DIR}"), stage_dir)
+            saved += [f"stages/{i}/{ADAPTER_DIR}", f"stages/{i}/{CHAIN_FILE}"]
+        if self.cfg.saves_full_model(i):
+            save_model(merge_lora(self.policy), self.tokenizer, stage_dir / "model")
+            saved.append(f"stages/{i}/model")
         atomic_write(stage_dir / "result.json", json.dumps(result, indent=1))
-        i = self.job.stage_index  # result.json last: the driver takes it as the stage's end
-        self._publish("metrics.jsonl", f"stages/{i}/model", f"stages/{i}/result.json")
+        self._publish("metrics.jsonl", *saved, f"stages/{i}/result.json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,12 +714,13 @@ def _reference_cache(
     """Reference log-probs of every training row, computed once per (model, tokenizer, rows' tokens) and
     cached; the key hashes the reference weights' bytes and every token of every row, so edited data, a
     new ``max_length`` or chat template, or other weights never read a stale file (saved atomically)."""
-    from revmix.objectives.reference import cache_key, files_identity
+    from revmix.objectives.reference import cache_key
     from revmix.platform.data.cache import tokenizer_identity
     from revmix.platform.data.prepare import cache_root
+    from revmix.platform.models import model_identity
 
     all_rows = [r for d in DIRECTIONS for r in rows[d]]
-    key = cache_key(files_identity(init_path), tokenizer_identity(tokenizer), all_rows)
+    key = cache_key(model_identity(init_path), tokenizer_identity(tokenizer), all_rows)
     cache = ReferenceLogpCache(cache_root() / "ref_logps", key)
     if not cache.load():
         for i in range(0, len(all_rows), 32):

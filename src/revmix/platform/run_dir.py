@@ -4,7 +4,8 @@ A run directory carries ``revmix_run.json``, written by the platform when it cre
 check of the config and the data has passed, so a refused start leaves nothing behind). Only a directory
 with that manifest is a run; an existing ``--out`` without it must be empty, so revmix never writes into,
 let alone deletes from, a folder the user filled. Inside a run, what the platform replaces is checked
-against its own layout first: ``model`` must be the link revmix made (``stages/<i>/model``).
+against its own layout first: ``model`` must be the link revmix made (to ``stages/<i>/model``, or to the
+adapter stage ``stages/<i>`` of a LoRA run that saves no merged model).
 
 ``--resume`` continues the run that was started: the resolved config is compared with the run's
 ``config.yaml`` and any change is refused, naming its dotted paths. A few changes cannot alter what was
@@ -34,7 +35,7 @@ from revmix.platform.storage import Store, as_store
 MANIFEST = "revmix_run.json"
 MANIFEST_KIND = "revmix-run"
 FINAL_MODEL = "model"
-FINAL_TARGET = re.compile(r"stages/\d+/model")
+FINAL_TARGET = re.compile(r"stages/\d+(/model)?")  # a full model, or an adapter stage folder
 
 # Changes on --resume that cannot change what is trained: accepted without a flag.
 HARMLESS = (
@@ -108,8 +109,8 @@ def check_layout(store: Store) -> None:
     else:
         return
     raise RunDirError(
-        f"{final} is {what}, not the link to stages/<i>/model that revmix makes; revmix replaces only what it "
-        "made: move it out of the run directory, then run again"
+        f"{final} is {what}, not the link to stages/<i>/model (or stages/<i>) that revmix makes; revmix "
+        "replaces only what it made: move it out of the run directory, then run again"
     )
 
 
@@ -126,8 +127,9 @@ def write_run(out: Store, cfg: ExperimentConfig, changes: list[str]) -> None:
     out.write(MANIFEST, json.dumps(manifest, indent=1))
 
 
-def link_final_model(store: Store, n_stages: int) -> None:
-    """``<out>/model`` becomes the link to the last stage's model (it may only replace such a link).
+def link_final_model(store: Store, target: str) -> None:
+    """``<out>/model`` becomes the link to the last stage's model ``target`` (run-relative:
+    ``stages/<i>/model``, or an adapter stage ``stages/<i>``); it may only replace such a link.
 
     Local runs only: object stores have no links (the summary's ``final_model`` names it there)."""
     check_layout(store)
@@ -135,7 +137,9 @@ def link_final_model(store: Store, n_stages: int) -> None:
         return
     out = store.local_path()
     tmp = out / f".{FINAL_MODEL}.{secrets.token_hex(4)}.tmp"
-    tmp.symlink_to(Path("stages") / str(n_stages - 1) / "model")
+    if not FINAL_TARGET.fullmatch(target):
+        raise ValueError(f"link_final_model: {target!r} is not stages/<i>/model or stages/<i>")
+    tmp.symlink_to(Path(*target.split("/")))
     try:
         os.replace(tmp, out / FINAL_MODEL)
     except BaseException:

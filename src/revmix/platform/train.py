@@ -2,8 +2,11 @@
 
 :func:`run_experiment` prepares the data once, then fits one ``TorchTrainer`` per stage; every worker runs
 the stage recipe (:mod:`revmix.platform.recipe`) on a typed :class:`~revmix.platform.recipe.StageJob`. A
-stage ends by merging its LoRA adapter into a full model saved under ``stages/<i>/model``, which the next
-stage loads and trains a fresh adapter on — its reference policy is that model with the adapter disabled.
+LoRA stage ends by saving its adapter (``stages/<i>/adapter``) and the chain of base model and adapters
+it completes (``stages/<i>/revmix_chain.json``); the next stage loads the base with every adapter merged
+in memory and trains a fresh adapter on top — its reference policy is that model with the adapter
+disabled. A full model (``stages/<i>/model``) is saved by full fine-tuning, or by LoRA stages with
+``save.merged: true``; the next stage then starts from it.
 
 ``out_dir`` is a local/NFS folder or a bucket URI (:mod:`revmix.platform.storage`). The driver reads what a
 stage produced (``result.json``, ``stopped.json``, checkpoints to resume from) from that store, never from
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 
 from revmix.config import ConfigError, ExperimentConfig, StageConfig
+from revmix.platform.artifacts import ADAPTER_DIR, AdapterChain, fetch_local
 from revmix.platform.checkpoint import latest_checkpoint, remove_stale_temporaries, stage_checkpoints
 from revmix.platform.data.mixer import Mixer, schedule_from_config
 from revmix.platform.data.prepare import PreparedData, prepare_data, to_ray_datasets
@@ -37,7 +41,7 @@ from revmix.platform.run_dir import (
     link_final_model,
     write_run,
 )
-from revmix.platform.storage import Store, local_copy, open_store
+from revmix.platform.storage import Store, open_store
 
 __all__ = ["RunDirError", "RunExistsError", "TrainingStopped", "run_experiment", "stage_plan"]
 
@@ -104,19 +108,33 @@ def run_experiment(
     run_cfg = resolve_generator(cfg, inputs.use_gpu) if evaluate and cfg.eval.at_stage_end else cfg
     write_run(out, cfg, changes)
     summary = _summary_head(cfg, out, inputs)
-    init_path = inputs.model_path
+    init_path, chain = inputs.model_path, AdapterChain(inputs.model_path)
     for i, stage in enumerate(cfg.stages):
-        result = _run_stage(run_cfg, i, out, init_path, inputs, resume, callbacks, on_report)
+        result = _run_stage(run_cfg, i, out, init_path, chain, inputs, resume, callbacks, on_report)
         summary["stages"].append(_stage_summary(stage, i, result))
-        init_path = out.url(f"stages/{i}/model")
-    link_final_model(out, len(cfg.stages))
-    summary["final_model"] = out.url(f"stages/{len(cfg.stages) - 1}/model")
+        init_path, chain = out.url(stage_model(cfg, i)), _next_chain(cfg, i, chain)
+    link_final_model(out, stage_model(cfg, len(cfg.stages) - 1))
+    summary["final_model"] = init_path
     summary["wall_s"] = time.perf_counter() - t0
     summary["steps"] = sum(s["steps"] for s in summary["stages"])
     summary["final"] = summary["stages"][-1]["final"]
     summary["eval"] = summary["stages"][-1].get("eval")
     out.write("summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+def stage_model(cfg: ExperimentConfig, i: int) -> str:
+    """Where stage ``i``'s model lies in the run: its full model, else its adapter stage folder (which
+    :func:`revmix.platform.models.load_model` rebuilds as base + adapters merged in memory)."""
+    return f"stages/{i}/model" if cfg.saves_full_model(i) else f"stages/{i}"
+
+
+def _next_chain(cfg: ExperimentConfig, i: int, chain: AdapterChain) -> AdapterChain:
+    """The chain the stage after ``i`` starts on: stage ``i``'s full model, or ``chain`` + its adapter.
+    Starting from base + adapters merged in memory keeps a LoRA run free of full copies on disk."""
+    if cfg.saves_full_model(i):
+        return AdapterChain(f"stages/{i}/model", base_in_run=True)
+    return chain.extend(f"stages/{i}/{ADAPTER_DIR}")
 
 
 def _prepare_inputs(cfg: ExperimentConfig, evaluate: bool) -> _Inputs:
@@ -191,6 +209,7 @@ def _run_stage(
     i: int,
     out: Store,
     init_path: str,
+    chain: AdapterChain,
     inputs: _Inputs,
     resume: bool,
     callbacks: list | None,
@@ -203,7 +222,7 @@ def _run_stage(
     if resume and out.is_file(f"{stage_dir}/result.json"):
         result = json.loads(out.read_text(f"{stage_dir}/result.json"))
         if result.get("steps") == plan["steps"]:  # else the stage grew (--allow-change stages.<i>.steps)
-            return _with_stage_eval(cfg, result, out, stage_dir, inputs)
+            return _with_stage_eval(cfg, result, out, i, inputs)
     out.delete_file(f"{stage_dir}/{STOPPED}")  # an earlier attempt's stop record
     if out.is_local:  # uploads to a bucket leave no temporaries (an object appears whole or not at all)
         remove_stale_temporaries(stage_checkpoints(out.local_path(), i))
@@ -224,25 +243,25 @@ def _run_stage(
         stream_dirs={d: str(data.entry / d) for d in DIRECTIONS} if data.streamed and data.entry else None,
         eval_rows=inputs.eval_rows,
         on_report=on_report if in_process else None,
+        chain=chain,
     )
     _fit(job, inputs.datasets, callbacks)
     if out.is_file(f"{stage_dir}/{STOPPED}"):
         raise TrainingStopped(json.loads(out.read_text(f"{stage_dir}/{STOPPED}"))["message"])
-    return _with_stage_eval(
-        cfg, json.loads(out.read_text(f"{stage_dir}/result.json")), out, stage_dir, inputs
-    )
+    return _with_stage_eval(cfg, json.loads(out.read_text(f"{stage_dir}/result.json")), out, i, inputs)
 
 
-def _with_stage_eval(
-    cfg: ExperimentConfig, result: dict, out: Store, stage_dir: str, inputs: _Inputs
-) -> dict:
-    """The stage's result with the generation rank 0 left to the driver done (``eval.generator: vllm``)."""
+def _with_stage_eval(cfg: ExperimentConfig, result: dict, out: Store, i: int, inputs: _Inputs) -> dict:
+    """The stage's result with the generation rank 0 left to the driver done (``eval.generator: vllm``).
+    vLLM reads a full model from local disk: an adapter stage is merged into a temporary copy for it."""
+    from revmix.platform.models import full_model_dir
+
     if inputs.eval_rows is None or not eval_pending(result):  # evaluation off (e.g. evaluate=False): pending
         return result
-    with local_copy(out.url(f"{stage_dir}/model")) as model:  # vLLM reads a local folder
-        done = complete_stage_eval(cfg, result, str(model), inputs.eval_rows, inputs.use_gpu)
+    with fetch_local(out, stage_model(cfg, i)) as stage, full_model_dir(stage) as model:
+        done = complete_stage_eval(cfg, result, model, inputs.eval_rows, inputs.use_gpu)
     if done is not result:
-        out.write(f"{stage_dir}/result.json", json.dumps(done, indent=1))
+        out.write(f"stages/{i}/result.json", json.dumps(done, indent=1))
     return done
 
 

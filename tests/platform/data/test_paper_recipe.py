@@ -97,4 +97,4 @@ def test_paper_recipe_trains_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert main(["train", str(RECIPE), *over, "--out", str(out), "--no-eval"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [s["steps"] for s in summary["stages"]] == [2, 2]
-    assert (out / "stages" / "1" / "model").exists()
+    assert (out / "stages" / "1" / "adapter").exists()  # LoRA stages keep their adapters

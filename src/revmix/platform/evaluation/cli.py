@@ -15,6 +15,7 @@ fraction), so it is exactly the split that training held out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -186,7 +187,23 @@ def _sampled_table(result: dict[str, Any], settings: dict[str, Any]) -> list[str
     return lines
 
 
+def _loadable(model: str | None, generator: str) -> contextlib.AbstractContextManager[str | None]:
+    """``model`` as the backend reads it: vLLM needs a full model folder, so an adapter stage is merged
+    into a temporary copy for it (removed at exit); hf loads adapter stages itself (base + adapters)."""
+    from revmix.platform.generation.protocol import resolve_kind
+    from revmix.platform.models import full_model_dir
+
+    if model is None or resolve_kind(generator) != "vllm":
+        return contextlib.nullcontext(model)
+    return full_model_dir(model)
+
+
 def run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _run(args, stack)
+
+
+def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from revmix.platform.evaluation.runner import evaluate
     from revmix.platform.generation.protocol import resolve_model_dir
 
@@ -208,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ValueError("one of --model PATH or --run DIR is required")
         sampling, ks = sampling_from_args(args)
-        target = _with_engine_kwargs(model, args)
+        loadable = stack.enter_context(_loadable(model, args.generator))
+        target = _with_engine_kwargs(loadable, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"revmix eval: {e}", file=sys.stderr)
         return 2

@@ -126,15 +126,20 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def resolve_model_dir(path: str | os.PathLike[str]) -> str:
     """What ``from_pretrained`` should load, from what a user typed.
 
-    A model directory (``config.json`` inside) is returned as is; a run directory (``revmix train --out
-    DIR``) gives its final model ``DIR/model``; ``tiny:<scale>`` gives the locally built tiny model; a hub id
-    (``org/name``, not an existing path) is passed through. Anything else is an error naming the layouts.
+    A model directory (``config.json`` inside) or an adapter stage (``revmix_chain.json`` inside, which
+    :func:`revmix.platform.models.load_model` loads as base + adapters) is returned as is; a run directory
+    (``revmix train --out DIR``) gives its final model ``DIR/model``; ``tiny:<scale>`` gives the locally
+    built tiny model; a hub id (``org/name``, not an existing path) is passed through. Anything else is an
+    error naming the layouts.
     """
+    from revmix.platform.artifacts import CHAIN_FILE
+
     p = os.fspath(path)
-    if os.path.isfile(os.path.join(p, "config.json")):
-        return p
-    if os.path.isfile(os.path.join(p, "model", "config.json")):
-        return os.path.join(p, "model")
+    for marker in ("config.json", CHAIN_FILE):  # a full model, or an adapter stage (base + adapters)
+        if os.path.isfile(os.path.join(p, marker)):
+            return p
+        if os.path.isfile(os.path.join(p, "model", marker)):
+            return os.path.join(p, "model")
     if p.startswith("tiny:"):
         from revmix.platform.models import resolve_model_path
 
@@ -142,10 +147,25 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> str:
     if not os.path.exists(p) and p.count("/") == 1 and not p.startswith((".", "/", "~")):
         return p  # a hub id; from_pretrained resolves (or, offline, reports) it
     raise FileNotFoundError(
-        f"{p!r} is neither a model directory (config.json inside), a run directory (model/config.json "
-        "inside, as written by `revmix train --out DIR`), a tiny model name (tiny:tiny, tiny:small, "
+        f"{p!r} is neither a model directory (config.json inside), an adapter stage (revmix_chain.json "
+        "inside), a run directory (model/config.json or model/revmix_chain.json inside, as written by "
+        "`revmix train --out DIR`), a tiny model name (tiny:tiny, tiny:small, "
         "tiny:base) nor a hub id (org/name)"
     )
+
+
+def full_model_only(path: str, who: str) -> str:
+    """``path`` unchanged when it is no adapter stage; else a ValueError: ``who`` (a vLLM reader) loads a
+    full model folder only (``revmix eval`` / ``serve`` and the stage-end evaluation merge a copy first)."""
+    from revmix.platform.artifacts import is_adapter_stage
+
+    if is_adapter_stage(path):
+        raise ValueError(
+            f"{who}: {path} is an adapter stage (base model + LoRA adapters) and vLLM reads a full model "
+            "folder; pass revmix.platform.models.full_model_dir(path) (a merged temporary copy), or train "
+            "with save.merged=true to keep a merged model next to the adapter"
+        )
+    return path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,7 +43,12 @@ from revmix.platform.generation.openai_api import (
     internal_error,
     limit_error,
 )
-from revmix.platform.generation.protocol import SamplingParams, resolve_model_dir, vllm_usable
+from revmix.platform.generation.protocol import (
+    SamplingParams,
+    full_model_only,
+    resolve_model_dir,
+    vllm_usable,
+)
 
 if TYPE_CHECKING:  # hf.py imports torch; the deployment imports it in the replica, not at module import
     from revmix.platform.generation.hf import Completion
@@ -375,6 +380,8 @@ def start_server(
         raise ValueError("an API key and request limits need the hf backend: Ray Serve LLM enforces neither")
     if kind == "hf" and engine_kwargs:
         raise ValueError(f"engine arguments {sorted(engine_kwargs)} need the vllm backend (this one is hf)")
+    if kind == "vllm":
+        full_model_only(path, "revmix serve --backend vllm")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
     host, port = _http_address(host, port, api_key)

@@ -135,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"revmix serve: {e}", file=sys.stderr)
         return 2
+    from revmix.platform.models import full_model_dir
+
     name = args.name or default_name(args.model)
-    return _serve(args, address, path, backend, name, key, limits, engine)
+    if backend != "vllm":  # hf loads an adapter stage itself (base + adapters merged in memory)
+        return _serve(args, address, path, backend, name, key, limits, engine)
+    with full_model_dir(path) as full:  # vLLM reads a full model: an adapter stage's merged copy
+        return _serve(args, address, full, backend, name, key, limits, engine)
 
 
 def _serve(

@@ -18,7 +18,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from revmix.platform.generation.protocol import SamplingParams, resolve_model_dir, truncate_at_stop
+from revmix.platform.generation.protocol import (
+    SamplingParams,
+    full_model_only,
+    resolve_model_dir,
+    truncate_at_stop,
+)
 
 
 def _on_gpu() -> bool:
@@ -135,7 +140,7 @@ class VLLMGenerator:
     ) -> None:
         from revmix.platform.models import load_tokenizer
 
-        self.path = resolve_model_dir(model_path)
+        self.path = full_model_only(resolve_model_dir(model_path), "VLLMGenerator")
         self.tokenizer = load_tokenizer(self.path)
         # the engines' nodes, not necessarily this one (a driver on a CPU head node): None = this node's
         gpu = self.on_gpu = _on_gpu() if on_gpu is None else on_gpu

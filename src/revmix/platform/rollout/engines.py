@@ -130,9 +130,11 @@ def build_rollout_engine(
         backend = "vllm" if torch.cuda.is_available() and vllm_usable() else "hf"
     if backend == "hf":
         return HFRolloutEngine.for_policy(policy, tokenizer, hf_batch_size)
+    from revmix.platform.models import architecture_dir
+
     options = dict(objective.vllm_engine or {})
-    return VLLMRolloutEngine(
-        init_path,
+    return VLLMRolloutEngine(  # the live weights are pushed before every rollout: the base's shape suffices
+        architecture_dir(init_path),
         eos_token_ids(policy, tokenizer, "policy"),
         placement=options.pop("placement", "auto"),
         seed=seed,
