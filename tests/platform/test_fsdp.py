@@ -135,6 +135,7 @@ def test_sft_fsdp_two_workers_equal_one(tmp_path, ray_local):
 
 
 @pytest.mark.slow  # about 2 min on 2 busy cores
+@pytest.mark.heavy
 def test_lora_sft_fsdp_two_workers_equal_one(tmp_path, ray_local):
     """LoRA: the base model's layers are sharded with the adapter inside them; the stage model is merged."""
     over = ["model.lora.enabled=true", "model.lora.dropout=0.0", "stages.0.steps=3"]
@@ -146,6 +147,7 @@ def test_lora_sft_fsdp_two_workers_equal_one(tmp_path, ray_local):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_killed_fsdp_worker_resumes_from_sharded_checkpoint(tmp_path, ray_local):
     """Worker 1 SIGKILLed as it starts step 6 of 8 (checkpoints every 2 steps): Ray restarts both workers,
     they reload the sharded checkpoint, and the run ends equal to an uninterrupted one."""

@@ -24,7 +24,7 @@ import pytest
 
 from revmix.platform.data.cache import builds
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[3]
 SFT = ROOT / "configs" / "runs" / "sft_tiny.yaml"
