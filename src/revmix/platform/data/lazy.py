@@ -6,11 +6,12 @@ keeps rows:
 
 1. :func:`count_rows` decides the path: Parquet footers (``num_rows``, no data read) or the JSONL file's
    newline count (1 MiB binary reads; a last line without a newline counts too, blank lines count as rows).
-2. :func:`scan` is the first streaming pass: it feeds every record, as read, to the content key
-   (:meth:`ContentKey.update_record`) and notes a 64-bit hash of each per-row-valid ``(item_id,
-   direction)`` (16 bytes a row in two arrays, never Python objects), from which the later duplicates are
-   found by sorting. With the key known, an existing cache entry is reused and nothing else is read.
-3. :func:`spool` is the second pass, run only when the entry is built: the same rules as
+   The content key is a hash of the file's bytes (:meth:`ContentKey.update_file`): with it an existing
+   cache entry is reused and no record is parsed.
+2. :func:`scan`, run only when the entry is built, is the first streaming pass: it counts the records and
+   notes a 64-bit hash of each per-row-valid ``(item_id, direction)`` (16 bytes a row in two arrays,
+   never Python objects), from which the later duplicates are found by sorting.
+3. :func:`spool` is the second pass: the same rules as
    :mod:`revmix.platform.data.validate` on each record, naming ``FILE:LINE`` (Parquet: row index + 1);
    duplicates confirmed against the earlier row's actual key (a hash collision is no duplicate);
    train/test assigned by :func:`is_test_item`; training rows written to per-direction Parquet spools that
@@ -34,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from revmix.platform.data.cache import ContentKey
 from revmix.platform.data.schema import ALL_FIELDS, DIRECTIONS, Direction
 from revmix.platform.data.tokenize import ORIGIN_FILE, ORIGIN_LINE
 from revmix.platform.data.validate import Problem, Record, describe, duplicate_problem, record_problems
@@ -111,25 +111,24 @@ def _pair_hash(item_id: str, direction: str) -> int:
 
 @dataclass
 class Scan:
-    """What the first pass learned: the rows' part of the key, the count, and the possible duplicates."""
+    """What the first pass learned: the count and the possible duplicates."""
 
-    key: ContentKey
     n_read: int
     earlier: dict[int, list[int]]  # line -> earlier lines with the same (item_id, direction) hash
     watched: set[int]  # lines whose (item_id, direction) a later line may repeat
 
 
 def scan(src: LazySource) -> Scan:
-    """First pass: every record into the content key, and the lines that may repeat an earlier key."""
-    key = ContentKey()
+    """First pass: the records counted, and the lines that may repeat an earlier key."""
+    n_read = 0
     hashes, lines = array("q"), array("q")
     for line, rec in src.records():
-        key.update_record(line, rec)
+        n_read += 1
         if isinstance(rec, dict) and not record_problems(src.label, line, rec):
             hashes.append(_pair_hash(rec["item_id"], rec["direction"]))
             lines.append(line)
     earlier, watched = _repeats(np.frombuffer(hashes, dtype=np.int64), np.frombuffer(lines, dtype=np.int64))
-    return Scan(key, key.rows, earlier, watched)
+    return Scan(n_read, earlier, watched)
 
 
 def _repeats(hashes: np.ndarray, lines: np.ndarray) -> tuple[dict[int, list[int]], set[int]]:

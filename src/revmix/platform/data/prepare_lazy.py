@@ -1,10 +1,11 @@
 """Preparing a large local file without loading it: key pass, then (only if the entry is missing) build.
 
-The driver's memory stays flat in the corpus size: the key pass (:func:`revmix.platform.data.lazy.scan`)
-keeps a hash state and 16 bytes a row; the build pass (:func:`revmix.platform.data.lazy.spool`) holds one
-spool chunk of canonical rows, the held-out rows and 8 bytes a training row; Ray Data tokenises the spool
-a block at a time into the cache entry, and the training rows are then read lazily from there. The
-entry also keeps the held-out canonical rows (``test.parquet``), so a reused entry needs no second pass.
+The driver's memory stays flat in the corpus size: the key pass hashes the file's bytes (no record
+parsed); only when the entry is missing does the build scan (:func:`revmix.platform.data.lazy.scan`,
+16 bytes a row) and spool (:func:`revmix.platform.data.lazy.spool`, one spool chunk of canonical rows,
+the held-out rows and 8 bytes a training row); Ray Data tokenises the spool a block at a time into the
+cache entry, and the training rows are then read lazily from there. The entry also keeps the held-out
+canonical rows (``test.parquet``), so a reused entry needs no pass over the records at all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from revmix.config import DataConfig
 from revmix.platform.data import lazy
 from revmix.platform.data.cache import (
+    ContentKey,
     TokenisedRows,
     build_once,
     chat_template_of,
@@ -46,8 +48,7 @@ def prepare_lazy(
 ) -> PreparedData:
     """:func:`revmix.platform.data.prepare.prepare_data` for a source of ``n_counted`` rows above the
     threshold: the training rows stay on disk (``streamed``), the held-out rows come back as a list."""
-    seen = _scan(src)
-    key = seen.key.finish(
+    key = _fingerprint(src, n_counted).finish(
         tokenizer_identity(tokenizer),
         chat_template_of(tokenizer),
         cfg.max_length,
@@ -64,7 +65,7 @@ def prepare_lazy(
     )
 
     def build(tmp: Path) -> dict[str, Any]:
-        return _build(tmp, src, seen, key, cfg, tokenizer, tokenizer_id, pairs_needed_by)
+        return _build(tmp, src, key, cfg, tokenizer, tokenizer_id, pairs_needed_by)
 
     entry, built = build_once(tokenised_root(cfg), key, build)
     meta = read_meta(entry)
@@ -92,6 +93,18 @@ def prepare_lazy(
     return data
 
 
+def _fingerprint(src: lazy.LazySource, n_counted: int) -> ContentKey:
+    """The rows' part of the key: the source file's bytes (no record parsed, so a reused entry costs
+    one hash of the file); a file that cannot be read is one problem naming it."""
+    key = ContentKey()
+    try:
+        key.update_file(src.path, n_counted)
+    except OSError as err:
+        why = f"expected a readable row file, got {err}"
+        raise DataError(src.label, [Problem(src.label, 1, FILE, why)], 0) from None
+    return key
+
+
 def _scan(src: lazy.LazySource) -> lazy.Scan:
     """The key pass; a source that cannot be read, or has no rows, is one problem naming it."""
     try:
@@ -107,7 +120,6 @@ def _scan(src: lazy.LazySource) -> lazy.Scan:
 def _build(
     tmp: Path,
     src: lazy.LazySource,
-    seen: lazy.Scan,
     key: str,
     cfg: DataConfig,
     tokenizer: Any,
@@ -118,6 +130,7 @@ def _build(
     held-out rows; problems raise :class:`DataError` (listing every one) before the entry exists."""
     from revmix.platform.data.tokenise_ray import tokenise_spool_in_ray
 
+    seen = _scan(src)
     spool_dir = tmp / ".spool"
     got = lazy.spool(src, seen, spool_dir, cfg.seed, cfg.test_fraction, pairs_needed_by)
     report = LoadReport([], got.problems, src.label, got.n_read)
