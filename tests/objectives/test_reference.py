@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from revmix.objectives.reference import (
     FrozenCopyReference,
     ReferenceLogpCache,
     cache_key,
+    files_identity,
     hash_state_dict,
     reference_logps,
     response_token_counts,
@@ -197,6 +200,38 @@ def test_cache_key_and_state_dict_hash():
         assert k != cache_key(h, "tok", edited), column
     with pytest.raises(ValueError, match="valid: forward, reverse"):
         cache_key(h, "tok", [_row("i1", "sideways")])
+
+
+def _model_dir(path, weights: bytes):
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "config.json").write_text('{"hidden_size": 8}')
+    return path
+
+
+def test_files_identity_remembers_digests_but_any_edit_of_the_bytes_changes_it(tmp_path, monkeypatch):
+    import revmix.objectives.reference as ref
+
+    monkeypatch.setattr(ref, "MEMO_SETTLE_NS", 200_000_000)  # 0.2 s instead of 2 s: a short test
+    weights = bytes(range(256)) * 16384  # 4 MiB: a middle byte lies outside the first and last MiB
+    model, memo = _model_dir(tmp_path / "m", weights), tmp_path / "memo"
+    time.sleep(0.3)  # past the settle time: the digests are remembered
+    plain = files_identity(model)
+    assert files_identity(model, memo) == plain and len(list(memo.iterdir())) == 2
+    # the memo is what a second call reads: a forged entry shows through
+    weights_entry = next(p for p in memo.iterdir() if p.read_text() == hashlib.sha256(weights).hexdigest())
+    weights_entry.write_text("f" * 64)
+    assert files_identity(model, memo) != plain
+    # one byte in the middle edited in place, size and mtime put back: ctime moved, so hashed again
+    st = os.stat(model / "model.safetensors")
+    edited = bytearray(weights)
+    edited[len(weights) // 2] ^= 1
+    (model / "model.safetensors").write_bytes(bytes(edited))
+    os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = files_identity(model, memo)
+    assert changed == files_identity(model) != plain
+    # a file changed less than the settle time ago is hashed, not remembered
+    assert len(list(memo.iterdir())) == 2
 
 
 def _row(item_id: str, direction: int | str) -> dict:

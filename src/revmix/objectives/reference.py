@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,23 +216,70 @@ def _row_digest(row: Mapping[str, Any]) -> bytes:
 WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
-def files_identity(folder: str | os.PathLike[str]) -> str:
-    """SHA-256 of the bytes of ``folder``'s weight files (:data:`WEIGHT_FILES`) and ``config.json``, names
-    included: the reference model's identity by content, whatever its path or modification time. Reading
-    the weights once costs far less than the reference forward passes the cache saves."""
+def files_identity(folder: str | os.PathLike[str], memo: str | os.PathLike[str] | None = None) -> str:
+    """SHA-256 over ``folder``'s weight files (:data:`WEIGHT_FILES`) and ``config.json``: each file's name
+    and the SHA-256 of its bytes (:func:`file_digest`; remembered in ``memo`` when given). The reference
+    model's identity by content, whatever its path or modification time."""
     folder = Path(folder)
     weights = sorted(f for pattern in WEIGHT_FILES for f in folder.glob(pattern))
     if not weights:
         raise FileNotFoundError(
             f"{folder}: no weight files ({', '.join(WEIGHT_FILES)}) to identify the reference model by"
         )
-    files = weights + sorted(folder.glob("config.json"))
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}\0".encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
+    for f in weights + sorted(folder.glob("config.json")):
+        h.update(f"{f.name}\0{file_digest(f, memo)}\0".encode())
+    return h.hexdigest()
+
+
+MEMO_SETTLE_NS = 2_000_000_000
+"""A digest is remembered only for a file unchanged for this long (see :func:`file_digest`)."""
+
+
+def file_digest(path: Path, memo: str | os.PathLike[str] | None = None) -> str:
+    """SHA-256 of the bytes of ``path``; with ``memo`` (a folder), remembered under the file's stat
+    signature, so every worker of every stage reading the same weights hashes them once per node.
+
+    Why a stat signature and not a cheaper manifest: nothing cheaper than the bytes is sound. A
+    safetensors header lists names, dtypes, shapes and offsets, which a fine-tune leaves as they were;
+    hashing the first and last MiB misses a change to any tensor in between (a stage that trained only
+    the middle layers). The signature is (real path, device, inode, size, mtime_ns, ctime_ns): the
+    kernel sets ``ctime`` on every write, truncate or rename onto the path, and no call (``touch``,
+    ``os.utime``) can set it back, so a file whose bytes may have changed gets a new signature and is
+    hashed again, as git's index decides which files to rehash. The one gap is a write within the
+    timestamp granularity after the hash (a "racy" file): a file changed less than
+    :data:`MEMO_SETTLE_NS` ago is hashed but not remembered. A copy elsewhere (another node, path or
+    inode) is hashed once there. The memo is written atomically; one that cannot be read or written
+    only costs a hash.
+    """
+    if memo is None:
+        return _sha256_file(path)
+    before = os.stat(path)
+    entry = Path(memo) / _stat_signature(path, before)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        digest = entry.read_text()
+        if len(digest) == 64:
+            return digest
+    digest = _sha256_file(path)
+    after = os.stat(path)
+    settled = time.time_ns() - after.st_ctime_ns > MEMO_SETTLE_NS
+    if settled and _stat_signature(path, after) == entry.name:
+        with contextlib.suppress(OSError):
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(entry, digest)
+    return digest
+
+
+def _stat_signature(path: Path, st: os.stat_result) -> str:
+    fields = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return hashlib.sha256("\0".join(map(str, fields)).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 

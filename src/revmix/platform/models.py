@@ -566,13 +566,18 @@ def save_adapter(model: peft.PeftModel, chain: AdapterChain, stage_dir: str | Pa
 
 def model_identity(path: str | Path) -> str:
     """The identity by content of the model ``path`` loads as (a full model, or a chain's base and every
-    adapter): the reference log-prob cache's key, so another chain never reads a stale entry."""
+    adapter): the reference log-prob cache's key, so another chain never reads a stale entry. Each file's
+    digest is remembered per node under the cache root (``file_digests``; see
+    :func:`revmix.objectives.reference.file_digest` for why that is sound), so the workers of every stage
+    and trial hash a given set of weights once."""
     from revmix.objectives.reference import files_identity
+    from revmix.platform.data.prepare import cache_root
 
+    memo = cache_root() / "file_digests"
     base, adapters = resolve_chain(path)
     if not adapters:
-        return files_identity(base)
-    parts = [files_identity(f) for f in (base, *adapters)]
+        return files_identity(base, memo)
+    parts = [files_identity(f, memo) for f in (base, *adapters)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
