@@ -29,7 +29,7 @@ from revmix.config import ConfigError, ExperimentConfig, StageConfig
 from revmix.platform.artifacts import ADAPTER_DIR, AdapterChain, fetch_local
 from revmix.platform.checkpoint import latest_checkpoint, remove_stale_temporaries, stage_checkpoints
 from revmix.platform.data.mixer import Mixer, schedule_from_config
-from revmix.platform.data.prepare import PreparedData, prepare_data, to_ray_datasets
+from revmix.platform.data.prepare import PreparedData, prepare_experiment_data, to_ray_datasets
 from revmix.platform.data.schema import DIRECTIONS
 from revmix.platform.evaluation.hooks import complete_stage_eval, eval_pending, resolve_generator
 from revmix.platform.recipe import STOPPED, StageJob, train_loop_per_worker
@@ -138,16 +138,10 @@ def _next_chain(cfg: ExperimentConfig, i: int, chain: AdapterChain) -> AdapterCh
 
 
 def _prepare_inputs(cfg: ExperimentConfig, evaluate: bool) -> _Inputs:
-    """The base model and the checked, tokenised data; data problems raise here, before any write."""
-    from revmix.platform.models import load_tokenizer, resolve_model_path
-
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed)
-    tokenizer = load_tokenizer(model_path)
-    pairs = [f"stages.{i}.objective ({st.objective.name})" for i, st in enumerate(cfg.stages)]
-    pairs = [p for p, st in zip(pairs, cfg.stages) if "other_response" in st.objective.requires]
-    data = prepare_data(
-        cfg.data, tokenizer, tokenizer_id=model_path, pairs_needed_by=pairs[0] if pairs else None
-    )
+    """The base model and the checked, tokenised data; data problems raise here, before any write.
+    The data comes from :func:`~revmix.platform.data.prepare.prepare_experiment_data`, the call a sweep's
+    driver makes ahead of its trials, so both reach the same cache key."""
+    model_path, _, data = prepare_experiment_data(cfg)
     check_mix(cfg, data)
     check_streamed(cfg, data)
     use_gpu = cfg.runtime.use_gpu if cfg.runtime.use_gpu is not None else torch.cuda.is_available()
