@@ -7,6 +7,7 @@ measures, each in a fresh process so that peak RSS belongs to that size alone:
 
 - ``in_process``: the rows as a Python list (what ``num_workers=0`` holds), iterated and collated in
   batches; above ``--baseline-cap`` rows the list holds the first cap rows (its rate does not depend on n);
+  above ``--stream-cap`` rows the streams below read the first cap rows of their epoch (``rows_measured``);
 - ``driver``: a :class:`ParquetDirectionStream` over the corpus in a plain process, collated the same way;
 - ``worker``: the same inside a Ray task (``max_calls=1``: its own worker process).
 
@@ -15,7 +16,9 @@ task's submission to its first line (scheduling and a fresh worker process); imp
 1.5x from 100k rows to the largest size; stream rows/s >= 0.9x in-process from 100k; start-up <= 5 s.
 
     python benchmarks/data_throughput.py                     # 10k, 100k, 1M
-    python benchmarks/data_throughput.py --with-10m          # + 10M (about 2 GB on disk; long on 2 CPUs)
+    python benchmarks/data_throughput.py --with-10m --stream-cap 200000 --baseline-cap 100000
+                    # + 10M rows (about 0.7 GB on disk, written in about a minute), each stream
+                    # timed over the first 200k rows of its epoch: the results JSON's run
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_ROWS = 1000  # distinct tokenised rows a corpus cycles through
+TOKEN_COLUMNS = ("prompt_ids", "response_ids", "other_ids")
 
 
 def peak_rss_mb() -> float:
@@ -81,8 +85,8 @@ def worker_stream(corpus: str, n: int, batch: int, pad: int, buffer: int) -> dic
 
 
 def in_process_rows(corpus: str, n: int, batch: int, pad: int) -> dict[str, float]:
-    """The corpus's rows as one Python list, looped. Rows share their base row's token lists, so this list
-    takes less memory than a real tokenised one (about 4 kB a row)."""
+    """The corpus's rows as one Python list, looped; every row has its own token lists (about 4 kB a row),
+    as a real tokenised list has."""
     import pyarrow.parquet as pq
 
     from revmix.platform.data.parquet_stream import table_rows
@@ -91,10 +95,16 @@ def in_process_rows(corpus: str, n: int, batch: int, pad: int) -> dict[str, floa
     first = sorted(Path(corpus).glob("*.parquet"))[0]
     base = table_rows(pq.ParquetFile(first).read_row_group(0).slice(0, BASE_ROWS))
     rss0 = peak_rss_mb()
-    rows = [{**base[i % len(base)], "row_index": i, "item_id": f"x{i}"} for i in range(n)]
+    rows = [_own_lists(base[i % len(base)], i) for i in range(n)]
     rates = collate_all(lambda: rows, n, batch, pad)
     del rates["startup_s"]
     return {**rates, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0}
+
+
+def _own_lists(row: dict[str, Any], i: int) -> dict[str, Any]:
+    """Row ``i``: a copy of ``row`` with its own token lists, as a real tokenised list holds (rows sharing
+    a few base rows' lists would stay in the CPU cache and flatter the baseline's collate)."""
+    return {**row, **{k: list(row[k]) for k in TOKEN_COLUMNS}, "row_index": i, "item_id": f"x{i}"}
 
 
 def in_fresh_process(mode: str, corpus: Path, n: int, args: argparse.Namespace) -> dict[str, float]:
@@ -115,16 +125,16 @@ def in_ray_worker(corpus: Path, n: int, args: argparse.Namespace) -> dict[str, f
 
 
 def measure(n: int, corpus: Path, args: argparse.Namespace) -> dict[str, Any]:
-    base_n = min(n, args.baseline_cap)
+    base_n, stream_n = min(n, args.baseline_cap), min(n, args.stream_cap or n)
     local = in_fresh_process("in_process", corpus, base_n, args)
-    driver = in_fresh_process("driver", corpus, n, args)
-    worker = in_ray_worker(corpus, n, args)
+    driver = in_fresh_process("driver", corpus, stream_n, args)
+    worker = in_ray_worker(corpus, stream_n, args)
     r2 = {k: round(v, 3) for k, v in local.items()}
     return {
         "rows": n,
         "in_process": {**r2, "rows_measured": base_n},
-        "driver": {k: round(v, 3) for k, v in driver.items()},
-        "worker": {k: round(v, 3) for k, v in worker.items()},
+        "driver": {**{k: round(v, 3) for k, v in driver.items()}, "rows_measured": stream_n},
+        "worker": {**{k: round(v, 3) for k, v in worker.items()}, "rows_measured": stream_n},
         **{
             f"{who}_over_in_process{cpu}": round(res[f"rows_per{cpu}_s"] / local[f"rows_per{cpu}_s"], 3)
             for cpu in ("", "_cpu")
@@ -176,10 +186,16 @@ def corpus_for(n: int, workdir: Path, base: list[dict[str, Any]]) -> tuple[Path,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--with-10m", action="store_true", help="also 10,000,000 rows (about 2 GB on disk)")
+    ap.add_argument("--with-10m", action="store_true", help="also 10,000,000 rows (about 0.7 GB on disk)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--shuffle-buffer", type=int, default=4096)
-    ap.add_argument("--baseline-cap", type=int, default=1_000_000, help="most rows the in-process list holds")
+    ap.add_argument("--baseline-cap", type=int, default=200_000, help="most rows the in-process list holds")
+    ap.add_argument(
+        "--stream-cap",
+        type=int,
+        help="most rows streamed per size (default: a whole epoch); the first rows of the epoch's seeded "
+        "order, drawn from row groups all over the corpus, so footers, windows and RSS are the full size's",
+    )
     ap.add_argument("--workdir", help="where corpora are written (default: a temporary directory, removed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_throughput.json"))
     ap.add_argument("--one", choices=["in_process", "driver"], help=argparse.SUPPRESS)
@@ -196,6 +212,8 @@ def main() -> None:
         "benchmark": "data_throughput",
         "batch": args.batch,
         "shuffle_buffer": args.shuffle_buffer,
+        "stream_cap": args.stream_cap,
+        "baseline_cap": args.baseline_cap,
         "results": results,
         "targets": targets(results),
     }
