@@ -76,7 +76,12 @@ class DataConfig(Strict):
     families: list[str] = _f(["affine_mod", "arith_chain", "string_ops"], "synthetic task families to mix")
     n_items: int = _f(600, "synthetic items (each gives a forward and a reverse row)", ge=1)
     test_fraction: float = _f(0.2, "held-out fraction, split by item so no fact leaks", gt=0.0, lt=1.0)
-    seed: int = _f(0, "seed of data generation and the train/test split")
+    seed: int = _f(0, "seed of data generation, the train/test split and the pairing split")
+    pairing: Literal["twins", "independent"] = _f(
+        "twins",
+        "twins: both directions' rows of every training item; independent: forward and reverse rows from "
+        "disjoint halves of the items, no shared facts (the paper's control)",
+    )
     max_length: int = _f(256, "token cap of prompt + response; longer rows follow `truncation`", ge=1)
     truncation: Literal["truncate", "drop", "error"] = _f(
         "truncate", "rows over max_length: cut the response, leave the row out, or fail naming it (counted)"

@@ -176,9 +176,25 @@ def _orpo_value(policy, batch, ref_model, lam: float = 0.1) -> float:
     return _chosen_nll(pairs) - lam * sum(log_sig) / len(log_sig)
 
 
+def _complementary_dpo_value(
+    policy, batch, ref_model, beta: float = 0.1, floor: float = 0.5, alpha: float = 1.0
+) -> float:
+    """revmix.objectives.complementary: mean of −log σ(β(u+ − max(u−, −δ|y−|))) + α·NLL(y+), with u the
+    summed log-ratio to the reference and δ the per-token floor."""
+    pairs, losses = _pair_logps(policy, batch), []
+    for p, yc, yr, (c, r) in zip(
+        batch.prompt_ids, responses(batch.labels), responses(batch.other_labels), pairs
+    ):
+        u_chosen = sum(c) - sum(row_token_logps(ref_model, p, yc))
+        u_rejected = sum(r) - sum(row_token_logps(ref_model, p, yr))
+        losses.append(math.log1p(math.exp(-beta * (u_chosen - max(u_rejected, -floor * len(yr))))))
+    return sum(losses) / len(losses) + alpha * _chosen_nll(pairs)
+
+
 REFERENCE_VALUES = {
     "sft": _sft_value,
     "dpo": _dpo_value,
+    "complementary_dpo": _complementary_dpo_value,
     "kto": _kto_value,
     "unlikelihood": _unlikelihood_value,
     "multitask": _multitask_value,

@@ -91,7 +91,7 @@ def test_an_import_path_names_a_plug_in_validated_by_its_own_fields():
             f"use: name: Literal['{MODULE}:InstalledWeightedSFT']",
         ),
         ({"name": "tests objectives:X"}, "'tests objectives:X' is not an import path pkg.module:ClassName"),
-        ({"alpha": 1}, "stages.1.objective.name: required key missing; one of cpo, dpo,"),
+        ({"alpha": 1}, "stages.1.objective.name: required key missing; one of complementary_dpo, cpo, dpo,"),
     ],
 )
 def test_bad_plug_ins_are_loud_and_name_the_path(objective, message):

@@ -54,10 +54,14 @@ from revmix.objectives.base import (
     Batch,
     LossOutput,
     Reference,
-    per_direction,
     register_objective,
 )
-from revmix.objectives.preference import PairedObjective, preference_output, reference_pair_logps
+from revmix.objectives.preference import (
+    PairedObjective,
+    preference_output,
+    reference_pair_logps,
+    reward_metrics,
+)
 from revmix.validation import validate
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down"]
@@ -172,9 +176,5 @@ class DPO(PairedObjective):
         # Rewards on summed log-probs whatever the normalisation, as TRL logs them.
         chosen_rewards = self.beta * (pair.chosen - ref_chosen).detach()
         rejected_rewards = self.beta * (pair.rejected - ref_rejected).detach()
-        d = batch.direction
-        out.metrics |= per_direction(chosen_rewards, d, "rewards/chosen")
-        out.metrics |= per_direction(rejected_rewards, d, "rewards/rejected")
-        out.metrics |= per_direction(chosen_rewards - rejected_rewards, d, "rewards/margin")
-        out.metrics |= per_direction((chosen_rewards > rejected_rewards).float(), d, "rewards/accuracy")
+        out.metrics |= reward_metrics(chosen_rewards, rejected_rewards, batch.direction)
         return out

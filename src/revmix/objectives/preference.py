@@ -1,4 +1,5 @@
-r"""What every paired preference objective shares (``dpo``, ``simpo``, ``cpo``, ``orpo``).
+r"""What every paired preference objective shares (``dpo``, ``complementary_dpo``, ``simpo``, ``cpo``,
+``orpo``).
 
 A row's y+ (``input_ids``/``labels``) is *chosen* and its y− (``other_*``) *rejected*; in "When Inverse
 Data Outperforms" (arXiv 2509.13079, §4) y+ is the row's own direction's solution and y− its twin's.
@@ -157,6 +158,22 @@ def preference_metrics(
         metrics |= nll
         for key in [k for k in metrics if k == "loss" or k.startswith("loss/")]:
             metrics[key] += nll_weight * nll["nll" + key.removeprefix("loss")]
+    return metrics
+
+
+def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, direction: Tensor) -> dict[str, float]:
+    """DPO's implicit-reward metrics, overall and per direction: ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margin`` (their difference) and ``rewards/accuracy`` (the fraction with chosen > rejected).
+
+    Args:
+        chosen_rewards: ``[B]`` β·(log π_θ(y+) − log π_ref(y+)), summed log-probs, detached.
+        rejected_rewards: ``[B]`` the same for y−.
+        direction: ``[B]`` direction codes (0 forward, 1 reverse).
+    """
+    metrics = per_direction(chosen_rewards, direction, "rewards/chosen")
+    metrics |= per_direction(rejected_rewards, direction, "rewards/rejected")
+    metrics |= per_direction(chosen_rewards - rejected_rewards, direction, "rewards/margin")
+    metrics |= per_direction((chosen_rewards > rejected_rewards).float(), direction, "rewards/accuracy")
     return metrics
 
 

@@ -14,8 +14,9 @@ keeps rows:
 3. :func:`spool` is the second pass: the same rules as
    :mod:`revmix.platform.data.validate` on each record, naming ``FILE:LINE`` (Parquet: row index + 1);
    duplicates confirmed against the earlier row's actual key (a hash collision is no duplicate);
-   train/test assigned by :func:`is_test_item`; training rows written to per-direction Parquet spools that
-   Ray Data tokenises; held-out rows kept (they are ``data.test_fraction`` of the items).
+   train/test assigned by :func:`is_test_item`; with ``data.pairing: independent`` each training row kept
+   or left out by :func:`~revmix.platform.data.pairing.keeps_row`; training rows written to per-direction
+   Parquet spools that Ray Data tokenises; held-out rows kept (they are ``data.test_fraction`` of the items).
 
 The split here is a hash split (an item is held out when a hash of ``(seed, item_id)`` falls under
 ``test_fraction``): a pure function of the id, so it needs no list of ids; the small, in-process path
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from revmix.platform.data.pairing import Pairing, keeps_row
 from revmix.platform.data.schema import ALL_FIELDS, DIRECTIONS, Direction
 from revmix.platform.data.tokenize import ORIGIN_FILE, ORIGIN_LINE
 from revmix.platform.data.validate import Problem, Record, describe, duplicate_problem, record_problems
@@ -156,6 +158,7 @@ class Spooled:
     test_rows: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {d: 0 for d in DIRECTIONS})
     item_hashes: array = field(default_factory=lambda: array("q"))  # one per training row
+    unpaired: int = 0  # training rows left out by data.pairing=independent
 
     @property
     def n_rejected(self) -> int:
@@ -198,9 +201,16 @@ class _SpoolWriter:
 
 
 def spool(
-    src: LazySource, seen: Scan, folder: Path, seed: int, test_fraction: float, pairs_needed_by: str | None
+    src: LazySource,
+    seen: Scan,
+    folder: Path,
+    seed: int,
+    test_fraction: float,
+    pairs_needed_by: str | None,
+    pairing: Pairing = "twins",
 ) -> Spooled:
-    """Second pass: validate each record, hold out test items, write training rows to
+    """Second pass: validate each record, hold out test items, leave out the training rows ``pairing`` does
+    not keep (:func:`~revmix.platform.data.pairing.keeps_row`, counted in ``unpaired``), write the others to
     ``folder/<direction>/part-0.parquet`` (each direction numbered from 0 in source order)."""
     out = Spooled()
     writers: dict[str, _SpoolWriter] = {d: _SpoolWriter(folder / d / "part-0.parquet") for d in DIRECTIONS}
@@ -217,6 +227,9 @@ def spool(
                 out.test_rows.append(row)
                 continue
             d: str = Direction.parse(row["direction"]).label
+            if not keeps_row(row["item_id"], d, pairing, seed):
+                out.unpaired += 1
+                continue
             writers[d].add({**row, "row_index": out.counts[d], ORIGIN_FILE: src.label, ORIGIN_LINE: line})
             out.counts[d] += 1
             out.item_hashes.append(_pair_hash(row["item_id"], ""))

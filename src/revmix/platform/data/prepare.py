@@ -26,6 +26,7 @@ from revmix.platform.data.cache import (
     write_direction,
 )
 from revmix.platform.data.loaders import DataError, LoadReport
+from revmix.platform.data.pairing import paired_rows, pairing_line
 from revmix.platform.data.schema import DIRECTIONS, Direction
 from revmix.platform.data.tokenize import ORIGIN_FILE, ORIGIN_LINE, tokenise_chunk
 from revmix.platform.data.validate import Problem, describe
@@ -159,7 +160,10 @@ def _prepare_loaded(
     rows, origins = [rows[i] for i in kept], [origins[i] for i in kept]
     origin_of = {id(r): o for r, o in zip(rows, origins)}  # the split keeps the row objects
     train, test = split_rows(rows, cfg)
-    by_dir = _numbered_by_direction(train, origin_of)
+    paired = paired_rows(train, cfg.pairing, cfg.seed)
+    if (line := pairing_line(len(train), paired, cfg.pairing)) is not None:
+        print(line, flush=True)
+    by_dir = _numbered_by_direction(paired, origin_of)
     key = _content_key(by_dir, tokenizer, cfg)
     n_rows = sum(len(v) for v in by_dir.values())
     streamed = n_rows > cfg.stream_threshold_rows

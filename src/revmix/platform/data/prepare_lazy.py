@@ -61,6 +61,8 @@ def prepare_lazy(
             "seed": cfg.seed,
             "test_fraction": cfg.test_fraction,
             "pairs_needed_by": pairs_needed_by,
+            # only when set: the default keeps the keys (and cache entries) of the rows it always built
+            **({"pairing": cfg.pairing} if cfg.pairing != "twins" else {}),
         },
     )
 
@@ -76,6 +78,12 @@ def prepare_lazy(
         f"{'built' if built else 'reused'}: {entry}",
         flush=True,
     )
+    if cfg.pairing != "twins":
+        print(
+            f"data: pairing {cfg.pairing}: forward and reverse rows from disjoint item halves (hash of the item "
+            f"id below or above 1/2); {meta['unpaired']} training rows left out",
+            flush=True,
+        )
     on_disk: dict[str, Any] = {d: TokenisedRows(entry / d) for d in DIRECTIONS}  # never materialised here
     data = PreparedData(
         train=on_disk,
@@ -132,7 +140,7 @@ def _build(
 
     seen = _scan(src)
     spool_dir = tmp / ".spool"
-    got = lazy.spool(src, seen, spool_dir, cfg.seed, cfg.test_fraction, pairs_needed_by)
+    got = lazy.spool(src, seen, spool_dir, cfg.seed, cfg.test_fraction, pairs_needed_by, cfg.pairing)
     report = LoadReport([], got.problems, src.label, got.n_read)
     if got.problems and not cfg.skip_invalid:
         raise DataError(src.label, sorted(got.problems, key=lambda p: p.line), got.n_read)
@@ -153,7 +161,8 @@ def _build(
         "tokenizer": tokenizer_id,
         "tokenised_in": "ray_data",
         "reader": READER,
-        "read": got.n_read,  # == rows + test_rows + rejected + too_long + left out for length
+        "read": got.n_read,  # == rows + test_rows + rejected + too_long + left out for length + unpaired
+        "unpaired": got.unpaired,  # training rows left out by data.pairing=independent
         "rows": {d: got.counts[d] - len(stats[d]["left_out"]) for d in DIRECTIONS},
         "test_rows": len(got.test_rows),
         "rejected": got.n_rejected,
