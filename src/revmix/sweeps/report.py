@@ -38,6 +38,15 @@ import jinja2
 
 from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
+from revmix.sweeps.conditions import (
+    DIFFERENCE_TEXT,
+    INTERVAL_TEXT,
+    condition_rows,
+    difference_sentences,
+    group_conditions,
+    metric_columns,
+    one_seed_note,
+)
 from revmix.sweeps.intervals import MINUS, Interval, compare_text, decimals, format_interval, mean_interval
 from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
@@ -152,6 +161,7 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     paths = list(spec.space)
     ok = table[table["status"] == res.STATUS_OK] if "status" in table.columns else table
     sections = [
+        *_condition_sections(spec, ok),
         Section("Accuracy vs reverse fraction", *plot_accuracy_vs_r(ok, paths, plots)),
         Section("ALP margin over training", *plot_alp_curves(table, paths, out_dir, plots)),
         _cross_section(alp_cross_table(ok), plots),
@@ -171,6 +181,24 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     sections.append(Section(f"{spec.metric} by swept value", *plot_metric_vs_paths(ok, spec, plots)))
     sections.append(Section("Training loss", *plot_loss_curves(table, paths, out_dir, plots)))
     return sections
+
+
+def _condition_sections(spec: SweepSpec, ok: Any) -> list[Section]:
+    """The conditions table (mean and 95% t interval over seeds per metric) and the differences of the
+    sweep metric between conditions, in words (:mod:`revmix.sweeps.conditions`)."""
+    title = "Conditions: mean and 95% interval over seeds"
+    columns = metric_columns(ok, spec.metric)
+    conditions = group_conditions(ok, list(spec.space), columns)
+    if not conditions:
+        return [Section(title, notes=["conditions: no finished trials"])]
+    table = Table(["condition", "seeds", *columns], condition_rows(conditions, columns))
+    out = [Section(title, text=INTERVAL_TEXT, table=table, notes=one_seed_note(conditions))]
+    metric = res.metric_column(spec.metric, list(ok.columns))
+    sentences, which = difference_sentences(conditions, metric, spec.mode)
+    if sentences:
+        text = DIFFERENCE_TEXT.format(metric=metric, which=which)
+        out.append(Section("Differences between conditions", text=text, sentences=sentences))
+    return out
 
 
 def _cross_section(rows: list[dict[str, Any]], plots: Path) -> Section:
