@@ -329,7 +329,8 @@ def _metric_by_value(ax: Any, df: Any, path: str, metric: str, numeric: bool) ->
 
 def alp_cross_table(df) -> list[dict[str, Any]]:
     """Rows of the cross-direction ALP table: one per (condition, train r) with r in {0, 1} first,
-    then any mixed fractions; columns ``<test dir>/<chosen|rejected|margin>`` (mean over seeds)."""
+    then any mixed fractions; columns ``<test dir>/<chosen|rejected|margin>`` (mean over seeds) and
+    ``intervals``: the same keys → their 95% t interval over seeds."""
     need = [f"eval/alp/{d}/{p}" for d in DIRS for p in ALP_PARTS]
     if "reverse_fraction" not in df.columns or not any(c in df.columns for c in need):
         return []
@@ -356,9 +357,12 @@ def alp_cross_table(df) -> list[dict[str, Any]]:
             }
             row["train"] = "union D_m (all rows)" if is_union else _r_label(float(r))
             row["n"] = len(sub)
+            row["intervals"] = {}
             for c in need:
-                if c in sub.columns:
-                    row[c.removeprefix("eval/alp/")] = float(sub[c].mean())
+                if c in sub.columns and sub[c].notna().any():
+                    iv = mean_interval([float(v) for v in sub[c].dropna()])
+                    row[c.removeprefix("eval/alp/")] = iv.mean
+                    row["intervals"][c.removeprefix("eval/alp/")] = iv
             rows.append(row)
     return rows
 
@@ -380,20 +384,15 @@ def plot_alp_cross(rows: list[dict[str, Any]], plots: Path) -> Path | None:
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
                 dark = abs(mat[i, j]) > 0.6 * lim
-                ax.text(
-                    j,
-                    i,
-                    f"{mat[i, j]:.3f}",
-                    ha="center",
-                    va="center",
-                    fontsize=11,
-                    color="white" if dark else "black",
-                )
+                iv = mine[i]["intervals"].get(f"{DIRS[j]}/margin")
+                text = f"{mat[i, j]:.3f}" + (f"\n[{iv.low:.3f}, {iv.high:.3f}]" if iv and iv.n > 1 else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=10, color="white" if dark else "black")
         ax.set_xticks(range(len(DIRS)), [f"test {d}" for d in DIRS])
         ax.set_yticks(range(len(mine)), [r["train"] for r in mine])
         ax.set_title(cond or "all trials")
         fig.colorbar(im, ax=ax, fraction=0.046).set_label("ALP margin (nats/token)")
-    fig.suptitle("Cross-direction ALP margin: training data × test direction")
+    n = max(r["n"] for r in core)
+    fig.suptitle(f"Cross-direction ALP margin: training data × test direction ({seeds_caption(n)})")
     return _save(fig, plots / "alp_cross_direction.png")
 
 

@@ -47,7 +47,15 @@ from revmix.sweeps.conditions import (
     metric_columns,
     one_seed_note,
 )
-from revmix.sweeps.intervals import MINUS, Interval, compare_text, decimals, format_interval, mean_interval
+from revmix.sweeps.intervals import (
+    MINUS,
+    NO_INTERVAL,
+    Interval,
+    compare_text,
+    decimals,
+    format_interval,
+    mean_interval,
+)
 from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
     DIRS,
@@ -70,7 +78,10 @@ from revmix.sweeps.spec import ALP_PARTS, SweepSpec, parse_sweep
 
 __all__ = ["read_metrics", "alp_cross_table", "write_report", "load_spec_for_dir"]
 
-CROSS_TEXT = "ALP in nats/token over held-out rows (mean over seeds); margin = ALP(y+) − ALP(y−)."
+CROSS_TEXT = (
+    "ALP in nats/token over held-out rows: mean over seeds with the 95% Student-t interval over seeds "
+    "in brackets; margin = ALP(y+) − ALP(y−); n = seeds."
+)
 CROSS_SKIPPED = "skipped (needs finished trials at r=0 and r=1 with ALP evaluation)"
 OBJECTIVES_TEXT = (
     "Stage {stage} ({name}) under each objective configuration. Every number is the mean over seeds with "
@@ -207,11 +218,18 @@ def _cross_section(rows: list[dict[str, Any]], plots: Path) -> Section:
     if not rows:
         return Section(title, notes=[CROSS_SKIPPED])
     header = ["condition", "train", "n"] + [f"{d}/{p}" for d in DIRS for p in ALP_PARTS]
-    cells = [[r.get(h) for h in header] for r in rows]
+    cells = [[_cross_cell(r, h) for h in header] for r in rows]
     if not any(r["condition"] for r in rows):
         header, cells = header[1:], [c[1:] for c in cells]
     png = plot_alp_cross(rows, plots)
-    return Section(title, [png] if png else [], text=CROSS_TEXT, table=Table.of(header, cells))
+    notes = [f"{NO_INTERVAL}: some rows come from one seed"] if any(r["n"] < 2 for r in rows) else []
+    return Section(title, [png] if png else [], text=CROSS_TEXT, table=Table(header, cells), notes=notes)
+
+
+def _cross_cell(row: dict[str, Any], key: str) -> str:
+    """A cross-table cell as text: an ALP column's mean [95% t interval], else the value itself."""
+    iv = row["intervals"].get(key)
+    return format_interval(iv) if iv is not None else res.format_cell(row.get(key))
 
 
 def _objectives_section(spec: SweepSpec, ok: Any, out_dir: Path, plots: Path) -> Section | None:
