@@ -650,7 +650,12 @@ def plot_alp_over_stage(groups: list[ObjectiveGroup], stage: int, plots: Path) -
                 colour = f"C{labels.index(g.objective) % 10}"
                 for part, style in (("chosen", "-"), ("rejected", "--")):
                     if runs := g.curves.get(f"{part}/{d}"):
-                        ax.plot(*mean_curve(runs), ls=style, color=colour, marker=".")
+                        xs, _ = mean_curve(runs)
+                        band = [bounds([run[x] for run in runs.values() if x in run]) for x in xs]
+                        ax.plot(xs, [b[0] for b in band], ls=style, color=colour, marker=".")
+                        if len(runs) > 1:
+                            lows, highs = [b[1] for b in band], [b[2] for b in band]
+                            ax.fill_between(xs, lows, highs, color=colour, alpha=0.12)
             ax.set_title(f"held-out {d} questions" + (f" · {cond}" if cond else ""), fontsize=10)
             ax.set_xlabel(f"epoch within stage {stage}{start}")
             ax.grid(alpha=0.3)
@@ -661,7 +666,8 @@ def plot_alp_over_stage(groups: list[ObjectiveGroup], stage: int, plots: Path) -
     ]
     fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(
-        f"Held-out ALP of chosen (y+) and rejected (y−) responses over stage {stage} (mean over seeds)"
+        f"Held-out ALP of chosen (y+) and rejected (y−) responses over stage {stage} "
+        f"({seeds_caption(max(len(g.seeds) for g in groups))})"
     )
     return _save(fig, plots / "objectives_alp.png")
 

@@ -1,9 +1,16 @@
 """Turn a sweep directory into ``report.md`` and a self-contained ``report.html``.
 
+Intervals: every number over trials is the mean over seeds with its 95% Student-t interval over seeds
+(:mod:`revmix.sweeps.intervals`; a band or bars in a plot), and one seed says "1 seed: no interval". The
+report opens with the conditions (every swept value except the seed: mean, interval and n seeds per
+metric) and the differences of the sweep metric between conditions, each in words: beyond noise, or
+within seed-to-seed noise when its interval contains 0, and in how many seeds the order holds
+(:mod:`revmix.sweeps.conditions`).
+
 Plots (matplotlib, Agg; PNGs under ``DIR/plots/``, embedded as base64 in the HTML):
 
 - accuracy against reverse fraction, one line per model scale × objective (× any other swept value),
-  mean ± standard deviation over seeds, one figure per benchmark with overall / forward / reverse panels;
+  mean and 95% t interval over seeds, one figure per benchmark with overall / forward / reverse panels;
 - ALP margin over training, one panel per test direction, one line per training condition — from each
   trial's ``run/metrics.jsonl`` (``alp/<direction>/margin`` records);
 - the paper's cross-direction table: train forward-only (r = 0) / reverse-only (r = 1) × test
@@ -352,12 +359,19 @@ def _report(spec: SweepSpec, table: Any, sections: list[Section]) -> Report:
         mode=spec.mode,
         search=spec.search.name,
         scheduler=spec.scheduler.name,
-        seeds=str(spec.seeds),
+        seeds=_seeds_text(spec.seeds),
         swept=[(p, d.describe()) for p, d in spec.space.items()],
         sections=sections,
         trials=_best_trials(spec, table),
         errors=[(str(r.trial_id), str(r.error)) for r in errors.itertuples()],
     )
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    """The header's seeds, with what they allow: an interval over seeds, or none with one."""
+    if len(seeds) < 2:
+        return f"{seeds} ({NO_INTERVAL})"
+    return f"{seeds} ({len(seeds)} per condition; intervals: 95% Student-t over seeds)"
 
 
 def _best_trials(spec: SweepSpec, table: Any, limit: int = 15) -> Table:
