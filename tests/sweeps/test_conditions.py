@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from revmix.sweeps import results as res
 from revmix.sweeps.conditions import (
+    bootstrap_columns,
     condition_rows,
     difference_sentences,
     group_conditions,
@@ -111,3 +113,24 @@ def test_many_conditions_compare_against_the_best(tmp_path, mode):
     best = "c5" if mode == "max" else "c0"
     assert which.startswith(f"Each condition against the best by mean ({best}") and len(sentences) == 5
     assert all(s.startswith(best) or f"− {best} =" in s for s in sentences)
+
+
+def test_bootstrap_column_from_the_trials_item_scores(tmp_path):
+    spec, table = _table(tmp_path, (0, 1))
+    table = table.copy()
+    table["run_dir"] = [f"trials/{t}/run" for t in table["trial_id"]]
+    for tid, r, seed in zip(table["trial_id"], table["reverse_fraction"], table["seed"]):
+        run = tmp_path / "trials" / tid / "run"
+        run.mkdir(parents=True)
+        if r == 0.0:  # one item per seed, right in seed 0 only: resampled means 1, 0.5, 0 (p = ¼, ½, ¼)
+            items = {"ids": ["a"], "correct": [1.0 - seed]}
+            bench = {"accuracy": 1.0 - seed, "n": 1, "items": items}
+            (run / "summary.json").write_text(json.dumps({"eval": {"benchmarks": {"synthetic": bench}}}))
+    conds = group_conditions(table, list(spec.space), [ACC], tmp_path)
+    assert conds[0].items == {"synthetic": {0: [1.0], 1: [0.0]}} and conds[1].items == {}
+    assert bootstrap_columns(conds) == ["synthetic"]
+    rows = condition_rows(conds, [ACC])
+    assert rows[0][-1] == "0.50 [0.00, 1.00]" and rows[1][-1] == "—"  # r=1 kept no item scores
+    write_report(tmp_path, spec=spec, table=table)
+    md = (tmp_path / "report.md").read_text()
+    assert "| eval/accuracy/synthetic (bootstrap) |" in md and "percentile bootstrap over seeds" in md

@@ -6,17 +6,29 @@ A condition is one value of the columns that distinguish training conditions
 seed); its trials are its seeds. Every number is the mean over seeds with the Student-t interval over
 seeds (:mod:`revmix.sweeps.intervals`): a trial's final metric is one value per seed, so the seeds are
 the replicates. Differences are paired by seed when both conditions ran the same seeds, else Welch's.
+Accuracy also gets a "(bootstrap)" column when every trial of a condition kept its per-item scores
+(``summary.json``: ``eval.benchmarks.<bench>.items``): the percentile bootstrap over seeds × items,
+which counts the evaluation items' sampling noise as well and so has an interval with one seed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from revmix.sweeps import results as res
-from revmix.sweeps.intervals import NO_INTERVAL, compare_text, format_interval, mean_interval
+from revmix.sweeps.intervals import (
+    NO_INTERVAL,
+    bootstrap_accuracy,
+    compare_text,
+    decimals,
+    format_interval,
+    mean_interval,
+)
 from revmix.sweeps.plots import condition_columns, condition_label
 
 # Key metrics shown per condition after the sweep metric (those the trials reported).
@@ -26,6 +38,10 @@ INTERVAL_TEXT = (
     "Per condition (every swept value except the seed): the mean over seeds and, in brackets, the 95% "
     "Student-t interval over seeds (one final value per seed; t quantile with n − 1 degrees of "
     "freedom); n = the seeds that finished, (n=k) where fewer reported a metric."
+)
+BOOTSTRAP_TEXT = (
+    ' The "(bootstrap)" accuracy columns: percentile bootstrap over seeds and, within each drawn seed, '
+    "its evaluation items (2000 resamples, seeded): item-sampling noise included, so one seed has one too."
 )
 DIFFERENCE_TEXT = (
     "Differences of {metric} between conditions: mean difference and its 95% t interval, paired by seed "
@@ -41,6 +57,7 @@ class Condition:
     label: str
     seeds: tuple[int, ...]
     values: dict[str, dict[int, float]]
+    items: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # bench → seed → item scores
 
 
 def metric_columns(df: Any, metric: str) -> list[str]:
@@ -51,8 +68,24 @@ def metric_columns(df: Any, metric: str) -> list[str]:
     return [c for c in dict.fromkeys(cols) if c in df.columns and df[c].notna().any()]
 
 
-def group_conditions(ok: Any, spec_paths: list[str], columns: list[str]) -> list[Condition]:
-    """Finished trials grouped by condition, in order of first appearance (the table's trial order)."""
+def item_scores(out_dir: Path, run_dir: Any) -> dict[str, list[float]]:
+    """bench → per-item scores of one trial's final evaluation ({} when its summary kept none)."""
+    path = out_dir / str(run_dir) / "summary.json" if isinstance(run_dir, str) else None
+    if path is None or not path.exists():
+        return {}
+    benches = ((json.loads(path.read_text()).get("eval") or {}).get("benchmarks")) or {}
+    return {
+        name: [float(c) for c in b["items"]["correct"]]
+        for name, b in benches.items()
+        if isinstance(b, dict) and isinstance(b.get("items"), dict) and b["items"].get("correct")
+    }
+
+
+def group_conditions(
+    ok: Any, spec_paths: list[str], columns: list[str], out_dir: Path | None = None
+) -> list[Condition]:
+    """Finished trials grouped by condition, in order of first appearance (the table's trial order);
+    with ``out_dir``, each trial's per-item scores too (benchmarks every trial of the condition kept)."""
     cols = condition_columns(ok, spec_paths)
     found: dict[str, list[Any]] = {}
     for _, row in ok.iterrows():
@@ -60,12 +93,31 @@ def group_conditions(ok: Any, spec_paths: list[str], columns: list[str]) -> list
     out = []
     for label, rows in found.items():
         values = {c: {int(r["seed"]): float(r[c]) for r in rows if _finite(r.get(c))} for c in columns}
-        out.append(Condition(label, tuple(sorted(int(r["seed"]) for r in rows)), values))
+        scores = [item_scores(out_dir, r.get("run_dir")) for r in rows] if out_dir is not None else []
+        common = set.intersection(*(set(s) for s in scores)) if scores else set()
+        items = {b: {int(r["seed"]): s[b] for r, s in zip(rows, scores)} for b in sorted(common)}
+        out.append(Condition(label, tuple(sorted(int(r["seed"]) for r in rows)), values, items))
     return out
 
 
+def bootstrap_columns(conditions: list[Condition]) -> list[str]:
+    """The benchmarks with per-item scores in at least one condition (a "(bootstrap)" column each)."""
+    return sorted({b for c in conditions for b in c.items})
+
+
+def bootstrap_cell(c: Condition, bench: str) -> str:
+    """``0.500 [0.402, 0.598]``: mean accuracy and its bootstrap interval over seeds × items."""
+    seeds = c.items.get(bench)
+    if not seeds:
+        return res.MISSING
+    iv = bootstrap_accuracy(seeds)
+    places = decimals(iv.mean, iv.low, iv.high)
+    return f"{iv.mean:.{places}f} [{iv.low:.{places}f}, {iv.high:.{places}f}]"
+
+
 def condition_rows(conditions: list[Condition], columns: list[str]) -> list[list[str]]:
-    """One table row per condition: label, seeds, then ``mean [low, high]`` per column."""
+    """One table row per condition: label, seeds, ``mean [low, high]`` per column (t over seeds), then
+    one bootstrap cell per :func:`bootstrap_columns` benchmark."""
     rows = []
     for c in conditions:
         cells = []
@@ -75,6 +127,7 @@ def condition_rows(conditions: list[Condition], columns: list[str]) -> list[list
                 cells.append(res.MISSING)
                 continue
             cells.append(format_interval(mean_interval(list(vals.values())), show_n=len(vals) < len(c.seeds)))
+        cells += [bootstrap_cell(c, b) for b in bootstrap_columns(conditions)]
         rows.append([c.label, str(len(c.seeds)), *cells])
     return rows
 

@@ -25,8 +25,8 @@ Where the report uses which (every caption says it too):
   metric is one value per seed); differences paired by seed when both conditions ran the same seeds;
 * accuracy when per-item correctness is at hand (:func:`bootstrap_accuracy`): a two-stage percentile
   bootstrap over seeds, then items within each drawn seed (Davison & Hinkley 1997, §3.8), which also
-  covers item-sampling noise and so gives an interval with one seed. The sweep's trials record only
-  accuracies, not per-item results, so the report does not use it yet.
+  covers item-sampling noise and so gives an interval with one seed: the conditions table's
+  "(bootstrap)" accuracy columns, from the per-item scores each trial's ``summary.json`` keeps.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ BOOTSTRAP_RESAMPLES = 2000
 
 
 def bootstrap_accuracy(
-    correct: Mapping[int, Sequence[bool]],
+    correct: Mapping[int, Sequence[float]],
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
     level: float = LEVEL,
@@ -180,7 +180,8 @@ def bootstrap_accuracy(
     (numpy's linear interpolation); seeded, so a report is reproducible.
 
     Args:
-        correct: seed → per-item correctness (True/False or 1/0) of that seed's evaluation.
+        correct: seed → per-item correctness of that seed's evaluation (True/False, 1/0, or the
+            fraction of an item's samples scored correct).
         resamples: bootstrap resamples B.
         seed: the bootstrap's own random seed.
         level: two-sided coverage.

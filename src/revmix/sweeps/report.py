@@ -46,8 +46,10 @@ import jinja2
 from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
 from revmix.sweeps.conditions import (
+    BOOTSTRAP_TEXT,
     DIFFERENCE_TEXT,
     INTERVAL_TEXT,
+    bootstrap_columns,
     condition_rows,
     difference_sentences,
     group_conditions,
@@ -179,7 +181,7 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     paths = list(spec.space)
     ok = table[table["status"] == res.STATUS_OK] if "status" in table.columns else table
     sections = [
-        *_condition_sections(spec, ok),
+        *_condition_sections(spec, ok, out_dir),
         Section("Accuracy vs reverse fraction", *plot_accuracy_vs_r(ok, paths, plots)),
         Section("ALP margin over training", *plot_alp_curves(table, paths, out_dir, plots)),
         _cross_section(alp_cross_table(ok), plots),
@@ -201,16 +203,18 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     return sections
 
 
-def _condition_sections(spec: SweepSpec, ok: Any) -> list[Section]:
+def _condition_sections(spec: SweepSpec, ok: Any, out_dir: Path) -> list[Section]:
     """The conditions table (mean and 95% t interval over seeds per metric) and the differences of the
     sweep metric between conditions, in words (:mod:`revmix.sweeps.conditions`)."""
     title = "Conditions: mean and 95% interval over seeds"
     columns = metric_columns(ok, spec.metric)
-    conditions = group_conditions(ok, list(spec.space), columns)
+    conditions = group_conditions(ok, list(spec.space), columns, out_dir)
     if not conditions:
         return [Section(title, notes=["conditions: no finished trials"])]
-    table = Table(["condition", "seeds", *columns], condition_rows(conditions, columns))
-    out = [Section(title, text=INTERVAL_TEXT, table=table, notes=one_seed_note(conditions))]
+    boot = [f"eval/accuracy/{b} (bootstrap)" for b in bootstrap_columns(conditions)]
+    table = Table(["condition", "seeds", *columns, *boot], condition_rows(conditions, columns))
+    text = INTERVAL_TEXT + (BOOTSTRAP_TEXT if boot else "")
+    out = [Section(title, text=text, table=table, notes=one_seed_note(conditions))]
     metric = res.metric_column(spec.metric, list(ok.columns))
     sentences, which = difference_sentences(conditions, metric, spec.mode)
     if sentences:
