@@ -385,8 +385,8 @@ def plot_alp_cross(rows: list[dict[str, Any]], plots: Path) -> Path | None:
             for j in range(mat.shape[1]):
                 dark = abs(mat[i, j]) > 0.6 * lim
                 iv = mine[i]["intervals"].get(f"{DIRS[j]}/margin")
-                text = f"{mat[i, j]:.3f}" + (f"\n[{iv.low:.3f}, {iv.high:.3f}]" if iv and iv.n > 1 else "")
-                ax.text(j, i, text, ha="center", va="center", fontsize=10, color="white" if dark else "black")
+                text = f"{mat[i, j]:.3f}" + (f"\n[{iv.low:.2f}, {iv.high:.2f}]" if iv and iv.n > 1 else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
         ax.set_xticks(range(len(DIRS)), [f"test {d}" for d in DIRS])
         ax.set_yticks(range(len(mine)), [r["train"] for r in mine])
         ax.set_title(cond or "all trials")
