@@ -194,3 +194,8 @@ def test_bootstrap_all_right_is_degenerate_and_the_seed_fixes_the_draws():
 def test_bootstrap_refuses_an_empty_seed():
     with pytest.raises(ValueError, match="at least one evaluated item"):
         bootstrap_accuracy({0: [True], 1: []})
+
+
+def test_a_tie_in_every_seed_is_said_as_such():
+    text = compare_text("A", "B", {0: 0.25, 1: 0.5}, {0: 0.25, 1: 0.5})
+    assert text == "A \u2212 B = +0.000 (2 seeds, paired by seed): equal in every seed"

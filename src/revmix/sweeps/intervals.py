@@ -244,6 +244,8 @@ def compare_text(a_label: str, b_label: str, a: Mapping[int, float], b: Mapping[
         seeds = f"{len(a)} vs {len(b)} seeds, Welch"
     if math.isnan(iv.low):
         return f"{text} ({seeds}): {NO_INTERVAL}"
+    if iv.degenerate and iv.mean == 0.0:  # a tie in every seed: no order to count
+        return text + f" ({seeds}): equal in every seed"
     verdict = "beyond noise" if iv.beyond_noise else "within seed-to-seed noise"
     if iv.degenerate:  # e.g. one evaluation item more in every seed: no spread, not certainty
         verdict = "the same in every seed, so the seeds give no spread to judge noise by"
