@@ -8,6 +8,7 @@ import pytest
 
 from revmix.sweeps.intervals import (
     Interval,
+    bootstrap_accuracy,
     compare_text,
     decimals,
     difference_interval,
@@ -141,7 +142,7 @@ def test_compare_text_beyond_and_within_noise():
     welch = compare_text("kto", "dpo", {0: 0.35, 1: 0.55}, dpo)
     assert "(2 vs 3 seeds, Welch): within seed-to-seed noise; kto > dpo holds in 2/2 seeds" in welch
     assert compare_text("kto", "dpo", {0: 0.35}, {0: 0.3}) == (
-        "kto − dpo = +0.0500 (1 seed, paired by seed): no interval with one seed"  # 3 significant digits
+        "kto − dpo = +0.0500 (1 seed, paired by seed): 1 seed: no interval"  # 3 significant digits
     )
 
 
@@ -166,3 +167,35 @@ def test_identical_per_seed_differences_are_not_called_beyond_noise():
     assert paired and iv.degenerate and not iv.beyond_noise
     text = compare_text("x", "y", a, b)
     assert "no spread to judge noise by" in text and "beyond noise" not in text
+
+
+def test_bootstrap_two_seeds_one_item_each_by_hand():
+    # one item per seed, so item resampling changes nothing; the two drawn seeds give accuracy
+    # 1 (p = 1/4), 0.5 (p = 1/2) or 0 (p = 1/4): the 2.5% and 97.5% quantiles are 0 and 1
+    iv = bootstrap_accuracy({0: [True], 1: [False]})
+    assert (iv.mean, iv.low, iv.high, iv.n) == (0.5, 0.0, 1.0, 2)
+
+
+def test_bootstrap_one_seed_matches_the_binomial_interval():
+    # 100 items, half right: the item bootstrap's 95% interval ≈ 0.5 ± 1.96·sqrt(0.25/100) = [0.402, 0.598]
+    iv = bootstrap_accuracy({3: [True, False] * 50}, resamples=4000)
+    assert iv.mean == 0.5 and iv.n == 1
+    assert iv.low == pytest.approx(0.402, abs=0.015) and iv.high == pytest.approx(0.598, abs=0.015)
+
+
+def test_bootstrap_all_right_is_degenerate_and_the_seed_fixes_the_draws():
+    assert bootstrap_accuracy({0: [1, 1], 1: [1, 1, 1]}).degenerate
+    data = {0: [True, False, True], 1: [False, False, True, True], 2: [True] * 3 + [False]}
+    assert bootstrap_accuracy(data, seed=5) == bootstrap_accuracy(data, seed=5)
+    assert bootstrap_accuracy(data, seed=5) != bootstrap_accuracy(data, seed=6)
+    assert bootstrap_accuracy(data).mean == pytest.approx((2 / 3 + 1 / 2 + 3 / 4) / 3, rel=1e-12)
+
+
+def test_bootstrap_refuses_an_empty_seed():
+    with pytest.raises(ValueError, match="at least one evaluated item"):
+        bootstrap_accuracy({0: [True], 1: []})
+
+
+def test_a_tie_in_every_seed_is_said_as_such():
+    text = compare_text("A", "B", {0: 0.25, 1: 0.5}, {0: 0.25, 1: 0.5})
+    assert text == "A \u2212 B = +0.000 (2 seeds, paired by seed): equal in every seed"

@@ -50,7 +50,11 @@ def test_measured_margins_map_trials_to_paper_conditions(tmp_path):
     section = paper_section(pd.DataFrame(rows), tmp_path)
     assert section.rows[0][:3] == ["forward → forward", "paper", "+0.323"]
     assert section.rows[1] == ["", "measured", "+0.100", "+0.400", "—", "—", "—", "—"]
-    assert ("holds", "Same-direction margins are positive and grow with training") == section.findings[0][:2]
+    assert (
+        "holds (1 seed)",
+        "Same-direction margins are positive and grow with training",
+    ) == section.findings[0][:2]
+    assert section.findings[0][2].endswith("(1 seed: no interval)") and "1 seed: no interval" in section.intro
 
 
 def test_findings_can_fail():
@@ -62,3 +66,41 @@ def test_findings_can_fail():
 def test_paper_numbers_are_shipped():
     p = paper_margins()
     assert list(p) == list(CONDITIONS) and p["mixed → mixed"][-1] == 0.081
+
+
+def test_findings_are_judged_per_seed_with_intervals(tmp_path):
+    rows = []
+    for seed in (0, 1, 2):
+        dpo = 0.6 if seed == 2 else 0.08  # seed 2's DPO restores more than half the same-direction margin
+        runs = {
+            (0.0, "fixed_total"): _recs(0, [0.1 + 0.1 * seed, 0.4], [-0.1, -0.3]),
+            (1.0, "fixed_total"): _recs(0, [-0.2, -0.5], [0.2, 0.6]),
+            (0.5, "union"): _recs(0, [0.02, 0.04], [0.0, 0.02]) + _recs(1, [dpo], [dpo]),
+        }
+        for (r, mix), recs in runs.items():
+            name = f"s{seed}_{mix}_{r}"
+            rows.append(
+                {
+                    "status": "TERMINATED",
+                    "seed": seed,
+                    "mix": mix,
+                    "reverse_fraction": r,
+                    "run_dir": _run(tmp_path, name, recs),
+                }
+            )
+    section = paper_section(pd.DataFrame(rows), tmp_path)
+    # f→f epoch 1 over seeds: 0.1, 0.2, 0.3 → 0.2 ± t_{2,0.975}·0.1/√3 = 0.2 ± 0.248414
+    assert section.rows[1][:4] == [
+        "",
+        "measured (3 seeds)",
+        "+0.200 [-0.048, +0.448]",
+        "+0.400 [+0.400, +0.400]",
+    ]
+    verdicts = {f.split(" ")[0]: v for v, f, _ in section.findings}
+    assert verdicts["Same-direction"] == "holds in 3/3 seeds"
+    # the mean DPO margin (0.08 + 0.08 + 0.6) / 3 = 0.253 is over half of 0.5: judged on the mean it would
+    # not hold; judged per seed it holds in two of three
+    assert verdicts["DPO"] == "holds in 2/3 seeds"
+    dpo_measured = next(m for _, f, m in section.findings if f.startswith("DPO"))
+    assert "after DPO +0.253" in dpo_measured and "means over 3 seeds" in dpo_measured
+    assert "mean over 3 seeds with the 95% Student-t interval" in section.intro

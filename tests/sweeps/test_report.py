@@ -117,11 +117,14 @@ def test_report_has_every_plot_and_is_self_contained(tmp_path: Path):
     assert not re.search(r'src="(?!data:)', page)  # nothing external: the file travels alone
     assert "<li><code>t_99999</code>: RuntimeError: worker died</li>" in page
     assert "<td>forward → forward</td><td>paper</td><td>+0.323</td>" in page  # the paper's table
-    assert "<li><b>holds</b> — Same-direction margins" in page
+    assert "<li><b>holds in 2/2 seeds</b> — Same-direction margins" in page
     md = (out / "report.md").read_text()
     assert md.count("](plots/") == 6 and "skipped" not in md
     assert "_ΔALP n/a: stage 0 has no stage before it to measure the drift from_" in md  # one-stage sweep
-    assert "| forward → forward | paper | +0.323 |" in md and "- **holds** — Same-direction margins" in md
+    assert (
+        "| forward → forward | paper | +0.323 |" in md
+        and "- **holds in 2/2 seeds** — Same-direction margins" in md
+    )
     assert "| t_99999 | ERROR | 0.5 | sft | 2 | — |" in md  # a metric the failed trial never reported
 
 

@@ -80,6 +80,11 @@ def test_two_trial_sweep_table_report_and_tracking(ray_local, tmp_path: Path):
     if EVAL:
         assert table["eval/accuracy/synthetic"].between(0, 1).all()
         assert {"eval/alp/forward/margin", "eval/alp/reverse/margin"} <= set(table.columns)
+        # one seed: the t interval over seeds is absent and said so; the item bootstrap still has one
+        md = (tmp_path / "out" / "report.md").read_text()
+        assert (
+            "_1 seed: no interval (every condition)" in md and "| eval/accuracy/synthetic (bootstrap) |" in md
+        )
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"results.parquet", "results.csv", "report.md", "report.html", "mlflow.db", "spec.json"} <= files
     assert res.read_table(tmp_path / "out").shape == table.shape

@@ -18,6 +18,15 @@ differences give a zero-width interval, which is reported as such, not as certai
 :math:`F(t) = 1 - \tfrac12 I_{\nu/(\nu+t^2)}(\nu/2, \tfrac12)` for t ≥ 0, with the regularised incomplete
 beta I by its continued fraction (Numerical Recipes, 3rd ed., §6.4), inverted by bisection — no scipy.
 With three seeds the 95% quantile is t_{2} = 4.30, so three-seed intervals are wide: that is the point.
+
+Where the report uses which (every caption says it too):
+
+* every table cell, plot band and difference over trials: the t interval over seeds (a trial's final
+  metric is one value per seed); differences paired by seed when both conditions ran the same seeds;
+* accuracy when per-item correctness is at hand (:func:`bootstrap_accuracy`): a two-stage percentile
+  bootstrap over seeds, then items within each drawn seed (Davison & Hinkley 1997, §3.8), which also
+  covers item-sampling noise and so gives an interval with one seed: the conditions table's
+  "(bootstrap)" accuracy columns, from the per-item scores each trial's ``summary.json`` keeps.
 """
 
 from __future__ import annotations
@@ -27,7 +36,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 LEVEL = 0.95
+NO_INTERVAL = "1 seed: no interval"  # what a report says where one seed allows no interval
 MINUS = "\u2212"  # the typographic minus of the report's sentences
 _TINY = 1e-300  # keeps the continued fraction's denominators off zero (Lentz's method)
 
@@ -151,6 +163,48 @@ def difference_interval(
     return Interval(diff, diff - half, diff + half, min(na, nb)), False
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_accuracy(
+    correct: Mapping[int, Sequence[float]],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """Mean accuracy over seeds and its percentile-bootstrap interval over seeds × items.
+
+    Each resample draws the seeds with replacement and, for every drawn seed (independently when a seed
+    is drawn twice), its items with replacement; the statistic is the mean over drawn seeds of their
+    accuracy. The interval is the (1 − level)/2 and (1 + level)/2 quantiles of the resampled statistic
+    (numpy's linear interpolation); seeded, so a report is reproducible.
+
+    Args:
+        correct: seed → per-item correctness of that seed's evaluation (True/False, 1/0, or the
+            fraction of an item's samples scored correct).
+        resamples: bootstrap resamples B.
+        seed: the bootstrap's own random seed.
+        level: two-sided coverage.
+    """
+    if not correct or any(len(v) == 0 for v in correct.values()):
+        raise ValueError("bootstrap_accuracy: every seed needs at least one evaluated item")
+    rng = np.random.default_rng(seed)
+    items = [np.asarray(correct[s], dtype=np.float64) for s in sorted(correct)]
+    k = len(items)
+    # means[j, s, b]: seed s's accuracy over its items resampled for draw slot j of resample b
+    means = np.stack(
+        [
+            np.stack([x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1) for x in items])
+            for _ in range(k)
+        ]
+    )
+    picks = rng.integers(0, k, size=(k, resamples))  # which seed fills slot j of resample b
+    stat = means[np.arange(k)[:, None], picks, np.arange(resamples)[None, :]].mean(axis=0)
+    low, high = np.quantile(stat, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    mean = math.fsum(float(x.mean()) for x in items) / k
+    return Interval(mean, float(low), float(high), k)
+
+
 def decimals(*values: float) -> int:
     """Decimals showing about three significant digits of the largest |value| (0 to 4)."""
     big = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
@@ -189,7 +243,9 @@ def compare_text(a_label: str, b_label: str, a: Mapping[int, float], b: Mapping[
     else:
         seeds = f"{len(a)} vs {len(b)} seeds, Welch"
     if math.isnan(iv.low):
-        return f"{text} ({seeds}): no interval with one seed"
+        return f"{text} ({seeds}): {NO_INTERVAL}"
+    if iv.degenerate and iv.mean == 0.0:  # a tie in every seed: no order to count
+        return text + f" ({seeds}): equal in every seed"
     verdict = "beyond noise" if iv.beyond_noise else "within seed-to-seed noise"
     if iv.degenerate:  # e.g. one evaluation item more in every seed: no spread, not certainty
         verdict = "the same in every seed, so the seeds give no spread to judge noise by"

@@ -4,6 +4,10 @@ Conditions (train → test): a trial trained on forward-only data (r = 0) gives 
 ALP margin on forward held-out rows) and ``forward → reverse``; r = 1 gives the reverse pair; the union
 mix gives ``mixed → mixed`` (mean of both directions' margins) and, from its DPO stage, ``mixed, then DPO``.
 Margins come from the per-epoch ALP records in each trial's ``metrics.jsonl`` (``eval.every_epoch``).
+
+With several seeds the table shows, per epoch, the mean over seeds and the 95% Student-t interval over
+seeds, and every finding is judged on each seed alone ("holds in 2/3 seeds"): one run cannot carry a
+conclusion at this scale (the DPO finding flipped between machines and batchings on one seed).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from revmix.assets import asset_path
+from revmix.sweeps.intervals import NO_INTERVAL, mean_interval
 from revmix.sweeps.plots import read_metrics
 from revmix.sweeps.results import MISSING
 
@@ -39,7 +44,7 @@ class PaperComparison:
     intro: str
     header: list[str]
     rows: list[list[str]]
-    findings: list[tuple[str, str, str]]  # (holds | does not hold | not measured, finding, what was measured)
+    findings: list[tuple[str, str, str]]  # (verdict per seed, e.g. "holds in 2/3 seeds"; finding; measured)
 
 
 def paper_margins() -> dict[str, list[float]]:
@@ -60,30 +65,43 @@ def _epoch_margins(records: list[dict], stage: int, key: str) -> list[float]:
     return out
 
 
-def measured_margins(table: Any, out_dir: Path) -> dict[str, list[float]]:
-    """Per condition, the margin after each epoch (mean over the trials — seeds — of that condition)."""
-    series: dict[str, list[list[float]]] = {c: [] for c in CONDITIONS}
+def measured_by_seed(table: Any, out_dir: Path) -> dict[int, dict[str, list[float]]]:
+    """Per seed and condition, the margin after each epoch (mean over that seed's trials of the condition
+    when another swept value repeats it; a table without a seed column is one seed, 0)."""
+    series: dict[int, dict[str, list[list[float]]]] = {}
     for _, row in table.iterrows():
         if row.get("status") != "TERMINATED" or not row.get("run_dir"):
             continue
         recs = read_metrics(Path(out_dir) / str(row["run_dir"]) / "metrics.jsonl")
+        mine = series.setdefault(int(row.get("seed", 0)), {c: [] for c in CONDITIONS})
         union, r = row.get("mix") == "union", row.get("reverse_fraction")
         if union:
-            series["mixed → mixed"].append(_epoch_margins(recs, 0, "mean"))
-            series["mixed, then DPO"].append(_epoch_margins(recs, 1, "mean"))
+            mine["mixed → mixed"].append(_epoch_margins(recs, 0, "mean"))
+            mine["mixed, then DPO"].append(_epoch_margins(recs, 1, "mean"))
         elif r == 0.0:
-            series["forward → forward"].append(_epoch_margins(recs, 0, "alp/forward/margin"))
-            series["forward → reverse"].append(_epoch_margins(recs, 0, "alp/reverse/margin"))
+            mine["forward → forward"].append(_epoch_margins(recs, 0, "alp/forward/margin"))
+            mine["forward → reverse"].append(_epoch_margins(recs, 0, "alp/reverse/margin"))
         elif r == 1.0:
-            series["reverse → reverse"].append(_epoch_margins(recs, 0, "alp/reverse/margin"))
-            series["reverse → forward"].append(_epoch_margins(recs, 0, "alp/forward/margin"))
-    out = {}
-    for c, runs in series.items():
-        runs = [s for s in runs if s]
-        if runs:
-            n = min(len(s) for s in runs)
-            out[c] = [sum(s[i] for s in runs) / len(runs) for i in range(n)]
-    return out
+            mine["reverse → reverse"].append(_epoch_margins(recs, 0, "alp/reverse/margin"))
+            mine["reverse → forward"].append(_epoch_margins(recs, 0, "alp/forward/margin"))
+    out = {seed: {c: _mean_runs(runs) for c, runs in by_cond.items()} for seed, by_cond in series.items()}
+    return {seed: {c: v for c, v in m.items() if v} for seed, m in sorted(out.items()) if any(m.values())}
+
+
+def _mean_runs(runs: list[list[float]]) -> list[float]:
+    """Epoch by epoch, the mean of the runs, over the epochs all of them reached ([] without runs)."""
+    runs = [s for s in runs if s]
+    if not runs:
+        return []
+    n = min(len(s) for s in runs)
+    return [sum(s[i] for s in runs) / len(runs) for i in range(n)]
+
+
+def measured_margins(table: Any, out_dir: Path) -> dict[str, list[float]]:
+    """Per condition, the margin after each epoch: the mean over seeds of :func:`measured_by_seed`."""
+    by_seed = measured_by_seed(table, out_dir)
+    conds = [c for c in CONDITIONS if any(c in m for m in by_seed.values())]
+    return {c: _mean_runs([m[c] for m in by_seed.values() if c in m]) for c in conds}
 
 
 def findings(m: dict[str, list[float]]) -> list[tuple[str, str, bool | None]]:
@@ -117,24 +135,58 @@ def findings(m: dict[str, list[float]]) -> list[tuple[str, str, bool | None]]:
     return out
 
 
-def _table_rows(measured: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
+def _cell(values: list[float]) -> str:
+    """One epoch's measured margin: ``+0.123`` for one seed, ``+0.123 [+0.050, +0.196]`` over seeds."""
+    iv = mean_interval(values)
+    if iv.n == 1:
+        return f"{iv.mean:+.3f}"
+    return f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+
+
+def _table_rows(by_seed: dict[int, dict[str, list[float]]]) -> tuple[list[str], list[list[str]]]:
     paper = paper_margins()
-    n = max([6] + [len(v) for v in measured.values()])
+    n = max([6] + [len(v) for m in by_seed.values() for v in m.values()])
     header = ["train → test", "source"] + [f"ep{i + 1}" for i in range(n)]
     rows = []
     for c in CONDITIONS:
         rows.append([c, "paper"] + [f"{v:+.3f}" for v in paper[c]] + [""] * (n - 6))
-        got = measured.get(c, [])
-        rows.append(["", "measured"] + [f"{v:+.3f}" for v in got] + [MISSING] * (n - len(got)))
+        runs = [m[c] for m in by_seed.values() if c in m]
+        epochs = min((len(r) for r in runs), default=0)
+        got = [_cell([r[i] for r in runs]) for i in range(epochs)]
+        source = "measured" if len(runs) < 2 else f"measured ({len(runs)} seeds)"
+        rows.append(["", source] + got + [MISSING] * (n - len(got)))
     return header, rows
+
+
+def seed_verdicts(by_seed: dict[int, dict[str, list[float]]]) -> list[tuple[str, str, str]]:
+    """(verdict, finding, measured) per finding, judged on each seed alone: ``holds in 2/3 seeds``; with
+    one seed ``holds (1 seed)`` / ``does not hold (1 seed)``. ``measured`` gives the means over seeds."""
+    per_seed = [{f: h for f, _, h in findings(m)} for m in by_seed.values()]
+    mean = {c: _mean_runs([m[c] for m in by_seed.values() if c in m]) for c in CONDITIONS}
+    out = []
+    for finding, measured, _ in findings({c: v for c, v in mean.items() if v}):
+        judged = [v[finding] for v in per_seed if v.get(finding) is not None]
+        k, n = sum(bool(h) for h in judged), len(judged)
+        if n == 0:  # the conditions exist, but no one seed ran all of them
+            verdict, how = "not judged", "no seed ran every condition the finding needs"
+        elif n == 1:
+            verdict, how = ("holds" if k else "does not hold") + " (1 seed)", NO_INTERVAL
+        else:
+            verdict, how = f"holds in {k}/{n} seeds", f"means over {n} seeds, each seed judged alone"
+        out.append((verdict, finding, f"{measured} ({how})"))
+    return out
 
 
 def paper_section(table: Any, out_dir: Path) -> PaperComparison | None:
     """The comparison as data for the report's templates, or None when no paper condition was measured."""
-    measured = measured_margins(table, out_dir)
-    if not measured:
+    by_seed = measured_by_seed(table, out_dir)
+    if not by_seed:
         return None
-    header, rows = _table_rows(measured)
-    word = {True: "holds", False: "does not hold", None: "not measured"}
-    verdicts = [(word[h], f, w) for f, w, h in findings(measured)]
-    return PaperComparison(INTRO, header, rows, verdicts)
+    header, rows = _table_rows(by_seed)
+    n = len(by_seed)
+    spread = (
+        f" Measured: mean over {n} seeds with the 95% Student-t interval over seeds in brackets."
+        if n > 1
+        else f" Measured: {NO_INTERVAL}."
+    )
+    return PaperComparison(INTRO + spread, header, rows, seed_verdicts(by_seed))

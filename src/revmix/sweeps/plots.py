@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from revmix.sweeps import results as res
-from revmix.sweeps.intervals import mean_interval
+from revmix.sweeps.intervals import NO_INTERVAL, mean_interval
 from revmix.sweeps.spec import ALP_PARTS, SweepSpec
 
 DIRS = ("forward", "reverse")
@@ -39,6 +39,17 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     _mpl().close(fig)
     return path
+
+
+def bounds(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of the 95% t interval over seeds; low = high = mean with one value (no band)."""
+    iv = mean_interval(values)
+    return (iv.mean, iv.low, iv.high) if iv.n > 1 else (iv.mean, iv.mean, iv.mean)
+
+
+def seeds_caption(n_max: int) -> str:
+    """What a plot's bands are, for its title: the interval over seeds, or that one seed gives none."""
+    return NO_INTERVAL if n_max < 2 else f"mean and 95% t interval over up to {n_max} seeds"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +94,7 @@ def condition_columns(df, spec_paths: list[str]) -> list[str]:
     return cols
 
 
-def _label(row: Any, cols: list[str]) -> str:
+def condition_label(row: Any, cols: list[str]) -> str:
     parts = []
     for c in cols:
         v = row[c]
@@ -125,33 +136,36 @@ def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Pat
         for ax, (col, title) in zip(axes[0], panels):
             groups = df.groupby(group_cols, dropna=False) if group_cols else [((), df)]
             for _key, g in groups:
-                stats = g.groupby("reverse_fraction")[col].agg(["mean", "std", "count"]).reset_index()
-                stats = stats.dropna(subset=["mean"])
-                if stats.empty:
-                    continue
-                lab = _label(g.iloc[0], group_cols)
-                line = ax.plot(stats["reverse_fraction"], 100 * stats["mean"], marker="o", label=lab)[0]
-                sd = stats["std"].fillna(0.0)
-                if (stats["count"] > 1).any():
-                    ax.fill_between(
-                        stats["reverse_fraction"],
-                        100 * (stats["mean"] - sd),
-                        100 * (stats["mean"] + sd),
-                        color=line.get_color(),
-                        alpha=0.18,
-                    )
+                _accuracy_line(ax, g, col, condition_label(g.iloc[0], group_cols))
             ax.set_title(title)
             ax.set_xlabel("reverse fraction r of training data")
             ax.set_xlim(-0.05, 1.05)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("accuracy (%)")
         n_seeds = int(df.groupby(["reverse_fraction", *group_cols], dropna=False).size().max())
-        fig.suptitle(f"{bench}: accuracy vs reverse fraction (mean ± sd over {n_seeds} seed(s))")
+        fig.suptitle(f"{bench}: accuracy vs reverse fraction ({seeds_caption(n_seeds)})")
         handles, labels = axes[0][0].get_legend_handles_labels()
         if len(labels) > 1 or group_cols:
             axes[0][-1].legend(handles, labels, fontsize=8, loc="best")
         out.append(_save(fig, plots / f"accuracy_vs_r_{_slug(bench)}.png"))
     return out, []
+
+
+def _accuracy_line(ax: Any, g: Any, col: str, label: str) -> None:
+    """One condition's accuracy (%) against r: mean per r with its 95% t interval as bars and band."""
+    pts = [
+        (float(r), bounds([float(v) for v in sub[col].dropna()]))
+        for r, sub in g.groupby("reverse_fraction")
+        if sub[col].notna().any()
+    ]
+    if not pts:
+        return
+    xs = [x for x, _ in pts]
+    mean, low, high = ([100 * b[i] for _, b in pts] for i in range(3))
+    bars = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
+    line = ax.errorbar(xs, mean, yerr=bars, marker="o", capsize=3, label=label)[0]
+    if len(xs) > 1 and high != low:
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
 
 
 def _series_by_condition(df, out_dir: Path, key_fn, cols: list[str]) -> dict[tuple, list[dict[int, float]]]:
@@ -165,7 +179,10 @@ def _series_by_condition(df, out_dir: Path, key_fn, cols: list[str]) -> dict[tup
         recs = read_metrics(out_dir / row["run_dir"] / "metrics.jsonl")
         s = {r["global_step"]: v for r in recs if (v := key_fn(r)) is not None}
         if s:
-            key = (float(row["reverse_fraction"]) if by_r else None, _label(row, rest) if rest else "")
+            key = (
+                float(row["reverse_fraction"]) if by_r else None,
+                condition_label(row, rest) if rest else "",
+            )
             series.setdefault(key, []).append(s)
     return series
 
@@ -174,7 +191,7 @@ _LINESTYLES = ("-", "--", ":", "-.")
 
 
 def _plot_mean_curves(ax, series: dict[tuple, list[dict[int, float]]]) -> None:
-    """Mean ± sd over seeds; colour = training reverse fraction (blue forward … red reverse), line
+    """Mean and 95% t interval over seeds per step (a band); colour = training reverse fraction (blue forward … red reverse), line
     style = the other condition (objective, model…); without an r axis, colour = condition."""
     import numpy as np
     from matplotlib.colors import LinearSegmentedColormap
@@ -185,8 +202,8 @@ def _plot_mean_curves(ax, series: dict[tuple, list[dict[int, float]]]) -> None:
     cmap = LinearSegmentedColormap.from_list("fwd_rev", ["#2166ac", "#7b3294", "#b2182b"])  # no pale middle
     for i, ((r, other), runs) in enumerate(sorted(series.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1]))):
         steps = sorted(set().union(*runs))
-        vals = [[run[s] for run in runs if s in run] for s in steps]
-        mean = np.array([np.mean(v) for v in vals])
+        band = np.array([bounds([run[s] for run in runs if s in run]) for s in steps])
+        mean = band[:, 0]
         if r is not None:
             color = cmap(rs.index(r) / max(1, len(rs) - 1)) if len(rs) > 1 else "C0"
             style = _LINESTYLES[others.index(other) % len(_LINESTYLES)]
@@ -202,8 +219,7 @@ def _plot_mean_curves(ax, series: dict[tuple, list[dict[int, float]]]) -> None:
             label=f"{label} (n={len(runs)})",
         )[0]
         if len(runs) > 1:
-            sd = np.array([np.std(v) for v in vals])
-            ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+            ax.fill_between(steps, band[:, 1], band[:, 2], color=line.get_color(), alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -237,7 +253,8 @@ def plot_alp_curves(df, spec_paths: list[str], out_dir: Path, plots: Path) -> tu
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("ALP margin  ALP(y+) − ALP(y−)  (nats/token)")
     _legend(fig, axes[1])
-    fig.suptitle("ALP margin over training, by training condition (mean ± sd over seeds)")
+    n = max((len(runs) for p in panels.values() for runs in p.values()), default=1)
+    fig.suptitle(f"ALP margin over training, by training condition ({seeds_caption(n)})")
     return [_save(fig, plots / "alp_margin_curves.png")], []
 
 
@@ -251,7 +268,8 @@ def plot_loss_curves(df, spec_paths: list[str], out_dir: Path, plots: Path) -> t
     _plot_mean_curves(ax, series)
     ax.set_xlabel("optimizer step (all stages)")
     ax.set_ylabel("training loss")
-    ax.set_title("Training loss by condition (mean ± sd over seeds)")
+    n = max(len(runs) for runs in series.values())
+    ax.set_title(f"Training loss by condition ({seeds_caption(n)})", fontsize=10)
     ax.grid(alpha=0.3)
     _legend(fig, ax)
     return [_save(fig, plots / "loss_curves.png")], []
@@ -268,25 +286,51 @@ def plot_metric_vs_paths(df, spec: SweepSpec, plots: Path) -> tuple[list[Path], 
     fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.6), sharey=True, squeeze=False)
     for ax, p in zip(axes[0], paths):
         numeric = df[p].map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
-        xs = df[p] if numeric else df[p].astype(str)
-        ax.scatter(xs, df[m], alpha=0.7)
-        stats = df.assign(_x=xs).groupby("_x")[m].mean()
-        ax.plot(stats.index, stats.values, color="black", lw=1, label="mean over seeds")
+        _metric_by_value(ax, df, p, m, bool(numeric))
         if numeric and spec.space[p].kind == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(p)
         ax.grid(alpha=0.3)
-        if not numeric:
-            ax.tick_params(axis="x", rotation=20)
     axes[0][0].set_ylabel(m)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{m} ({spec.mode}) by swept value, each dot a trial")
+    n = max(int(df[p].astype(str).value_counts().max()) for p in paths)
+    bars = (
+        "1 trial per value: no interval" if n < 2 else "mean and 95% t interval over the trials at each value"
+    )
+    fig.suptitle(f"{m} ({spec.mode}) by swept value: each dot a trial; {bars}", fontsize=10)
     return [_save(fig, plots / "metric_by_path.png")], []
+
+
+def _metric_by_value(ax: Any, df: Any, path: str, metric: str, numeric: bool) -> None:
+    """The trials (dots) and, per value of ``path``, the mean with its 95% t interval over the trials
+    at that value: joined by a line on a numeric axis; a category (a mix mapping, an objective) gets
+    points with bars, no lines — the order of categories means nothing."""
+    keys = df[path] if numeric else df[path].astype(str)
+    values = sorted(keys.unique(), key=lambda v: v) if numeric else list(dict.fromkeys(keys))
+    pos = {v: (v if numeric else i) for i, v in enumerate(values)}
+    ax.scatter([pos[k] for k in keys], df[metric], alpha=0.5, s=14, color="grey", label="trial")
+    pts = [(pos[v], bounds(list(df.loc[keys == v, metric].dropna()))) for v in values]
+    pts = [(x, b) for x, b in pts if not math.isnan(b[0])]
+    xs, mean = [x for x, _ in pts], [b[0] for _, b in pts]
+    bars = [[b[0] - b[1] for _, b in pts], [b[2] - b[0] for _, b in pts]]
+    ax.errorbar(
+        xs,
+        mean,
+        yerr=bars,
+        fmt="o-" if numeric else "o",
+        capsize=4,
+        color="black",
+        label="mean, 95% t interval",
+    )
+    if not numeric:
+        ax.set_xticks(range(len(values)), [str(v) for v in values], rotation=20, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(values) - 0.4)
 
 
 def alp_cross_table(df) -> list[dict[str, Any]]:
     """Rows of the cross-direction ALP table: one per (condition, train r) with r in {0, 1} first,
-    then any mixed fractions; columns ``<test dir>/<chosen|rejected|margin>`` (mean over seeds)."""
+    then any mixed fractions; columns ``<test dir>/<chosen|rejected|margin>`` (mean over seeds) and
+    ``intervals``: the same keys → their 95% t interval over seeds."""
     need = [f"eval/alp/{d}/{p}" for d in DIRS for p in ALP_PARTS]
     if "reverse_fraction" not in df.columns or not any(c in df.columns for c in need):
         return []
@@ -308,12 +352,17 @@ def alp_cross_table(df) -> list[dict[str, Any]]:
         keys += [(True, 0.5)] if bool(union.any()) else []
         for is_union, r in keys:
             sub = g[union] if is_union else g[~union & (g["reverse_fraction"] == r)]
-            row: dict[str, Any] = {"condition": _label(sub.iloc[0], group_cols) if group_cols else ""}
+            row: dict[str, Any] = {
+                "condition": condition_label(sub.iloc[0], group_cols) if group_cols else ""
+            }
             row["train"] = "union D_m (all rows)" if is_union else _r_label(float(r))
             row["n"] = len(sub)
+            row["intervals"] = {}
             for c in need:
-                if c in sub.columns:
-                    row[c.removeprefix("eval/alp/")] = float(sub[c].mean())
+                if c in sub.columns and sub[c].notna().any():
+                    iv = mean_interval([float(v) for v in sub[c].dropna()])
+                    row[c.removeprefix("eval/alp/")] = iv.mean
+                    row["intervals"][c.removeprefix("eval/alp/")] = iv
             rows.append(row)
     return rows
 
@@ -335,20 +384,15 @@ def plot_alp_cross(rows: list[dict[str, Any]], plots: Path) -> Path | None:
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
                 dark = abs(mat[i, j]) > 0.6 * lim
-                ax.text(
-                    j,
-                    i,
-                    f"{mat[i, j]:.3f}",
-                    ha="center",
-                    va="center",
-                    fontsize=11,
-                    color="white" if dark else "black",
-                )
+                iv = mine[i]["intervals"].get(f"{DIRS[j]}/margin")
+                text = f"{mat[i, j]:.3f}" + (f"\n[{iv.low:.2f}, {iv.high:.2f}]" if iv and iv.n > 1 else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
         ax.set_xticks(range(len(DIRS)), [f"test {d}" for d in DIRS])
         ax.set_yticks(range(len(mine)), [r["train"] for r in mine])
         ax.set_title(cond or "all trials")
         fig.colorbar(im, ax=ax, fraction=0.046).set_label("ALP margin (nats/token)")
-    fig.suptitle("Cross-direction ALP margin: training data × test direction")
+    n = max(r["n"] for r in core)
+    fig.suptitle(f"Cross-direction ALP margin: training data × test direction ({seeds_caption(n)})")
     return _save(fig, plots / "alp_cross_direction.png")
 
 
@@ -487,7 +531,9 @@ def objective_groups(
         label = _stage_objective(row, stage, spec_paths)
         order += [label] if label not in order else []
         trial = (int(row["seed"]), _objective_values(row, out_dir, stage, bench))
-        found.setdefault(_label(row, cond_cols) if cond_cols else "", {}).setdefault(label, []).append(trial)
+        found.setdefault(condition_label(row, cond_cols) if cond_cols else "", {}).setdefault(
+            label, []
+        ).append(trial)
     if BASELINE_OBJECTIVE in order:
         order.insert(0, order.pop(order.index(BASELINE_OBJECTIVE)))
     groups = []
@@ -604,7 +650,12 @@ def plot_alp_over_stage(groups: list[ObjectiveGroup], stage: int, plots: Path) -
                 colour = f"C{labels.index(g.objective) % 10}"
                 for part, style in (("chosen", "-"), ("rejected", "--")):
                     if runs := g.curves.get(f"{part}/{d}"):
-                        ax.plot(*mean_curve(runs), ls=style, color=colour, marker=".")
+                        xs, _ = mean_curve(runs)
+                        band = [bounds([run[x] for run in runs.values() if x in run]) for x in xs]
+                        ax.plot(xs, [b[0] for b in band], ls=style, color=colour, marker=".")
+                        if len(runs) > 1:
+                            lows, highs = [b[1] for b in band], [b[2] for b in band]
+                            ax.fill_between(xs, lows, highs, color=colour, alpha=0.12)
             ax.set_title(f"held-out {d} questions" + (f" · {cond}" if cond else ""), fontsize=10)
             ax.set_xlabel(f"epoch within stage {stage}{start}")
             ax.grid(alpha=0.3)
@@ -615,7 +666,8 @@ def plot_alp_over_stage(groups: list[ObjectiveGroup], stage: int, plots: Path) -
     ]
     fig.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(
-        f"Held-out ALP of chosen (y+) and rejected (y−) responses over stage {stage} (mean over seeds)"
+        f"Held-out ALP of chosen (y+) and rejected (y−) responses over stage {stage} "
+        f"({seeds_caption(max(len(g.seeds) for g in groups))})"
     )
     return _save(fig, plots / "objectives_alp.png")
 

@@ -1,9 +1,16 @@
 """Turn a sweep directory into ``report.md`` and a self-contained ``report.html``.
 
+Intervals: every number over trials is the mean over seeds with its 95% Student-t interval over seeds
+(:mod:`revmix.sweeps.intervals`; a band or bars in a plot), and one seed says "1 seed: no interval". The
+report opens with the conditions (every swept value except the seed: mean, interval and n seeds per
+metric) and the differences of the sweep metric between conditions, each in words: beyond noise, or
+within seed-to-seed noise when its interval contains 0, and in how many seeds the order holds
+(:mod:`revmix.sweeps.conditions`).
+
 Plots (matplotlib, Agg; PNGs under ``DIR/plots/``, embedded as base64 in the HTML):
 
 - accuracy against reverse fraction, one line per model scale × objective (× any other swept value),
-  mean ± standard deviation over seeds, one figure per benchmark with overall / forward / reverse panels;
+  mean and 95% t interval over seeds, one figure per benchmark with overall / forward / reverse panels;
 - ALP margin over training, one panel per test direction, one line per training condition — from each
   trial's ``run/metrics.jsonl`` (``alp/<direction>/margin`` records);
 - the paper's cross-direction table: train forward-only (r = 0) / reverse-only (r = 1) × test
@@ -38,7 +45,26 @@ import jinja2
 
 from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
-from revmix.sweeps.intervals import MINUS, Interval, compare_text, decimals, format_interval, mean_interval
+from revmix.sweeps.conditions import (
+    BOOTSTRAP_TEXT,
+    DIFFERENCE_TEXT,
+    INTERVAL_TEXT,
+    bootstrap_columns,
+    condition_rows,
+    difference_sentences,
+    group_conditions,
+    metric_columns,
+    one_seed_note,
+)
+from revmix.sweeps.intervals import (
+    MINUS,
+    NO_INTERVAL,
+    Interval,
+    compare_text,
+    decimals,
+    format_interval,
+    mean_interval,
+)
 from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
     DIRS,
@@ -61,7 +87,10 @@ from revmix.sweeps.spec import ALP_PARTS, SweepSpec, parse_sweep
 
 __all__ = ["read_metrics", "alp_cross_table", "write_report", "load_spec_for_dir"]
 
-CROSS_TEXT = "ALP in nats/token over held-out rows (mean over seeds); margin = ALP(y+) − ALP(y−)."
+CROSS_TEXT = (
+    "ALP in nats/token over held-out rows: mean over seeds with the 95% Student-t interval over seeds "
+    "in brackets; margin = ALP(y+) − ALP(y−); n = seeds."
+)
 CROSS_SKIPPED = "skipped (needs finished trials at r=0 and r=1 with ALP evaluation)"
 OBJECTIVES_TEXT = (
     "Stage {stage} ({name}) under each objective configuration. Every number is the mean over seeds with "
@@ -152,6 +181,7 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     paths = list(spec.space)
     ok = table[table["status"] == res.STATUS_OK] if "status" in table.columns else table
     sections = [
+        *_condition_sections(spec, ok, out_dir),
         Section("Accuracy vs reverse fraction", *plot_accuracy_vs_r(ok, paths, plots)),
         Section("ALP margin over training", *plot_alp_curves(table, paths, out_dir, plots)),
         _cross_section(alp_cross_table(ok), plots),
@@ -173,17 +203,44 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     return sections
 
 
+def _condition_sections(spec: SweepSpec, ok: Any, out_dir: Path) -> list[Section]:
+    """The conditions table (mean and 95% t interval over seeds per metric) and the differences of the
+    sweep metric between conditions, in words (:mod:`revmix.sweeps.conditions`)."""
+    title = "Conditions: mean and 95% interval over seeds"
+    columns = metric_columns(ok, spec.metric)
+    conditions = group_conditions(ok, list(spec.space), columns, out_dir)
+    if not conditions:
+        return [Section(title, notes=["conditions: no finished trials"])]
+    boot = [f"eval/accuracy/{b} (bootstrap)" for b in bootstrap_columns(conditions)]
+    table = Table(["condition", "seeds", *columns, *boot], condition_rows(conditions, columns))
+    text = INTERVAL_TEXT + (BOOTSTRAP_TEXT if boot else "")
+    out = [Section(title, text=text, table=table, notes=one_seed_note(conditions))]
+    metric = res.metric_column(spec.metric, list(ok.columns))
+    sentences, which = difference_sentences(conditions, metric, spec.mode)
+    if sentences:
+        text = DIFFERENCE_TEXT.format(metric=metric, which=which)
+        out.append(Section("Differences between conditions", text=text, sentences=sentences))
+    return out
+
+
 def _cross_section(rows: list[dict[str, Any]], plots: Path) -> Section:
     """The train × test direction ALP table and its heat map (a condition column only when one varies)."""
     title = "Cross-direction ALP (train × test direction)"
     if not rows:
         return Section(title, notes=[CROSS_SKIPPED])
     header = ["condition", "train", "n"] + [f"{d}/{p}" for d in DIRS for p in ALP_PARTS]
-    cells = [[r.get(h) for h in header] for r in rows]
+    cells = [[_cross_cell(r, h) for h in header] for r in rows]
     if not any(r["condition"] for r in rows):
         header, cells = header[1:], [c[1:] for c in cells]
     png = plot_alp_cross(rows, plots)
-    return Section(title, [png] if png else [], text=CROSS_TEXT, table=Table.of(header, cells))
+    notes = [f"{NO_INTERVAL}: some rows come from one seed"] if any(r["n"] < 2 for r in rows) else []
+    return Section(title, [png] if png else [], text=CROSS_TEXT, table=Table(header, cells), notes=notes)
+
+
+def _cross_cell(row: dict[str, Any], key: str) -> str:
+    """A cross-table cell as text: an ALP column's mean [95% t interval], else the value itself."""
+    iv = row["intervals"].get(key)
+    return format_interval(iv) if iv is not None else res.format_cell(row.get(key))
 
 
 def _objectives_section(spec: SweepSpec, ok: Any, out_dir: Path, plots: Path) -> Section | None:
@@ -306,12 +363,19 @@ def _report(spec: SweepSpec, table: Any, sections: list[Section]) -> Report:
         mode=spec.mode,
         search=spec.search.name,
         scheduler=spec.scheduler.name,
-        seeds=str(spec.seeds),
+        seeds=_seeds_text(spec.seeds),
         swept=[(p, d.describe()) for p, d in spec.space.items()],
         sections=sections,
         trials=_best_trials(spec, table),
         errors=[(str(r.trial_id), str(r.error)) for r in errors.itertuples()],
     )
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    """The header's seeds, with what they allow: an interval over seeds, or none with one."""
+    if len(seeds) < 2:
+        return f"{seeds} ({NO_INTERVAL})"
+    return f"{seeds} ({len(seeds)} per condition; intervals: 95% Student-t over seeds)"
 
 
 def _best_trials(spec: SweepSpec, table: Any, limit: int = 15) -> Table:

@@ -344,7 +344,7 @@ def failed_trials(df, out_dir: str | Path) -> list[tuple[str, str]]:
 
 
 # What the table and the report read from a sweep directory (no models, checkpoints or Tune state).
-RECORD_FILES = (TRIAL_META, "final.json", ERROR_FILE, STATUS_FILE, "run/metrics.jsonl")
+RECORD_FILES = (TRIAL_META, "final.json", ERROR_FILE, STATUS_FILE, "run/metrics.jsonl", "run/summary.json")
 SWEEP_FILES = ("spec.json", "sweep.yaml", "results.parquet", "results.csv")
 OUTPUTS = ("results.parquet", "results.csv", "report.md", "report.html", "plots")
 

@@ -11,6 +11,7 @@ from revmix.platform.evaluation.hooks import (
     flatten_alp,
     heldout_items,
     resolve_generator,
+    with_item_scores,
 )
 from revmix.platform.train import run_experiment
 from revmix.sweeps.results import flatten_summary
@@ -67,3 +68,22 @@ def test_stage_end_eval_with_samples_on_the_live_policy(tmp_path):
     assert bench["pass@3"] >= bench["pass@2"] >= bench["accuracy"]  # more draws, more chances
     flat = flatten_summary(summary)
     assert {"eval/accuracy/synthetic", "eval/pass@3/synthetic/forward", "eval/maj@2/synthetic"} <= set(flat)
+    items = bench["items"]  # per item, the fraction of its 3 samples scored correct
+    assert len(items["ids"]) == len(items["correct"]) == 4
+    assert all(3 * c in (0, 1, 2, 3) for c in items["correct"])
+    assert sum(items["correct"]) / 4 == pytest.approx(bench["accuracy"], rel=1e-9, abs=1e-12)
+
+
+def test_item_scores_fold_predictions_into_their_benchmarks():
+    result = {
+        "benchmarks": {"a": {"accuracy": 0.5, "n": 2}, "b": {"accuracy": 0.5, "n": 1}},
+        "predictions": [
+            {"benchmark": "a", "id": "1/forward", "correct": True},
+            {"benchmark": "a", "id": "1/reverse", "correct": False},
+            {"benchmark": "b", "id": "7", "correct": True, "samples_correct": [True, False, False, True]},
+        ],
+    }
+    out = with_item_scores(result)
+    assert "predictions" not in out and "items" not in result["benchmarks"]["a"]  # the input is untouched
+    assert out["benchmarks"]["a"]["items"] == {"ids": ["1/forward", "1/reverse"], "correct": [1.0, 0.0]}
+    assert out["benchmarks"]["b"]["items"] == {"ids": ["7"], "correct": [0.5]}  # 2 of 4 samples

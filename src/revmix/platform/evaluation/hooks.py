@@ -110,8 +110,22 @@ def evaluate_policy(
             tokenizer=tokenizer,
             progress=False,
             alp=False,  # ALP above, on its own (alp_limit) slice
+            return_predictions=True,
         )
-    return {**result, "alp": alp}
+    return {**with_item_scores(result), "alp": alp}
+
+
+def with_item_scores(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with its predictions folded into each benchmark as ``items: {"ids", "correct"}`` —
+    per item, the fraction of its samples scored correct — so a sweep report can bootstrap accuracy over
+    items and seeds (:func:`revmix.sweeps.intervals.bootstrap_accuracy`); completions are not kept."""
+    out = {**result, "benchmarks": {k: dict(v) for k, v in result["benchmarks"].items()}}
+    for p in out.pop("predictions", []):
+        flags = p.get("samples_correct") or [p["correct"]]
+        items = out["benchmarks"][p["benchmark"]].setdefault("items", {"ids": [], "correct": []})
+        items["ids"].append(p["id"])
+        items["correct"].append(sum(bool(f) for f in flags) / len(flags))
+    return out
 
 
 def resolve_generator(cfg: ExperimentConfig, use_gpu: bool) -> ExperimentConfig:
@@ -163,5 +177,7 @@ def complete_stage_eval(
         one_call=True,
         progress=False,
         alp=False,
+        return_predictions=True,
     )
+    found = with_item_scores(found)
     return {**result, "eval": {**found, "alp": ev.get("alp", {}), "generator": "vllm"}}
