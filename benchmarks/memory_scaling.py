@@ -23,10 +23,13 @@ clipping, AdamW) on a :class:`~revmix.platform.step.StepContext` built with the 
 case runs in a fresh process (peak RSS is per process): ``peak_gib`` is its peak resident memory,
 ``extra_gib`` the peak minus the resident memory once the model, reference and optimizer exist (what the
 step itself adds). tokens/s counts real tokens (chosen + rejected for DPO), median of the measured steps
-after one warm-up step. Ratios are against the ``off`` case of the same model, objective and length.
+after one warm-up step (``--steps 0``: one timed step, no warm-up, first-step costs included). Ratios are
+against the ``off`` case of the same model, objective and length. Batch: ``--batch`` rows for the base
+model, one row for the 0.5B architecture (so packing is not run there).
 
-    python benchmarks/memory_scaling.py           # ~15 min on 2 cores
-    python benchmarks/memory_scaling.py --quick   # smoke: base model, 512 tokens, < 2 min
+    python benchmarks/memory_scaling.py           # the core cases; tens of minutes on 2 busy cores
+    python benchmarks/memory_scaling.py --quick   # smoke: base model, 512 tokens, one step per case
+    python benchmarks/memory_scaling.py --steps 0 --only base:sft:4096:off,base:sft:4096:ckpt+chunked
 """
 
 from __future__ import annotations
@@ -263,7 +266,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also each switch alone (twice the cases)")
     ap.add_argument("--models", default="base,qwen2.5-0.5b")
     ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
-    ap.add_argument("--lengths-0.5b", dest="lengths_big", default="512,1024",
+    ap.add_argument("--lengths-0.5b", dest="lengths_big", default="512",
                     help="lengths for qwen2.5-0.5b (2k/4k run, but take many minutes per case on 2 cores)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=2, help="rows per step for the base model")
     ap.add_argument(
