@@ -141,7 +141,9 @@ def _prepare_inputs(cfg: ExperimentConfig, evaluate: bool) -> _Inputs:
     """The base model and the checked, tokenised data; data problems raise here, before any write."""
     from revmix.platform.models import load_tokenizer, resolve_model_path
 
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed)
+    model_path = resolve_model_path(
+        cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed, cfg.model.base
+    )
     tokenizer = load_tokenizer(model_path)
     pairs = [f"stages.{i}.objective ({st.objective.name})" for i, st in enumerate(cfg.stages)]
     pairs = [p for p, st in zip(pairs, cfg.stages) if "other_response" in st.objective.requires]
