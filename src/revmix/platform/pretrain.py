@@ -54,7 +54,7 @@ class PretrainSpec:
 
     families: tuple[str, ...] = ("affine_mod", "arith_chain", "string_ops")
     facts_per_family: int = 4000  # corpus facts of each family (each gives a forward and a reverse row)
-    steps: int = 600  # optimiser steps
+    steps: int = 400  # optimiser steps
     batch_size: int = 16  # packed sequences per step
     seq_len: int = 256  # tokens per packed sequence
     lr: float = 3e-3  # peak AdamW learning rate (linear warmup, cosine decay to 10%)
