@@ -19,9 +19,7 @@ CONFIGS = sorted((ROOT / "configs" / "runs").glob("*_tiny.yaml"))
 
 
 def short(path: Path, steps: int = 2) -> list[str]:
-    # The random tiny base: these runs check the stages; the pretrained base has its own tests
-    # (tests/platform/test_pretrain.py) and takes minutes to build on a fresh machine.
-    over = ["data.n_items=40", "eval.limit=4", "eval.alp_limit=4", "model.base=random"]
+    over = ["data.n_items=40", "eval.limit=4", "eval.alp_limit=4"]
     for i, st in enumerate(load_raw(path)["stages"]):
         over += [f"stages.{i}.steps={steps}", f"stages.{i}.batch_size=4", f"stages.{i}.checkpoint_every=0"]
         if st.get("objective", {}).get("name") == "ppo":  # rollouts dominate: keep them short here
