@@ -56,6 +56,10 @@ class ModelConfig(Strict):
     name_or_path: str | None = _f(None, "HF model name or local dir; null builds a tiny model from `scale`")
     scale: Literal["tiny", "small", "base"] = _f("tiny", "tiny-model size dial when name_or_path is null")
     init_seed: int = _f(0, "seed of the tiny model's random initialisation")
+    base: Literal["random", "pretrained"] = _f(
+        "random",
+        "tiny model: seeded random weights, or pretrained on generated task text (built once, cached)",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = _f(
         "auto", "parameter dtype; auto: fp32 on CPU, bf16 on GPU"
     )
@@ -350,6 +354,23 @@ class ExperimentConfig(Strict):
                     f"stages.{i}.batch_size: {st.batch_size} is not divisible by num_workers × grad_accum = "
                     f"{workers * st.grad_accum}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _pretrained_base_is_disjoint(self) -> ExperimentConfig:
+        """A pretrained tiny base never saw this run's synthetic items (revmix.platform.pretrain)."""
+        if self.model.base != "pretrained":
+            return self
+        if self.model.name_or_path is not None and not self.model.name_or_path.startswith("tiny:"):
+            raise ValueError(
+                f"model.base=pretrained builds a tiny model; model.name_or_path={self.model.name_or_path!r} "
+                "names another (set model.base=random, or model.name_or_path=null / tiny:<scale>)"
+            )
+        if self.data.source != "synthetic":
+            return self
+        from revmix.platform.pretrain import check_disjoint
+
+        check_disjoint(self.data.families, self.data.n_items, self.data.seed)
         return self
 
     @model_validator(mode="after")

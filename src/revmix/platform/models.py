@@ -311,15 +311,33 @@ def tiny_model_dir(scale: str, seed: int = 0, cache_dir: str | Path | None = Non
     return final
 
 
-def resolve_model_path(name_or_path: str | None, scale: str = "tiny", seed: int = 0) -> str:
+BASES: tuple[str, ...] = ("random", "pretrained")
+"""What a tiny model's weights are: seeded random, or pretrained once on generated task text."""
+
+
+def _tiny_dir(scale: str, seed: int, base: str) -> Path:
+    if base not in BASES:
+        raise ValueError(f"unknown model base {base!r}; valid: {', '.join(BASES)}")
+    if base == "random":
+        return tiny_model_dir(scale, seed)
+    from revmix.platform.pretrain import pretrained_model_dir
+
+    return pretrained_model_dir(scale, seed)
+
+
+def resolve_model_path(
+    name_or_path: str | None, scale: str = "tiny", seed: int = 0, base: str = "random"
+) -> str:
     """Turn a config's model field into something ``from_pretrained`` accepts.
 
     ``None`` → the tiny model of ``scale``; ``"tiny:<scale>"`` → that scale (so a sweep can vary
     ``model.name`` over ``tiny:tiny``, ``tiny:small``, ``Qwen/Qwen2.5-0.5B-Instruct``); anything else (hub
-    id or path) is returned unchanged.
+    id or path) is returned unchanged. ``base`` (``model.base``) picks a tiny model's weights: ``random``
+    (:func:`tiny_model_dir`) or ``pretrained`` (:func:`revmix.platform.pretrain.pretrained_model_dir`,
+    built on first use).
     """
     if name_or_path is None:
-        return str(tiny_model_dir(scale, seed))
+        return str(_tiny_dir(scale, seed, base))
     if not isinstance(name_or_path, str):
         raise TypeError(f"model name must be a str or None, got {type(name_or_path).__name__}")
     if name_or_path.startswith(TINY_PREFIX):
@@ -329,7 +347,7 @@ def resolve_model_path(name_or_path: str | None, scale: str = "tiny", seed: int 
                 f"model name {name_or_path!r}: unknown tiny scale {wanted!r}; "
                 f"valid: {[TINY_PREFIX + s for s in SCALES]}"
             )
-        return str(tiny_model_dir(wanted, seed))
+        return str(_tiny_dir(wanted, seed, base))
     return name_or_path
 
 

@@ -374,7 +374,9 @@ def prepare_experiment_data(cfg: ExperimentConfig) -> tuple[str, Any, PreparedDa
     what a sweep's driver prepares ahead of its trials (the same call, so the same cache key)."""
     from revmix.platform.models import load_tokenizer, resolve_model_path
 
-    model_path = resolve_model_path(cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed)
+    model_path = resolve_model_path(
+        cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed, cfg.model.base
+    )
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(cfg.data, tokenizer, tokenizer_id=model_path, pairs_needed_by=pairs_needed_by(cfg))
     return model_path, tokenizer, data

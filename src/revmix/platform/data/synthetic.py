@@ -420,6 +420,36 @@ def _twins(fam: Family, item_id: str, p: Params, x: str) -> list[dict[str, Any]]
     ]
 
 
+def facts(
+    family: str, n: int, seed: int = 0, namespace: str = "revmix.synthetic"
+) -> list[tuple[Params, str]]:
+    """The first ``n`` distinct facts ``(params, premise)`` of ``family`` drawn from the random stream
+    ``<namespace>/<family>/<seed>``: what :func:`generate` renders (namespace ``revmix.synthetic``) and
+    what the pretraining corpus draws from its own namespace (:mod:`revmix.platform.pretrain`).
+
+    Prefix-stable; asking for more facts than the family holds raises instead of looping.
+    """
+    fam = _family(family)
+    if n < 0:
+        raise ValueError(f"generate({family!r}): n must be >= 0, got {n}")
+    rng = random.Random(f"{namespace}/{family}/{seed}")
+    seen: dict[tuple[Params, str], None] = {}  # insertion-ordered set
+    attempts = 0
+    while len(seen) < n:
+        attempts += 1
+        if attempts > 20 * n + 1000:
+            raise ValueError(
+                f"generate({family!r}): found only {len(seen)} distinct facts in {attempts - 1} draws; ask for fewer than n={n}"
+            )
+        seen.setdefault(fam.sample(rng))
+    return list(seen)
+
+
+def twins(family: str, item_id: str, p: Params, x: str) -> list[dict[str, Any]]:
+    """The forward row of fact ``(p, x)`` and its reverse twin, sharing ``item_id``."""
+    return _twins(_family(family), item_id, p, x)
+
+
 def generate(family: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` distinct facts of ``family`` → ``2n`` rows (forward row, then its reverse twin).
 
@@ -428,23 +458,11 @@ def generate(family: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     holds raises instead of looping.
     """
     fam = _family(family)
-    if n < 0:
-        raise ValueError(f"generate({family!r}): n must be >= 0, got {n}")
-    rng = random.Random(f"revmix.synthetic/{family}/{seed}")
-    seen: set[tuple[Params, str]] = set()
-    rows: list[dict[str, Any]] = []
-    attempts = 0
-    while len(seen) < n:
-        attempts += 1
-        if attempts > 20 * n + 1000:
-            raise ValueError(
-                f"generate({family!r}): found only {len(seen)} distinct facts in {attempts - 1} draws; ask for fewer than n={n}"
-            )
-        p, x = fam.sample(rng)
-        if (p, x) not in seen:
-            seen.add((p, x))
-            rows += _twins(fam, f"{family}-s{seed}-{len(seen) - 1:05d}", p, x)
-    return rows
+    return [
+        row
+        for i, (p, x) in enumerate(facts(family, n, seed))
+        for row in _twins(fam, f"{family}-s{seed}-{i:05d}", p, x)
+    ]
 
 
 def generate_mix(families: Sequence[str], n: int, seed: int = 0) -> list[dict[str, Any]]:
