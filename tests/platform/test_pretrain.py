@@ -87,13 +87,13 @@ def test_base_is_built_once_per_key_and_rebuilt_when_it_changes(tmp_path):
     assert len(cache.builds(root)) == 3
 
 
-def test_resolve_model_path_picks_the_base(tmp_path, monkeypatch):
+def test_base_model_path_picks_the_base(tmp_path, monkeypatch):
     built = []
     monkeypatch.setattr(
         P, "pretrained_model_dir", lambda scale, seed: built.append((scale, seed)) or tmp_path
     )
-    assert M.resolve_model_path(None, "small", 2, base="pretrained") == str(tmp_path)
-    assert M.resolve_model_path("tiny:base", "tiny", 0, base="pretrained") == str(tmp_path)
+    assert P.base_model_path(None, "small", 2, base="pretrained") == str(tmp_path)
+    assert P.base_model_path("tiny:base", "tiny", 0, base="pretrained") == str(tmp_path)
     assert built == [("small", 2), ("base", 0)]
     with pytest.raises(ValueError, match="unknown model base 'warm'; valid: random, pretrained"):
-        M.resolve_model_path(None, base="warm")
+        P.base_model_path(None, base="warm")

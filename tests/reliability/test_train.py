@@ -25,6 +25,7 @@ import torch
 from revmix.cli import main
 from revmix.config import StageConfig
 from revmix.objectives.base import LossOutput
+from revmix.platform.artifacts import ADAPTER_DIR, CHAIN_FILE
 from revmix.platform.checkpoint import (
     CKPT_MARKER,
     CheckpointError,
@@ -263,7 +264,9 @@ def test_resume_after_the_last_checkpoint_writes_a_complete_summary(good_run, tm
     assert summary["final"]["step"] == 4 and summary["final"]["loss"] == final["loss"]
     assert summary["stages"][0]["tokens"] == good_run.summary["stages"][0]["tokens"]
     assert [(r["stage"], r["step"]) for r in _records(run)] == [(0, s) for s in (1, 2, 3, 4)]
-    assert (run / "model" / "config.json").exists()
+    assert (run / "model" / CHAIN_FILE).exists() and (
+        run / "model" / ADAPTER_DIR
+    ).is_dir()  # the adapter stage
 
 
 def test_a_half_written_checkpoint_is_skipped_and_the_stage_may_grow_when_asked(good_run, tmp_path):

@@ -311,43 +311,35 @@ def tiny_model_dir(scale: str, seed: int = 0, cache_dir: str | Path | None = Non
     return final
 
 
-BASES: tuple[str, ...] = ("random", "pretrained")
-"""What a tiny model's weights are: seeded random, or pretrained once on generated task text."""
+def tiny_scale_of(name_or_path: str | None, scale: str = "tiny") -> str | None:
+    """The tiny scale a config's model field names (``None`` → ``scale``; ``"tiny:<scale>"`` → that
+    scale), or ``None`` for anything else (a hub id or a path)."""
+    if name_or_path is None:
+        return scale
+    if not isinstance(name_or_path, str):
+        raise TypeError(f"model name must be a str or None, got {type(name_or_path).__name__}")
+    if not name_or_path.startswith(TINY_PREFIX):
+        return None
+    wanted = name_or_path[len(TINY_PREFIX) :]
+    if wanted not in SCALES:
+        raise ValueError(
+            f"model name {name_or_path!r}: unknown tiny scale {wanted!r}; valid: {[TINY_PREFIX + s for s in SCALES]}"
+        )
+    return wanted
 
 
-def _tiny_dir(scale: str, seed: int, base: str) -> Path:
-    if base not in BASES:
-        raise ValueError(f"unknown model base {base!r}; valid: {', '.join(BASES)}")
-    if base == "random":
-        return tiny_model_dir(scale, seed)
-    from revmix.platform.pretrain import pretrained_model_dir
-
-    return pretrained_model_dir(scale, seed)
-
-
-def resolve_model_path(
-    name_or_path: str | None, scale: str = "tiny", seed: int = 0, base: str = "random"
-) -> str:
+def resolve_model_path(name_or_path: str | None, scale: str = "tiny", seed: int = 0) -> str:
     """Turn a config's model field into something ``from_pretrained`` accepts.
 
     ``None`` → the tiny model of ``scale``; ``"tiny:<scale>"`` → that scale (so a sweep can vary
     ``model.name`` over ``tiny:tiny``, ``tiny:small``, ``Qwen/Qwen2.5-0.5B-Instruct``); anything else (hub
-    id or path) is returned unchanged. ``base`` (``model.base``) picks a tiny model's weights: ``random``
-    (:func:`tiny_model_dir`) or ``pretrained`` (:func:`revmix.platform.pretrain.pretrained_model_dir`,
-    built on first use).
+    id or path) is returned unchanged. Tiny models here have seeded random weights; ``model.base:
+    pretrained`` goes through :func:`revmix.platform.pretrain.base_model_path`.
     """
-    if name_or_path is None:
-        return str(_tiny_dir(scale, seed, base))
-    if not isinstance(name_or_path, str):
-        raise TypeError(f"model name must be a str or None, got {type(name_or_path).__name__}")
-    if name_or_path.startswith(TINY_PREFIX):
-        wanted = name_or_path[len(TINY_PREFIX) :]
-        if wanted not in SCALES:
-            raise ValueError(
-                f"model name {name_or_path!r}: unknown tiny scale {wanted!r}; "
-                f"valid: {[TINY_PREFIX + s for s in SCALES]}"
-            )
-        return str(_tiny_dir(wanted, seed, base))
+    tiny = tiny_scale_of(name_or_path, scale)
+    if tiny is not None:
+        return str(tiny_model_dir(tiny, seed))
+    assert name_or_path is not None
     return name_or_path
 
 
@@ -589,7 +581,7 @@ def model_identity(path: str | Path) -> str:
     :func:`revmix.objectives.reference.file_digest` for why that is sound), so the workers of every stage
     and trial hash a given set of weights once."""
     from revmix.objectives.reference import files_identity
-    from revmix.platform.data.prepare import cache_root
+    from revmix.platform.data.cache import cache_root
 
     memo = cache_root() / "file_digests"
     base, adapters = resolve_chain(path)

@@ -253,3 +253,26 @@ def pretrained_model_dir(
     name = f"qwen2-{scale}-pretrained-seed{seed}-{digest}"
     entry, _ = build_once(root / "pretrained", name, lambda tmp: _build(tmp, init, seed, spec, key))
     return entry
+
+
+BASES: tuple[str, ...] = ("random", "pretrained")
+"""What a tiny model's weights are (``model.base``): seeded random, or pretrained once on generated task text."""
+
+
+def base_model_path(
+    name_or_path: str | None, scale: str = "tiny", seed: int = 0, base: str = "random"
+) -> str:
+    """:func:`revmix.platform.models.resolve_model_path` with ``model.base``: ``pretrained`` gives the tiny
+    model's pretrained base (:func:`pretrained_model_dir`, built on first use); only tiny models have one."""
+    from revmix.platform import models
+
+    if base not in BASES:
+        raise ValueError(f"unknown model base {base!r}; valid: {', '.join(BASES)}")
+    if base == "random":
+        return models.resolve_model_path(name_or_path, scale, seed)
+    tiny = models.tiny_scale_of(name_or_path, scale)
+    if tiny is None:
+        raise ValueError(
+            f"model.base=pretrained builds a tiny model; model.name_or_path={name_or_path!r} names another"
+        )
+    return str(pretrained_model_dir(tiny, seed))

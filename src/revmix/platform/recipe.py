@@ -715,8 +715,7 @@ def _reference_cache(
     cached; the key hashes the reference weights' bytes and every token of every row, so edited data, a
     new ``max_length`` or chat template, or other weights never read a stale file (saved atomically)."""
     from revmix.objectives.reference import cache_key
-    from revmix.platform.data.cache import tokenizer_identity
-    from revmix.platform.data.prepare import cache_root
+    from revmix.platform.data.cache import cache_root, tokenizer_identity
     from revmix.platform.models import model_identity
 
     all_rows = [r for d in DIRECTIONS for r in rows[d]]

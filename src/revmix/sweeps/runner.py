@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from revmix.platform.console import quiet_libraries
-from revmix.platform.data.prepare import cache_root
+from revmix.platform.data.cache import cache_root
 from revmix.platform.storage import Store, as_store, open_store, staging_dir
 from revmix.sweeps import results as res
 from revmix.sweeps.resources import TrialResources, plan_resources

@@ -18,10 +18,11 @@ import torch
 
 from revmix.config import load_config
 from revmix.objectives.reference import FrozenCopyReference
+from revmix.platform.data import cache as cache_module
 from revmix.platform.data import prepare as prepare_module
 from revmix.platform.data.cache import BUILDS_LOG, build_once, builds, read_direction, write_direction
 from revmix.platform.data.lazy import is_test_item
-from revmix.platform.data.loaders import write_jsonl
+from revmix.platform.data.loaders import DataError, write_jsonl
 from revmix.platform.data.prepare import prepare_data
 from revmix.platform.data.schema import DIRECTIONS
 from revmix.platform.data.synthetic import generate_mix
@@ -85,7 +86,7 @@ def _edit_first_training_response(source: Path, rows: list[dict], item_id: str) 
 
 def _ref_cache_path(data, tokenizer, tmp_path: Path, monkeypatch) -> Path:
     """The recipe's reference cache for ``data``'s rows (a frozen copy of the tiny model)."""
-    monkeypatch.setattr(prepare_module, "cache_root", lambda: tmp_path / "refcache")
+    monkeypatch.setattr(cache_module, "cache_root", lambda: tmp_path / "refcache")
     path = resolve_model_path(None, "tiny")
     ref = FrozenCopyReference(load_model(path, dtype="float32", device=torch.device("cpu")))
     return _reference_cache(ref, data.train, tokenizer, path, torch.device("cpu")).path
@@ -248,7 +249,7 @@ def test_ray_data_names_every_row_over_max_length_and_caches_nothing(tmp_path, t
     cfg = _data_cfg(
         source, cache, "data.max_length=60", "data.truncation=error", "data.stream_threshold_rows=0"
     )
-    with pytest.raises(prepare_module.DataError) as info:
+    with pytest.raises(DataError) as info:
         prepare_data(cfg, tokenizer)
     train_ids = {r["item_id"] for r in rows if not is_test_item(r["item_id"], 0, 0.2)}  # the lazy split
     # every training row: prompts of 40-45 tokens leave 15-20 for responses of 28+ tokens

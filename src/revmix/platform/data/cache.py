@@ -38,6 +38,13 @@ from typing import Any, overload
 from revmix.atomic import atomic_write, fsync_dir
 from revmix.platform.data.schema import ALL_FIELDS
 
+
+def cache_root() -> Path:
+    """The root of every per-node cache (tokenised data, reference log-probs, file digests, tiny models'
+    pretrained bases): ``$REVMIX_CACHE``, else ``~/.cache/revmix``."""
+    return Path(os.environ.get("REVMIX_CACHE", Path.home() / ".cache" / "revmix"))
+
+
 CACHE_DONE = "_done"  # in an entry's direction folder: written last, the folder is complete
 META = "meta.json"
 BUILDS_LOG = "builds.log"

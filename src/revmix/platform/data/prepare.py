@@ -8,9 +8,7 @@ tokenised rows go to the in-process loop; with Ray workers they become per-direc
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +23,18 @@ from revmix.platform.data.cache import (
     tokenizer_identity,
     write_direction,
 )
-from revmix.platform.data.loaders import DataError, LoadReport
+from revmix.platform.data.loaders import LoadReport
 from revmix.platform.data.pairing import paired_rows, pairing_line
+from revmix.platform.data.prepared import (
+    PreparedData,
+    losses_meta,
+    raise_length_problems,
+    raise_unless_skipped,
+    tokenised_root,
+)
 from revmix.platform.data.schema import DIRECTIONS, Direction
 from revmix.platform.data.tokenize import ORIGIN_FILE, ORIGIN_LINE, tokenise_chunk
 from revmix.platform.data.validate import Problem, describe
-
-
-@dataclass
-class PreparedData:
-    train: dict[
-        str, list[dict[str, Any]]
-    ]  # direction -> tokenised rows (TokenisedRows, on disk, if streamed)
-    test_rows: list[dict[str, Any]]  # canonical held-out rows (both directions)
-    n_items: int  # training items (distinct item_id)
-    # direction -> {"rows", "tokens"}: training rows over max_length whose responses were cut
-    # (data.truncation=truncate), and the tokens cut
-    truncated: dict[str, dict[str, int]] = field(default_factory=dict)
-    # direction -> {"rows", "tokens"}: training rows over max_length left out (data.truncation=drop)
-    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
-    rejected: int = 0  # rows skipped as invalid (only with data.skip_invalid)
-    key: str = ""  # content key of the tokenised training data (revmix.platform.data.cache)
-    entry: Path | None = None  # the cache entry: <root>/<key>/<direction>/*.parquet
-    streamed: bool = False  # above data.stream_threshold_rows: read the entry lazily, never as lists
-    meta: dict[str, Any] = field(default_factory=dict)  # the entry's meta.json, plus cache: built|reused
-
-    def length_line(self, max_length: int, truncation: str) -> str:
-        """One line: the training rows and tokens lost to ``max_length``, per direction."""
-        parts = [
-            f"{d} {self.truncated[d]['rows']} rows truncated ({self.truncated[d]['tokens']} tokens cut), "
-            f"{self.dropped[d]['rows']} dropped ({self.dropped[d]['tokens']} tokens)"
-            for d in DIRECTIONS
-        ]
-        return f"data: max_length {max_length}, truncation={truncation}: " + "; ".join(parts)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("REVMIX_CACHE", Path.home() / ".cache" / "revmix"))
 
 
 def load_source(cfg: DataConfig) -> LoadReport:
@@ -154,7 +127,7 @@ def _prepare_loaded(
     report = load_source(cfg)
     rows, origins = list(report.rows), list(report.origins)
     problems = _missing_pairs(rows, origins, pairs_needed_by)
-    _raise_unless_skipped(problems, report, cfg.skip_invalid)
+    raise_unless_skipped(problems, report, cfg.skip_invalid)
     bad = {(p.file, p.line) for p in problems}
     kept = [i for i, o in enumerate(origins) if o not in bad]
     rows, origins = [rows[i] for i in kept], [origins[i] for i in kept]
@@ -191,11 +164,6 @@ def _prepare_loaded(
     )
     print(data.length_line(cfg.max_length, cfg.truncation), flush=True)
     return data
-
-
-def tokenised_root(cfg: DataConfig) -> Path:
-    """The folder holding the tokenised cache entries: ``data.cache_dir`` or ``$REVMIX_CACHE/tokenised``."""
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "tokenised"
 
 
 def _numbered_by_direction(
@@ -255,19 +223,6 @@ def _tokenise_into(
     return stats
 
 
-def raise_length_problems(stats: dict[str, dict[str, Any]], report: LoadReport, skip_invalid: bool) -> None:
-    """Rows over ``max_length`` (``truncation=error``) always fail, listed with every long prompt unless
-    skipped; long prompts alone fail unless ``skip_invalid``."""
-    too_long = sorted(
-        (Problem(f, n, "prompt", why) for d in DIRECTIONS for f, n, why in stats[d]["too_long"]), key=_place
-    )
-    over = [Problem(f, n, "response", why) for d in DIRECTIONS for f, n, why in stats[d]["over_length"]]
-    if over:  # data.truncation=error: every row over max_length (and every long prompt) at once
-        shown = over + ([] if skip_invalid else too_long)
-        raise DataError(report.source, sorted(shown, key=_place), report.n_read)
-    _raise_unless_skipped(too_long, report, skip_invalid)
-
-
 def _entry_meta(
     key: str,
     stats: dict[str, dict[str, Any]],
@@ -290,19 +245,6 @@ def _entry_meta(
     }
 
 
-def losses_meta(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The rows and tokens lost to ``max_length`` per direction, and the prompts too long, for meta.json."""
-    return {
-        "truncated": {
-            d: {"rows": stats[d]["truncated"], "tokens": stats[d]["truncated_tokens"]} for d in DIRECTIONS
-        },
-        "dropped": {
-            d: {"rows": stats[d]["dropped"], "tokens": stats[d]["dropped_tokens"]} for d in DIRECTIONS
-        },
-        "too_long": sum(len(stats[d]["too_long"]) for d in DIRECTIONS),
-    }
-
-
 def _train_rows(entry: Path, fresh: dict[str, list[dict[str, Any]]], streamed: bool) -> dict[str, Any]:
     """The tokenised rows per direction: just tokenised (in memory), read back (small), or left on disk."""
     if fresh:
@@ -319,10 +261,6 @@ def _path_line(n_rows: int, threshold: int, streamed: bool, built: bool, entry: 
     else:
         how = f"{n_rows} training rows <= data.stream_threshold_rows {threshold}: tokenised in this process, materialised"
     return f"data: {how}; tokenised cache {'built' if built else 'reused'}: {entry}"
-
-
-def _place(problem: Problem) -> tuple[str, int]:
-    return problem.file, problem.line
 
 
 def _missing_pairs(
@@ -342,11 +280,6 @@ def _missing_pairs(
         for row, (file, line) in zip(rows, origins)
         if not (isinstance(row.get("other_response"), str) and row["other_response"].strip())
     ]
-
-
-def _raise_unless_skipped(problems: list[Problem], report: LoadReport, skip_invalid: bool) -> None:
-    if problems and not skip_invalid:
-        raise DataError(report.source, problems, report.n_read)
 
 
 def to_ray_datasets(data: PreparedData, cfg: DataConfig) -> dict[str, Any]:
@@ -372,11 +305,10 @@ def pairs_needed_by(cfg: ExperimentConfig) -> str | None:
 def prepare_experiment_data(cfg: ExperimentConfig) -> tuple[str, Any, PreparedData]:
     """``(model path, tokenizer, prepared data)`` of an experiment: what its driver tokenises with, and
     what a sweep's driver prepares ahead of its trials (the same call, so the same cache key)."""
-    from revmix.platform.models import load_tokenizer, resolve_model_path
+    from revmix.platform.models import load_tokenizer
+    from revmix.platform.pretrain import base_model_path
 
-    model_path = resolve_model_path(
-        cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed, cfg.model.base
-    )
+    model_path = base_model_path(cfg.model.name_or_path, cfg.model.scale, cfg.model.init_seed, cfg.model.base)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(cfg.data, tokenizer, tokenizer_id=model_path, pairs_needed_by=pairs_needed_by(cfg))
     return model_path, tokenizer, data

@@ -25,7 +25,7 @@ from revmix.platform.data.cache import (
     tokenizer_identity,
 )
 from revmix.platform.data.loaders import DataError, LoadReport
-from revmix.platform.data.prepare import (
+from revmix.platform.data.prepared import (
     PreparedData,
     losses_meta,
     raise_length_problems,
