@@ -65,6 +65,7 @@ from revmix.sweeps.intervals import (
     format_interval,
     mean_interval,
 )
+from revmix.sweeps.mechanism import mechanism_view
 from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
     DIRS,
@@ -101,6 +102,7 @@ OBJECTIVES_TEXT = (
     "(eval.every_epoch), so batch make-up adds no noise; tokens/s is the stage's throughput."
 )
 NO_DRIFT = "ΔALP n/a: "
+MECHANISM_TITLE = "Likelihood of y+ and y− during training: does log π(y+) fall while the margin grows?"
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,8 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     ]
     objectives = _objectives_section(spec, ok, out_dir, plots)
     sections += [objectives] if objectives else []
+    text, figures, sentences, notes = mechanism_view(ok, paths, out_dir, plots)
+    sections.append(Section(MECHANISM_TITLE, figures, notes=notes, text=text, sentences=sentences))
     paper = paper_section(table, out_dir)
     if paper:
         sections.append(
