@@ -92,15 +92,17 @@ def policy_pair_logps(
         chosen, rejected = per_response_sums(logps, packed)
         n_c = (packed.valid & ~packed.is_rejected).sum(-1)
         n_r = (packed.valid & packed.is_rejected).sum(-1)
-        ent = per_response_sums(entropies, packed) if entropies is not None else (None, None)
-        return PairLogps(chosen, rejected, n_c, n_r, packed, *ent)
+        pair = PairLogps(chosen, rejected, n_c, n_r, packed)
+        if entropies is not None:
+            pair.entropy_chosen, pair.entropy_rejected = per_response_sums(entropies, packed)
+        return pair
     ids, mask, labels = concatenated_inputs(batch)
     logits = policy_logits(policy, ids, mask)
     b = batch.size
     if entropy:
         stats = token_stats(logits, labels)
-        sums, n_tok, ent = stats.logp.sum(-1), stats.mask.sum(-1), stats.entropy.detach().sum(-1)
-        return PairLogps(sums[:b], sums[b:], n_tok[:b], n_tok[b:], None, ent[:b], ent[b:])
+        sums, n_tok, row_entropy = stats.logp.sum(-1), stats.mask.sum(-1), stats.entropy.detach().sum(-1)
+        return PairLogps(sums[:b], sums[b:], n_tok[:b], n_tok[b:], None, row_entropy[:b], row_entropy[b:])
     logp, tok_mask = token_logps(logits, labels)
     sums, n_tok = logp.sum(-1), tok_mask.sum(-1)
     return PairLogps(sums[:b], sums[b:], n_tok[:b], n_tok[b:], None)
