@@ -143,3 +143,16 @@ def test_no_preference_objective_leaves_a_note(tmp_path: Path):
     md = (tmp_path / "report.md").read_text()
     assert f"_{SKIPPED}_" in md
     assert not (tmp_path / "plots" / "likelihood_mechanism.png").exists()
+
+
+def test_the_shipped_mechanism_sweep_logs_what_the_section_reads():
+    from revmix.sweeps.plan import points
+    from revmix.sweeps.spec import load_sweep
+    from tests.sweeps.helpers import ROOT
+
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "mechanism.yaml")
+    assert spec.seeds == [0, 1, 2]
+    configs = [spec.trial_config(p, 0) for p in points(spec)]
+    assert [c.stages[1].objective.name for c in configs] == ["dpo", "complementary_dpo", "unlikelihood"]
+    assert all(c.stages[1].objective.entropy_metrics for c in configs)  # entropy/chosen per step
+    assert all(c.stages[0].objective.name == "sft" for c in configs)

@@ -27,6 +27,18 @@ Every preference objective reports ``logps/chosen``, ``logps/rejected`` (the *su
 under the policy, TRL's convention, even when the loss normalises by length), ``logps/margin`` (chosen −
 rejected), ``loss`` and, with an NLL term, ``nll``; each overall and per direction (``logps/margin/forward``).
 ``loss/<direction>`` is the objective's loss on that direction's rows alone.
+
+Where the probability mass goes (the paper's third mechanism: a margin can grow while y+ itself loses
+probability to continuations that are neither response), as token means over the micro-batch's rows
+(:math:`\sum_b s_b / \sum_b |y_b|`, overall and per direction): ``logps/chosen_per_token`` and
+``logps/rejected_per_token`` (mean log π per response token) and, with ``entropy_metrics`` (default on),
+``entropy/chosen`` and ``entropy/rejected``, the mean entropy :math:`H_t = -\sum_v p_v \log p_v` (nats) of
+the next-token distribution at the positions that predict y+'s (y−'s) tokens. A rising ``entropy/chosen``
+while ``logps/chosen_per_token`` falls says the mass left y+ for spread-out alternatives rather than for
+one competitor. The entropy comes from the log-prob pass the loss already runs
+(:func:`~revmix.objectives.base.target_logps_and_entropy`): forward-only extra work (one ``exp`` and two
+reductions per vocabulary row), no backward work, no extra memory beyond a ``[B, T]`` float per response;
+``benchmarks/entropy_cost.py`` measures it.
 """
 
 from __future__ import annotations
