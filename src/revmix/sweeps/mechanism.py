@@ -170,35 +170,43 @@ def _band(ax: Any, runs: dict[int, dict[int, float]], colour: str, style: str, l
 
 
 def plot_likelihoods(runs: list[LikelihoodRuns], per_token: bool, plots: Path) -> Path | None:
-    """Per condition, a row of log π(y+) / log π(y−) panels per direction and, when logged, a row of the
-    entropy on y+ positions; None when no condition has a series."""
+    """A row per condition: log π(y+) and log π(y−) per direction and, when logged, the entropy on y+
+    positions per direction; None when no condition has a series."""
+    from matplotlib.ticker import MaxNLocator
+
     runs = [g for g in runs if g.series]
     if not runs:
         return None
-    rows = [(g, what) for g in runs for what in ("logps", "entropy") if what == "logps" or _has_entropy(g)]
+    panels = [("logps", d) for d in DIRS] + [
+        ("entropy", d) for d in DIRS if any(_has_entropy(g) for g in runs)
+    ]
     plt = _mpl()
-    fig, axes = plt.subplots(len(rows), len(DIRS), figsize=(10, 2.7 * len(rows) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(
+        len(runs), len(panels), figsize=(4.2 * len(panels), 2.8 * len(runs) + 0.8), squeeze=False
+    )
     unit = "nats/token" if per_token else "nats (sum)"
-    for (g, what), row in zip(rows, axes):
-        for ax, d in zip(row, DIRS):
+    for g, row in zip(runs, axes):
+        for ax, (what, d) in zip(row, panels):
             if what == "logps":
                 for part, style in (("chosen", "-"), ("rejected", "--")):
                     if seeds := g.series.get(f"{part}/{d}"):
                         sign = "+" if part == "chosen" else "−"
                         _band(ax, seeds, _COLOURS[part], style, f"log π(y{sign})")
                 ax.set_ylabel(f"log π ({unit})", fontsize=9)
-            elif seeds := g.series.get(f"entropy/{d}"):
-                _band(ax, seeds, _COLOURS["entropy"], "-", "entropy on y+")
-                ax.set_ylabel("entropy (nats/token)", fontsize=9)
-            where = f" · {g.condition}" if g.condition else ""
-            ax.set_title(f"{d} rows{where} (n={len(g.seeds)})", fontsize=9)
+            else:
+                if seeds := g.series.get(f"entropy/{d}"):
+                    _band(ax, seeds, _COLOURS["entropy"], "-", "entropy on y+")
+                ax.set_ylabel("entropy on y+ (nats/token)", fontsize=9)
+            where = f"{g.condition} · " if g.condition else ""
+            ax.set_title(f"{where}{d} rows (n={len(g.seeds)})", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8, loc="best")
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step (all stages)")
     n = max(len(g.seeds) for g in runs)
     caption = NO_INTERVAL if n < 2 else f"mean of up to {n} seeds, 95% t-interval band"
-    fig.suptitle(f"Training batches: log π(y+), log π(y−) and entropy on y+ per step ({caption})")
+    fig.suptitle(f"Training batches: log π(y+), log π(y−) and entropy on y+ per step ({caption})", y=1.0)
     return _save(fig, plots / "likelihood_mechanism.png")
 
 
