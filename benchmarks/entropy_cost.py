@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -43,6 +44,17 @@ from revmix.platform.models import SCALES, VOCAB_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_VOCAB = 151_936
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def median_ms(runs: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
@@ -153,7 +165,8 @@ def main() -> None:
         steps.append(dpo_step(scale, args.pairs, args.prompt, args.response, args.reps))
         print(json.dumps(steps[-1]))
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s)",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} thread(s)",
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other processes sharing the cores
         "torch": torch.__version__,
         "command": f"python benchmarks/entropy_cost.py --threads {args.threads} --reps {args.reps}",
         "logp_pass": passes,

@@ -101,7 +101,7 @@ def test_sentences_judge_each_seed_with_hand_computed_intervals(tmp_path: Path):
     assert (
         "forward: log π(y+) fell while the margin grew in 3/3 seeds; "
         f"Δ log π(y+) {_interval(CHOSEN['forward'], 3)}, Δ margin {_interval(margin_fwd, 2)}, "
-        f"Δ entropy(y+) {_interval(ENTROPY, 3)} nats/token" in sentence
+        f"Δ entropy(y+) {_interval(ENTROPY, 3)}; reverse" in sentence
     )
     # reverse: seed 0's log π(y+) rose, so 2 of 3 seeds
     assert (

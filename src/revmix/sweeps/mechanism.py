@@ -150,7 +150,8 @@ def mechanism_sentences(runs: list[LikelihoodRuns], per_token: bool) -> list[str
                 f"Δ margin {_interval_text(mean_interval(margin))}"
             )
             if ent := changes.get("entropy"):
-                text += f", Δ entropy(y+) {_interval_text(mean_interval(list(ent.values())))} nats/token"
+                text += f", Δ entropy(y+) {_interval_text(mean_interval(list(ent.values())))}"
+                text += "" if per_token else " nats/token"
             parts.append(text)
         if parts:
             n = len(g.seeds)
