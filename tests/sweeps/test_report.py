@@ -45,6 +45,15 @@ def _make_sweep_dir(tmp_path: Path) -> tuple[Path, object]:
                 with open(run / "metrics.jsonl", "w") as f:
                     for step in range(1, 5):
                         rec = {"stage": 0, "stage_name": "sft", "step": step, "loss": 3.0 - 0.2 * step - r}
+                        if obj == "unlikelihood":  # it logs the likelihoods of y+ and y− per step
+                            for d in ("forward", "reverse"):
+                                c, rej = -1.0 - 0.01 * step * (seed + 1), -1.2 - 0.1 * step
+                                rec |= {f"logps/chosen/{d}": 30 * c, f"logps/rejected/{d}": 30 * rej}
+                                rec |= {
+                                    f"logps/chosen_per_token/{d}": c,
+                                    f"logps/rejected_per_token/{d}": rej,
+                                }
+                                rec[f"entropy/chosen/{d}"] = 1.5 + 0.02 * step
                         if step % 2 == 0:  # ALP at "epoch ends"
                             for d in ("forward", "reverse"):
                                 rec[f"alp/{d}/margin"] = _margin(r, d, seed, step)
@@ -106,6 +115,7 @@ def test_report_has_every_plot_and_is_self_contained(tmp_path: Path):
         "accuracy_vs_r_synthetic.png",
         "alp_cross_direction.png",
         "alp_margin_curves.png",
+        "likelihood_mechanism.png",  # unlikelihood logged log π(y+), log π(y−)
         "loss_curves.png",
         "metric_by_path.png",
         "objectives.png",  # the objective name is swept
@@ -113,13 +123,14 @@ def test_report_has_every_plot_and_is_self_contained(tmp_path: Path):
     for p in (out / "plots").glob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     page = html_path.read_text()
-    assert page.count('src="data:image/png;base64,') == 6
+    assert page.count('src="data:image/png;base64,') == 7
     assert not re.search(r'src="(?!data:)', page)  # nothing external: the file travels alone
     assert "<li><code>t_99999</code>: RuntimeError: worker died</li>" in page
     assert "<td>forward → forward</td><td>paper</td><td>+0.323</td>" in page  # the paper's table
     assert "<li><b>holds in 2/2 seeds</b> — Same-direction margins" in page
     md = (out / "report.md").read_text()
-    assert md.count("](plots/") == 6 and "skipped" not in md
+    assert md.count("](plots/") == 7 and "skipped" not in md
+    assert "- unlikelihood · r=0.5: forward: log π(y+) fell while the margin grew in 2/2 seeds" in md
     assert "_ΔALP n/a: stage 0 has no stage before it to measure the drift from_" in md  # one-stage sweep
     assert (
         "| forward → forward | paper | +0.323 |" in md
@@ -234,3 +245,74 @@ def test_report_builds_rows_from_trial_dirs_when_no_table(tmp_path: Path):
     write_report(out)
     md = (out / "report.md").read_text()
     assert "12 trial(s): 4 INCOMPLETE, 8 TERMINATED" in md
+
+
+MIXES = [
+    {"reverse_fraction": 0.5, "mode": "union"},
+    {"reverse_fraction": 0.5, "schedule": {"kind": "linear", "start": 0.0, "end": 1.0}},
+]
+
+
+def test_mix_mappings_are_categories_and_long_values_are_cut(tmp_path: Path):
+    """A swept mix mapping: points with bars and no line between them; the trials table cuts its text."""
+    raw = sweep_raw(space={"stages.0.mix": {"grid": MIXES}}, seeds=[0, 1, 2])
+    spec = parse_sweep(raw, tmp_path / "sweep.yaml", base_raw=BASE_RAW)
+    rows = []
+    for i, (mix, seed) in enumerate((m, s) for m in MIXES for s in (0, 1, 2)):
+        acc = 0.3 + 0.1 * MIXES.index(mix) + 0.01 * seed
+        rows.append(
+            res.make_row(
+                spec, f"t{i}", {"stages.0.mix": mix}, seed, final={"eval/accuracy/synthetic": acc},
+                status=res.STATUS_OK, error=None, wall_s=1.0, run_dir=f"trials/t{i}/run",
+            )
+        )  # fmt: skip
+    table = res.build_table(rows, list(spec.space))
+    write_report(tmp_path, spec=spec, table=table)
+    md = (tmp_path / "report.md").read_text()
+    section = md.split("## eval/accuracy/synthetic by swept value")[1].split("\n## ")[0]
+    assert (
+        "the mean and 95% t interval over the 3 trials at each value (seeds × the other swept values)"
+        in section
+    )
+    trials = md.split("## Trials (best first)")[1]
+    cells = [c.strip() for line in trials.splitlines() if line.startswith("| t") for c in line.split("|")]
+    assert any(c.endswith("…") and len(c) == 40 for c in cells)  # the mix mapping, cut
+    assert max(len(c) for c in cells) <= 40
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from revmix.sweeps.plots import draw_metric_by_value
+
+    metric = "eval/accuracy/synthetic"
+    fig, (cat, num) = plt.subplots(1, 2)
+    draw_metric_by_value(cat, table, "stages.0.mix", metric, numeric=False)
+    draw_metric_by_value(num, table.assign(x=[1, 1, 1, 2, 2, 2]), "x", metric, numeric=True)
+    # the means' line (marker "o"; the caps are lines of their own, marker "_")
+    [cat_line], [num_line] = ([ln for ln in ax.get_lines() if ln.get_marker() == "o"] for ax in (cat, num))
+    assert cat_line.get_linestyle() == "None" and num_line.get_linestyle() == "-"  # no line across categories
+    assert list(cat_line.get_xdata()) == [0, 1]
+    # the bars: mean ± t_{2} · s / √3 with s = 0.01 (seeds 0.30, 0.31, 0.32)
+    half = 4.302652729911275 * 0.01 / 3**0.5
+    segments = [c for c in cat.collections if hasattr(c, "get_segments")][-1].get_segments()
+    assert [s[0][1] for s in segments] == pytest.approx([0.31 - half, 0.41 - half])
+    assert [s[1][1] for s in segments] == pytest.approx([0.31 + half, 0.41 + half])
+    plt.close(fig)
+
+
+def test_every_plot_section_states_its_seeds_and_interval(tmp_path: Path):
+    out, _ = _make_sweep_dir(tmp_path)
+    write_report(out)
+    md = (out / "report.md").read_text()
+    caption = "Mean of 2 seeds per condition and its 95% Student-t interval over seeds ({})"
+    for title, shape in (
+        ("Accuracy vs reverse fraction", "bars and band"),
+        ("ALP margin over training", "band, per step"),
+        ("Training loss", "band, per step"),
+    ):
+        assert caption.format(shape) in md.split(f"## {title}")[1].split("\n## ")[0], title
+    by_value = md.split("## eval/accuracy/synthetic by swept value")[1].split("\n## ")[0]
+    # r pools 2 objectives × 2 seeds = 4 trials per value; the objective pools 3 r × 2 seeds = 6
+    assert "the mean and 95% t interval over the 4–6 trials at each value" in by_value

@@ -299,6 +299,20 @@ def target_logps(
     return _ChunkedTargetLogps.apply(logits, targets, temperature, chunk, False)[0]
 
 
+def target_logps_and_entropy(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk: int = LOGP_CHUNK_TOKENS
+) -> tuple[Tensor, Tensor]:
+    """:func:`target_logps` and the entropy ``H = log Z − E_p[x]`` (nats) of each scored position's
+    next-token distribution, ``[B, L]`` each, from the same chunked pass.
+
+    The entropy reuses the chunk's ``log Z``; it adds one ``exp`` and two reductions over each ``[chunk, V]``
+    block to the forward (and the vocabulary mean, which this discards). With the entropy detached (a
+    metric), backward is exactly :func:`target_logps`'s: an output no loss uses gets no gradient work.
+    """
+    logp, entropy, _ = _ChunkedTargetLogps.apply(logits, targets, temperature, chunk, True)
+    return logp, entropy
+
+
 def token_logps(
     logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk: int = LOGP_CHUNK_TOKENS
 ) -> tuple[Tensor, Tensor]:
@@ -336,7 +350,9 @@ def token_stats(
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    outs = _ChunkedTargetLogps.apply(logits[:, :-1], targets.masked_fill(~mask, 0), temperature, chunk, True)
+    # All T positions go in, as in token_logps: the last is not scored, and no sliced copy of the logits'
+    # gradient is made.
+    outs = _ChunkedTargetLogps.apply(logits, targets.masked_fill(~mask, 0), temperature, chunk, True)
     logp, entropy, mean_logp = (o * mask for o in outs)
     return TokenStats(logp, mask, entropy, mean_logp)
 

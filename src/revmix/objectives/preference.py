@@ -27,6 +27,18 @@ Every preference objective reports ``logps/chosen``, ``logps/rejected`` (the *su
 under the policy, TRL's convention, even when the loss normalises by length), ``logps/margin`` (chosen −
 rejected), ``loss`` and, with an NLL term, ``nll``; each overall and per direction (``logps/margin/forward``).
 ``loss/<direction>`` is the objective's loss on that direction's rows alone.
+
+Where the probability mass goes (the paper's third mechanism: a margin can grow while y+ itself loses
+probability to continuations that are neither response), as token means over the micro-batch's rows
+(:math:`\sum_b s_b / \sum_b |y_b|`, overall and per direction): ``logps/chosen_per_token`` and
+``logps/rejected_per_token`` (mean log π per response token) and, with ``entropy_metrics`` (default on),
+``entropy/chosen`` and ``entropy/rejected``, the mean entropy :math:`H_t = -\sum_v p_v \log p_v` (nats) of
+the next-token distribution at the positions that predict y+'s (y−'s) tokens. A rising ``entropy/chosen``
+while ``logps/chosen_per_token`` falls says the mass left y+ for spread-out alternatives rather than for
+one competitor. The entropy comes from the log-prob pass the loss already runs
+(:func:`~revmix.objectives.base.target_logps_and_entropy`): forward-only extra work (one ``exp`` and two
+reductions per vocabulary row), no backward work, no extra memory beyond a ``[B, T]`` float per response;
+``benchmarks/entropy_cost.py`` measures it.
 """
 
 from __future__ import annotations
@@ -47,8 +59,15 @@ from revmix.objectives.base import (
     per_direction,
     policy_logits,
     token_logps,
+    token_stats,
 )
-from revmix.objectives.prefix import SharedPromptPairs, pack_shared_prompt, shared_prompt_logps
+from revmix.objectives.prefix import (
+    SharedPromptPairs,
+    pack_shared_prompt,
+    per_response_sums,
+    shared_prompt_logps,
+    shared_prompt_token_logps,
+)
 from revmix.objectives.reference import concatenated_inputs, reference_logps
 
 
@@ -62,26 +81,43 @@ class PairLogps:
     n_rejected: Tensor
     # The shared-prompt rows the policy was scored on (None: the concatenated batch), for the reference.
     packed: SharedPromptPairs | None
+    # Summed next-token entropies (nats) over y+'s and y−'s tokens, detached; None when not computed.
+    entropy_chosen: Tensor | None = None
+    entropy_rejected: Tensor | None = None
 
     def mean_per_token(self) -> tuple[Tensor, Tensor]:
         """Mean response-token log-probs of y+ and y− (SimPO's and ORPO's length normalisation)."""
         return self.chosen / self.n_chosen.clamp(min=1), self.rejected / self.n_rejected.clamp(min=1)
 
 
-def policy_pair_logps(policy: torch.nn.Module, batch: Batch, shared_prompt: bool) -> PairLogps:
+def policy_pair_logps(
+    policy: torch.nn.Module, batch: Batch, shared_prompt: bool, entropy: bool = False
+) -> PairLogps:
     """Score y+ and y− of every pair in one forward pass (module docstring: shared-prompt rows when
-    ``shared_prompt`` and the loop allow it and every pair shares its prompt, else the concatenated batch)."""
+    ``shared_prompt`` and the loop allow it and every pair shares its prompt, else the concatenated batch);
+    with ``entropy``, also the summed next-token entropies over each response, from the same pass."""
     allowed = batch.policy_forward  # what the training loop allows of the policy's forward pass
     packed = pack_shared_prompt(batch) if shared_prompt and allowed.shared_prompt else None
     if packed is not None:
         forward = lambda i, m, p: policy_logits(policy, i, m, position_ids=p)  # noqa: E731
-        chosen, rejected, n_c, n_r = shared_prompt_logps(forward, packed, allowed.length_groups)
-        return PairLogps(chosen, rejected, n_c, n_r, packed)
+        logps, entropies = shared_prompt_token_logps(forward, packed, allowed.length_groups, entropy)
+        chosen, rejected = per_response_sums(logps, packed)
+        n_c = (packed.valid & ~packed.is_rejected).sum(-1)
+        n_r = (packed.valid & packed.is_rejected).sum(-1)
+        pair = PairLogps(chosen, rejected, n_c, n_r, packed)
+        if entropies is not None:
+            pair.entropy_chosen, pair.entropy_rejected = per_response_sums(entropies, packed)
+        return pair
     ids, mask, labels = concatenated_inputs(batch)
-    logp, tok_mask = token_logps(policy_logits(policy, ids, mask), labels)
-    logps, n_tok = logp.sum(-1), tok_mask.sum(-1)
+    logits = policy_logits(policy, ids, mask)
     b = batch.size
-    return PairLogps(logps[:b], logps[b:], n_tok[:b], n_tok[b:], None)
+    if entropy:
+        stats = token_stats(logits, labels)
+        sums, n_tok, row_entropy = stats.logp.sum(-1), stats.mask.sum(-1), stats.entropy.detach().sum(-1)
+        return PairLogps(sums[:b], sums[b:], n_tok[:b], n_tok[b:], None, row_entropy[:b], row_entropy[b:])
+    logp, tok_mask = token_logps(logits, labels)
+    sums, n_tok = logp.sum(-1), tok_mask.sum(-1)
+    return PairLogps(sums[:b], sums[b:], n_tok[:b], n_tok[b:], None)
 
 
 def reference_pair_logps(
@@ -177,12 +213,30 @@ def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, direction: 
     return metrics
 
 
+def likelihood_metrics(pair: PairLogps, direction: Tensor) -> dict[str, float]:
+    """Where the probability mass goes (module docstring), overall and per direction, each a token mean
+    over the micro-batch (Σ over rows / Σ token counts): ``logps/chosen_per_token``,
+    ``logps/rejected_per_token`` and, when ``pair`` carries them, ``entropy/chosen``, ``entropy/rejected``."""
+    metrics = _token_mean_per_direction(pair.chosen, pair.n_chosen, direction, "logps/chosen_per_token")
+    metrics |= _token_mean_per_direction(
+        pair.rejected, pair.n_rejected, direction, "logps/rejected_per_token"
+    )
+    if pair.entropy_chosen is not None and pair.entropy_rejected is not None:
+        metrics |= _token_mean_per_direction(pair.entropy_chosen, pair.n_chosen, direction, "entropy/chosen")
+        metrics |= _token_mean_per_direction(
+            pair.entropy_rejected, pair.n_rejected, direction, "entropy/rejected"
+        )
+    return metrics
+
+
 def preference_output(pair: PairLogps, direction: Tensor, losses: Tensor, nll_weight: float) -> LossOutput:
-    """``mean(losses) + nll_weight·NLL(y+)`` with :func:`preference_metrics` (``losses``: ``[B]``)."""
+    """``mean(losses) + nll_weight·NLL(y+)`` with :func:`preference_metrics` and :func:`likelihood_metrics`
+    (``losses``: ``[B]``)."""
     loss = losses.mean()
     if nll_weight:
         loss = loss + nll_weight * chosen_nll(pair.chosen, pair.n_chosen)
     metrics = preference_metrics(pair.chosen, pair.rejected, direction, losses, nll_weight, pair.n_chosen)
+    metrics |= likelihood_metrics(pair, direction)
     return LossOutput(loss=loss, metrics=metrics)
 
 
@@ -192,9 +246,14 @@ class PairedObjective(Objective):
     shared_prompt: bool = Field(
         True, description="score y+ and y- in one row behind one copy of the prompt, where attention allows"
     )
+    entropy_metrics: bool = Field(
+        True,
+        description="log entropy/chosen and entropy/rejected, the next-token entropy on y+ and y- tokens "
+        "(forward-only cost: one exp per vocabulary row)",
+    )
 
     requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
 
     def policy_logps(self, policy: torch.nn.Module, batch: Batch) -> PairLogps:
-        """:func:`policy_pair_logps` with this objective's ``shared_prompt``."""
-        return policy_pair_logps(policy, batch, self.shared_prompt)
+        """:func:`policy_pair_logps` with this objective's ``shared_prompt`` and ``entropy_metrics``."""
+        return policy_pair_logps(policy, batch, self.shared_prompt, self.entropy_metrics)

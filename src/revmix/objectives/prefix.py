@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from revmix.objectives.base import IGNORE_INDEX, Batch, target_logps
+from revmix.objectives.base import IGNORE_INDEX, Batch, target_logps, target_logps_and_entropy
 from revmix.objectives.buckets import length_buckets
 
 MASK_AWARE_ATTENTION = ("sdpa", "eager")
@@ -110,25 +110,46 @@ def pack_shared_prompt(batch: Batch) -> SharedPromptPairs | None:
     )  # fmt: skip
 
 
-def shared_prompt_logps(
-    forward: Any, packed: SharedPromptPairs, length_groups: int = 1
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Summed log-probs of y+ and y− per pair and their token counts: ``(chosen, rejected, n_c, n_r)``.
+def shared_prompt_token_logps(
+    forward: Any, packed: SharedPromptPairs, length_groups: int = 1, entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Per response token of every pair (``[B, N]``, 0 where not ``packed.valid``): its log-prob and, with
+    ``entropy``, the entropy of the next-token distribution it was drawn from (else None).
 
     ``forward(input_ids, attention_mask, position_ids)`` returns logits; it is called once per length
     group (``length_groups=1`` where a single call is required, e.g. under DDP).
     """
     logps = torch.zeros(packed.target.shape, device=packed.input_ids.device)
+    entropies = torch.zeros_like(logps) if entropy else None
     for group in length_buckets(packed.lengths, max(1, length_groups)):
         idx = torch.tensor(group, device=packed.input_ids.device)
         w = max(packed.lengths[i] for i in group)
         mask = packed.allowed[idx, :w, :w].unsqueeze(1)
         logits = forward(packed.input_ids[idx, :w], mask, packed.position_ids[idx, :w])
         rows = logits.gather(1, packed.predictor[idx].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        lp = target_logps(rows, packed.target[idx])
+        if entropies is None:
+            lp = target_logps(rows, packed.target[idx])
+        else:
+            lp, ent = target_logps_and_entropy(rows, packed.target[idx])
+            entropies = entropies.index_put((idx,), ent.detach() * packed.valid[idx])
         logps = logps.index_put((idx,), lp * packed.valid[idx])
+    return logps, entropies
+
+
+def per_response_sums(values: Tensor, packed: SharedPromptPairs) -> tuple[Tensor, Tensor]:
+    """Sums of per-token ``values`` (``[B, N]``) over y+'s tokens and over y−'s tokens, ``[B]`` each."""
     chosen_sel = packed.valid & ~packed.is_rejected
     rejected_sel = packed.valid & packed.is_rejected
-    chosen = (logps * chosen_sel).sum(-1)
-    rejected = (logps * rejected_sel).sum(-1)
-    return chosen, rejected, chosen_sel.sum(-1), rejected_sel.sum(-1)
+    return (values * chosen_sel).sum(-1), (values * rejected_sel).sum(-1)
+
+
+def shared_prompt_logps(
+    forward: Any, packed: SharedPromptPairs, length_groups: int = 1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Summed log-probs of y+ and y− per pair and their token counts: ``(chosen, rejected, n_c, n_r)``
+    (``forward`` and ``length_groups`` as in :func:`shared_prompt_token_logps`)."""
+    logps, _ = shared_prompt_token_logps(forward, packed, length_groups)
+    chosen, rejected = per_response_sums(logps, packed)
+    n_chosen = (packed.valid & ~packed.is_rejected).sum(-1)
+    n_rejected = (packed.valid & packed.is_rejected).sum(-1)
+    return chosen, rejected, n_chosen, n_rejected

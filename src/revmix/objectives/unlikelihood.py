@@ -45,7 +45,8 @@ from revmix.objectives.base import (
     register_objective,
     token_logps,
 )
-from revmix.objectives.packing import response_logps
+from revmix.objectives.packing import response_logps, response_stats
+from revmix.objectives.preference import PairLogps, likelihood_metrics
 from revmix.objectives.reference import concatenated_inputs
 
 
@@ -149,12 +150,22 @@ class Unlikelihood(Objective):
         True, description="penalise only y- tokens that differ from y+ at the same response position"
     )
     eps: float = Field(1e-6, gt=0.0, lt=1.0, description="floor of 1 - p, so the loss stays finite as p -> 1")
+    entropy_metrics: bool = Field(
+        True,
+        description="log entropy/chosen and entropy/rejected, the next-token entropy on y+ and y- tokens "
+        "(forward-only cost: one exp per vocabulary row)",
+    )
 
     requires: ClassVar[frozenset[str]] = frozenset({"response", "other_response"})
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         ids, mask, labels = concatenated_inputs(batch)
-        logp, resp = response_logps(policy, ids, mask, labels, batch.policy_forward.packing)
+        packing = batch.policy_forward.packing
+        entropy: Tensor | None = None
+        if self.entropy_metrics:
+            logp, resp, entropy, _ = response_stats(policy, ids, mask, labels, packing)
+        else:
+            logp, resp = response_logps(policy, ids, mask, labels, packing)
         b = batch.size
         terms = unlikelihood_terms(
             logp[:b], resp[:b], logp[b:], resp[b:], labels[:b], labels[b:],
@@ -165,4 +176,14 @@ class Unlikelihood(Objective):
         metrics |= per_direction(terms.row_penalty, d, "unlikelihood")
         metrics["loss"] = float(terms.loss.detach())
         metrics["penalised_tokens"] = float(terms.penalised_tokens)
+        # The same likelihood metrics as the preference objectives, so the report compares them.
+        sums, counts = logp.detach().sum(-1), resp.sum(-1)
+        pair = PairLogps(sums[:b], sums[b:], counts[:b], counts[b:], None)
+        if entropy is not None:
+            row_entropy = entropy.detach().sum(-1)
+            pair.entropy_chosen, pair.entropy_rejected = row_entropy[:b], row_entropy[b:]
+        metrics |= per_direction(pair.chosen, d, "logps/chosen")
+        metrics |= per_direction(pair.rejected, d, "logps/rejected")
+        metrics |= per_direction(pair.chosen - pair.rejected, d, "logps/margin")
+        metrics |= likelihood_metrics(pair, d)
         return LossOutput(loss=terms.loss, metrics=metrics)

@@ -286,22 +286,31 @@ def plot_metric_vs_paths(df, spec: SweepSpec, plots: Path) -> tuple[list[Path], 
     fig, axes = plt.subplots(1, len(paths), figsize=(4.2 * len(paths), 3.6), sharey=True, squeeze=False)
     for ax, p in zip(axes[0], paths):
         numeric = df[p].map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
-        _metric_by_value(ax, df, p, m, bool(numeric))
+        draw_metric_by_value(ax, df, p, m, bool(numeric))
         if numeric and spec.space[p].kind == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(p)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(m)
     axes[0][0].legend(fontsize=8)
-    n = max(int(df[p].astype(str).value_counts().max()) for p in paths)
-    bars = (
-        "1 trial per value: no interval" if n < 2 else "mean and 95% t interval over the trials at each value"
+    fig.suptitle(
+        f"{m} ({spec.mode}) by swept value: each dot a trial; {trials_per_value(df, paths)}", fontsize=10
     )
-    fig.suptitle(f"{m} ({spec.mode}) by swept value: each dot a trial; {bars}", fontsize=10)
     return [_save(fig, plots / "metric_by_path.png")], []
 
 
-def _metric_by_value(ax: Any, df: Any, path: str, metric: str, numeric: bool) -> None:
+def trials_per_value(df: Any, paths: list[str]) -> str:
+    """What the bars of the metric-by-value plot are, with how many trials (seeds × the other swept
+    values) each value pools: ``mean and 95% t interval over the 4–6 trials at each value``."""
+    counts = [int(n) for p in paths for n in df[p].astype(str).value_counts()]
+    lo, hi = min(counts), max(counts)
+    if hi < 2:
+        return "1 trial per value: no interval"
+    n = str(hi) if lo == hi else f"{lo}–{hi}"
+    return f"mean and 95% t interval over the {n} trials at each value (seeds × the other swept values)"
+
+
+def draw_metric_by_value(ax: Any, df: Any, path: str, metric: str, numeric: bool) -> None:
     """The trials (dots) and, per value of ``path``, the mean with its 95% t interval over the trials
     at that value: joined by a line on a numeric axis; a category (a mix mapping, an objective) gets
     points with bars, no lines — the order of categories means nothing."""
@@ -612,7 +621,7 @@ def plot_objectives(groups: list[ObjectiveGroup], plots: Path) -> Path | None:
     fig.legend(
         list(handles.values()), list(handles), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5)
     )
-    fig.suptitle("Objectives: mean and 95% t interval over seeds")
+    fig.suptitle(f"Objectives ({seeds_caption(max(len(g.seeds) for g in groups))})")
     return _save(fig, plots / "objectives.png")
 
 

@@ -65,6 +65,7 @@ from revmix.sweeps.intervals import (
     format_interval,
     mean_interval,
 )
+from revmix.sweeps.mechanism import mechanism_view
 from revmix.sweeps.paper import paper_section
 from revmix.sweeps.plots import (
     DIRS,
@@ -72,6 +73,7 @@ from revmix.sweeps.plots import (
     OBJECTIVE_COLUMNS,
     ObjectiveGroup,
     alp_cross_table,
+    condition_columns,
     objective_groups,
     objective_stage,
     plot_accuracy_vs_r,
@@ -82,6 +84,7 @@ from revmix.sweeps.plots import (
     plot_metric_vs_paths,
     plot_objectives,
     read_metrics,
+    trials_per_value,
 )
 from revmix.sweeps.spec import ALP_PARTS, SweepSpec, parse_sweep
 
@@ -101,6 +104,16 @@ OBJECTIVES_TEXT = (
     "(eval.every_epoch), so batch make-up adds no noise; tokens/s is the stage's throughput."
 )
 NO_DRIFT = "ΔALP n/a: "
+PLOT_TEXT = (
+    "Mean of {seeds} per condition and its 95% Student-t interval over seeds ({shape}); a condition with "
+    "one seed has none."
+)
+BY_VALUE_TEXT = (
+    "Each dot is a trial; per swept value, the {bars}, drawn as bars. A category (a mix mapping, an "
+    "objective, a model name) is a point of its own, not joined to the next: their order means nothing."
+)
+TRIALS_CUT = 40  # characters of a trials-table cell; longer values end in "…" (results.csv has them whole)
+MECHANISM_TITLE = "Likelihood of y+ and y− during training: does log π(y+) fall while the margin grows?"
 
 
 @dataclass(frozen=True)
@@ -180,14 +193,21 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     """The plot sections, in report order; each skipped plot leaves a note saying why."""
     paths = list(spec.space)
     ok = table[table["status"] == res.STATUS_OK] if "status" in table.columns else table
+    seeds = seeds_per_condition(ok, paths)
     sections = [
         *_condition_sections(spec, ok, out_dir),
-        Section("Accuracy vs reverse fraction", *plot_accuracy_vs_r(ok, paths, plots)),
-        Section("ALP margin over training", *plot_alp_curves(table, paths, out_dir, plots)),
+        _captioned(
+            "Accuracy vs reverse fraction", plot_accuracy_vs_r(ok, paths, plots), seeds, "bars and band"
+        ),
+        _captioned(
+            "ALP margin over training", plot_alp_curves(table, paths, out_dir, plots), seeds, "band, per step"
+        ),
         _cross_section(alp_cross_table(ok), plots),
     ]
     objectives = _objectives_section(spec, ok, out_dir, plots)
     sections += [objectives] if objectives else []
+    text, figures, sentences, notes = mechanism_view(ok, paths, out_dir, plots)
+    sections.append(Section(MECHANISM_TITLE, figures, notes=notes, text=text, sentences=sentences))
     paper = paper_section(table, out_dir)
     if paper:
         sections.append(
@@ -198,9 +218,32 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
                 findings=paper.findings,
             )
         )
-    sections.append(Section(f"{spec.metric} by swept value", *plot_metric_vs_paths(ok, spec, plots)))
-    sections.append(Section("Training loss", *plot_loss_curves(table, paths, out_dir, plots)))
+    figures, notes = plot_metric_vs_paths(ok, spec, plots)
+    swept = [p for p in spec.space if p in ok.columns and ok[p].astype(str).nunique() > 1][:4]
+    text = BY_VALUE_TEXT.format(bars=trials_per_value(ok, swept)) if figures else ""
+    sections.append(Section(f"{spec.metric} by swept value", figures, notes, text=text))
+    sections.append(
+        _captioned("Training loss", plot_loss_curves(table, paths, out_dir, plots), seeds, "band, per step")
+    )
     return sections
+
+
+def seeds_per_condition(ok: Any, paths: list[str]) -> str:
+    """``3 seeds`` (every condition) or ``2–3 seeds`` (they differ): the finished trials per condition."""
+    if not len(ok):
+        return "0 seeds"
+    cols = condition_columns(ok, paths)
+    counts = ok[cols].astype(str).value_counts().tolist() if cols else [len(ok)]
+    lo, hi = min(counts), max(counts)
+    n = str(hi) if lo == hi else f"{lo}–{hi}"
+    return f"{n} seed{'s' if hi > 1 else ''}"
+
+
+def _captioned(title: str, plotted: tuple[list[Path], list[str]], seeds: str, shape: str) -> Section:
+    """A plot section whose text says how many seeds each mean is over and which interval is drawn."""
+    figures, notes = plotted
+    text = PLOT_TEXT.format(seeds=seeds, shape=shape) if figures else ""
+    return Section(title, figures, notes, text=text)
 
 
 def _condition_sections(spec: SweepSpec, ok: Any, out_dir: Path) -> list[Section]:
@@ -386,7 +429,14 @@ def _best_trials(spec: SweepSpec, table: Any, limit: int = 15) -> Table:
     cols += [c for c in best.columns if c.startswith("eval/accuracy/") and c not in cols][:6]
     key = ("eval/alp/forward/margin", "eval/alp/reverse/margin", "final/loss", "wall_s")
     cols += [c for c in key if c in best]
-    return Table.of(cols, [[r[c] for c in cols] for _, r in best.iterrows()])
+    table = Table.of(cols, [[r[c] for c in cols] for _, r in best.iterrows()])
+    return Table(table.header, [[abbreviate(cell) for cell in row] for row in table.rows])
+
+
+def abbreviate(text: str, limit: int = TRIALS_CUT) -> str:
+    """``text`` cut to ``limit`` characters, the last one "…", so a config value (a mix mapping, an
+    objective's settings) cannot widen the trials table past the page."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_spec_for_dir(out_dir: str | Path) -> SweepSpec:
