@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from revmix.config import load_config
+from revmix.platform.artifacts import CHAIN_FILE
 from revmix.platform.checkpoint import CKPT_MARKER, SHARDED, WEIGHTS, latest_checkpoint
 from revmix.platform.fsdp import LAYOUT, decoder_layers
 from revmix.platform.models import load_model
@@ -85,8 +86,10 @@ def test_decoder_layers_refuse_another_layout_naming_the_expected_one():
 
 
 def _stage_model(run: Path) -> dict[str, torch.Tensor]:
-    """The stage-end model as ``load_model`` reads it, in float64."""
-    model = load_model(str(run / "stages" / "0" / "model"))
+    """The stage-end model as ``load_model`` reads it (a full model, or a LoRA stage's base + adapter), in
+    float64."""
+    stage = run / "stages" / "0"
+    model = load_model(str(stage if (stage / CHAIN_FILE).is_file() else stage / "model"))
     return {k: v.double() for k, v in model.state_dict().items()}
 
 
