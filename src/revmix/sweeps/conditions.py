@@ -58,6 +58,7 @@ class Condition:
     seeds: tuple[int, ...]
     values: dict[str, dict[int, float]]
     items: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # bench → seed → item scores
+    run_dirs: dict[int, str] = field(default_factory=dict)  # seed → its run folder, relative to the sweep
 
 
 def metric_columns(df: Any, metric: str) -> list[str]:
@@ -96,7 +97,8 @@ def group_conditions(
         scores = [item_scores(out_dir, r.get("run_dir")) for r in rows] if out_dir is not None else []
         common = set.intersection(*(set(s) for s in scores)) if scores else set()
         items = {b: {int(r["seed"]): s[b] for r, s in zip(rows, scores)} for b in sorted(common)}
-        out.append(Condition(label, tuple(sorted(int(r["seed"]) for r in rows)), values, items))
+        run_dirs = {int(r["seed"]): r["run_dir"] for r in rows if isinstance(r.get("run_dir"), str)}
+        out.append(Condition(label, tuple(sorted(int(r["seed"]) for r in rows)), values, items, run_dirs))
     return out
 
 
@@ -165,3 +167,30 @@ def difference_sentences(conditions: list[Condition], column: str, mode: str) ->
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+COMPARE_TEXT = (
+    "The sweep's `compare` pairs: for each pair A, B and each key metric, A − B with its 95% t interval, "
+    "paired by seed when both ran the same seeds (else Welch's); within seed-to-seed noise when the "
+    "interval contains 0."
+)
+
+
+def named_comparisons(
+    conditions: list[Condition], pairs: list[tuple[str, str]], columns: list[str]
+) -> list[str]:
+    """One sentence per pair and column both conditions reported: ``column: A − B = … [low, high] …``
+    (:func:`revmix.sweeps.intervals.compare_text`), in the pairs' order; a pair with a condition that has
+    no finished trials gets one sentence saying so."""
+    by_label = {c.label: c for c in conditions}
+    out = []
+    for a_label, b_label in pairs:
+        a, b = by_label.get(a_label), by_label.get(b_label)
+        if a is None or b is None:
+            missing = a_label if a is None else b_label
+            out.append(f"{a_label} vs {b_label}: no finished trials of {missing}")
+            continue
+        for col in columns:
+            if a.values.get(col) and b.values.get(col):
+                out.append(f"{col}: " + compare_text(a_label, b_label, a.values[col], b.values[col]))
+    return out

@@ -17,7 +17,7 @@ from typing import Any
 
 from revmix.sweeps import results as res
 from revmix.sweeps.intervals import NO_INTERVAL, mean_interval
-from revmix.sweeps.spec import ALP_PARTS, SweepSpec
+from revmix.sweeps.spec import ALP_PARTS, CONDITION, SweepSpec
 
 DIRS = ("forward", "reverse")
 _COND_SKIP = ("seed",)
@@ -79,9 +79,11 @@ def condition_columns(df, spec_paths: list[str]) -> list[str]:
     """Columns that distinguish training conditions here: descriptors and swept paths that vary.
 
     A swept path that only restates a descriptor (``stages.0.objective.name`` vs ``objective``) is dropped.
+    Named conditions (a sweep's ``conditions``) name themselves: their label replaces the descriptors.
     """
     text = df.astype(str) if len(df) else df
-    cols = [c for c in res.DESCRIPTORS if c in df.columns and text[c].nunique() > 1]
+    named = CONDITION in spec_paths and CONDITION in df.columns
+    cols = [] if named else [c for c in res.DESCRIPTORS if c in df.columns and text[c].nunique() > 1]
     for p in spec_paths:
         if OBJECTIVE_PATH.match(p) and res.OBJECTIVE_CONFIG in df.columns:  # "dpo(ipo)", not the dict
             p = res.OBJECTIVE_CONFIG
@@ -99,7 +101,7 @@ def condition_label(row: Any, cols: list[str]) -> str:
     for c in cols:
         v = row[c]
         name = "r" if c == "reverse_fraction" else c.split(".")[-1] if "." in c else c
-        bare = c in res.DESCRIPTORS or c == res.OBJECTIVE_CONFIG  # values that name themselves
+        bare = c in (*res.DESCRIPTORS, res.OBJECTIVE_CONFIG, CONDITION)  # values that name themselves
         parts.append(f"{name}={v:g}" if isinstance(v, float) else (str(v) if bare else f"{name}={v}"))
     return " · ".join(parts) or "all trials"
 

@@ -5,7 +5,9 @@ Intervals: every number over trials is the mean over seeds with its 95% Student-
 report opens with the conditions (every swept value except the seed: mean, interval and n seeds per
 metric) and the differences of the sweep metric between conditions, each in words: beyond noise, or
 within seed-to-seed noise when its interval contains 0, and in how many seeds the order holds
-(:mod:`revmix.sweeps.conditions`).
+(:mod:`revmix.sweeps.conditions`); then the sweep's ``compare`` pairs on every key metric, and the
+forward/reverse gradient cosine per quarter of training where trials logged it
+(:mod:`revmix.sweeps.cosine`).
 
 Plots (matplotlib, Agg; PNGs under ``DIR/plots/``, embedded as base64 in the HTML):
 
@@ -47,6 +49,7 @@ from revmix.atomic import atomic_write
 from revmix.sweeps import results as res
 from revmix.sweeps.conditions import (
     BOOTSTRAP_TEXT,
+    COMPARE_TEXT,
     DIFFERENCE_TEXT,
     INTERVAL_TEXT,
     bootstrap_columns,
@@ -54,8 +57,11 @@ from revmix.sweeps.conditions import (
     difference_sentences,
     group_conditions,
     metric_columns,
+    named_comparisons,
     one_seed_note,
 )
+from revmix.sweeps.cosine import TEXT as COSINE_TEXT
+from revmix.sweeps.cosine import WINDOWS, cosine_conditions, cosine_rows, cosine_sentences
 from revmix.sweeps.intervals import (
     MINUS,
     NO_INTERVAL,
@@ -263,6 +269,17 @@ def _condition_sections(spec: SweepSpec, ok: Any, out_dir: Path) -> list[Section
     if sentences:
         text = DIFFERENCE_TEXT.format(metric=metric, which=which)
         out.append(Section("Differences between conditions", text=text, sentences=sentences))
+    if spec.compare:
+        named = named_comparisons(conditions, spec.compare, columns)
+        out.append(Section("Named comparisons", text=COMPARE_TEXT, sentences=named))
+    cosines = cosine_conditions(conditions, out_dir)
+    if cosines:
+        quarters = [f"quarter {k + 1}" for k in range(WINDOWS)]
+        table = Table(["condition", "seeds", *quarters, "last − first"], cosine_rows(cosines))
+        sentences = cosine_sentences(cosines, spec.compare)
+        out.append(
+            Section("Gradient cosine over training", text=COSINE_TEXT, table=table, sentences=sentences)
+        )
     return out
 
 
@@ -455,6 +472,8 @@ def load_spec_for_dir(out_dir: str | Path) -> SweepSpec:
         else "grid",
         "scheduler": "fifo",  # only the space, metric and configs matter for a report
         "seeds": stored["seeds"],
+        "conditions": stored.get("conditions") or None,
+        "compare": stored.get("compare") or None,
         "space": stored["space"],
         "eval": stored["eval"],
     }

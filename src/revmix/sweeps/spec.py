@@ -13,6 +13,16 @@ A sweep file names a base experiment and a space over dotted config paths — ex
       stages.0.mix.reverse_fraction: {grid: [0.0, 0.5, 1.0], link: [stages.1.mix.reverse_fraction]}
       stages.0.lr: {loguniform: [1.0e-4, 1.0e-2]}
 
+Conditions that differ in more than one path (a curriculum, a different stage list) can be named instead
+of crossed: ``conditions`` maps a label to the config paths it sets, and the sweep runs a grid over the
+labels as the swept path ``condition`` (crossed with any ``space`` entries), so the report groups and
+labels trials by those names::
+
+    conditions:
+      mixed SFT: {stages: [...]}
+      curriculum forward→reverse: {stages.0.mix.schedule: {kind: step, start: 0.0, end: 1.0}}
+    compare: [[curriculum forward→reverse, mixed SFT]]   # A − B on the sweep metric and ALP margins
+
 Then the cross-key rules run: every override and swept value (both ends of a range) goes through
 ``build_config``, so a typo fails before Ray starts exactly as ``revmix train`` reports it.
 """
@@ -29,9 +39,18 @@ from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, field_valida
 from revmix.config import ExperimentConfig, TrackingConfig, build_config
 from revmix.objectives.base import DIRECTIONS
 from revmix.sweeps.space import Distribution, parse_distribution, plain_value
-from revmix.validation import ConfigError, Strict, SweepError, load_raw, parse_override, validate
+from revmix.validation import (
+    ConfigError,
+    Strict,
+    SweepError,
+    did_you_mean,
+    load_raw,
+    parse_override,
+    validate,
+)
 
 ALP_PARTS: tuple[str, ...] = ("chosen", "rejected", "margin")
+CONDITION = "condition"  # the swept path whose values are the labels of ``conditions``
 
 
 class GridSearch(Strict):
@@ -105,6 +124,12 @@ class SweepSpec(Strict):
     scheduler: SchedulerSpec = Field(default_factory=FifoScheduler, description="fifo or asha")
     seeds: list[int] = Field(min_length=1, description="every point runs once per seed")
     space: dict[str, Distribution] = Field(min_length=1, description="swept config paths")
+    conditions: dict[str, dict[str, Any]] = Field(
+        {}, description="named conditions: label -> the config paths it sets (swept as `condition`)"
+    )
+    compare: list[tuple[str, str]] = Field(
+        [], description="pairs [A, B] of condition labels the report compares on every key metric (A − B)"
+    )
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="the trial driver's bundle")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: the cluster's CPUs/GPUs")
     tracking: TrackingConfig = Field(
@@ -174,6 +199,9 @@ class SweepSpec(Strict):
         """Config path → value for a point, linked paths included."""
         out: dict[str, Any] = {}
         for p, v in point.items():
+            if p == CONDITION and self.conditions:  # a label stands for the paths its condition sets
+                out.update(copy.deepcopy(self.conditions[plain_value(v)]))
+                continue
             out[p] = v = plain_value(v)
             out.update({link: copy.deepcopy(v) for link in (self.space[p].links if p in self.space else ())})
         return out
@@ -212,7 +240,8 @@ class SweepSpec(Strict):
         """Canonical plain form (stored in the sweep dir; ``--resume`` compares against it)."""
         d = self.model_dump(mode="json", exclude={"space"})
         d |= {"source": str(self.source), "base_raw": self.base_raw}
-        d["space"] = {p: dist.to_dict() for p, dist in self.space.items()}
+        named = bool(self.conditions)  # the `condition` grid is derived from `conditions` when read back
+        d["space"] = {p: dist.to_dict() for p, dist in self.space.items() if not (named and p == CONDITION)}
         return json.loads(json.dumps(d, default=str))
 
 
@@ -248,15 +277,41 @@ def parse_sweep(raw: Any, source: str | Path = "<sweep>", base_raw: dict | None 
     data = {"name": source.stem, "seeds": [int(base_raw.get("seed", 0) or 0)], **given, "base": base}
     if isinstance(data.get("space"), dict):
         data["space"] = {str(p): parse_distribution(str(p), v, where) for p, v in data["space"].items()}
+    _add_condition_grid(data, where)
     try:
         spec: SweepSpec = validate(SweepSpec, data)
     except ConfigError as e:
         raise SweepError(f"{where}: {e}") from None
     spec._source, spec._base_raw = source, base_raw
     check_combinations(spec, where)
+    check_compare(spec, where)
     check_paths(spec, where)
     check_metric(spec, where)
     return spec
+
+
+def _add_condition_grid(data: dict[str, Any], where: str) -> None:
+    """``conditions`` → the grid path ``condition`` over its labels (first in the space, so it leads the
+    results table); each condition must be a non-empty mapping of config paths."""
+    named = data.get("conditions")
+    if named is None or named == {}:  # {}: a stored spec without named conditions
+        return
+    if not isinstance(named, dict):
+        raise SweepError(f"{where}: conditions: expected a mapping of label -> {{config.path: value}}")
+    for label, paths in named.items():
+        if not isinstance(label, str) or not label.strip():
+            raise SweepError(f"{where}: conditions: labels must be non-empty strings, got {label!r}")
+        if not isinstance(paths, dict) or not paths:
+            raise SweepError(
+                f"{where}: conditions.{label}: expected a non-empty mapping of config paths to values, got {paths!r}"
+            )
+    space = data.get("space")
+    space = dict(space) if isinstance(space, dict) else {}
+    if CONDITION in space:
+        raise SweepError(
+            f"{where}: space.{CONDITION}: reserved for the labels of `conditions`; rename the path"
+        )
+    data["space"] = {CONDITION: Distribution("grid", tuple(named)), **space}
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -290,6 +345,14 @@ def check_combinations(spec: SweepSpec, where: str) -> None:
         )
     if "seed" in spec.overrides:
         raise SweepError(f"{where}: overrides.seed: use the top-level `seeds: [...]` list instead")
+    # Overrides apply before a condition, which would silently replace them; space paths apply after it
+    # (``condition`` leads the space) and so refine it, e.g. a learning rate swept over every condition.
+    for label, paths in spec.conditions.items():
+        if clash := [p for p in paths if any(_overlap(p, q) for q in [*spec.overrides, "seed"])]:
+            raise SweepError(
+                f"{where}: conditions.{label}.{clash[0]}: also set by overrides or seeds; a path is fixed "
+                "or set by the conditions, not both"
+            )
     for i, entry in enumerate(spec.resources.per_point):
         if bad := [p for p in entry.when if p not in spec.space]:
             raise SweepError(
@@ -319,6 +382,25 @@ def check_combinations(spec: SweepSpec, where: str) -> None:
             f"{where}: search: random with num_samples {spec.search.num_samples} but nothing to sample "
             "(only grid entries): every sample would repeat the grid; use search: grid"
         )
+
+
+def check_compare(spec: SweepSpec, where: str) -> None:
+    """Every ``compare`` pair names two different labels of ``conditions``."""
+    labels = list(spec.conditions)
+    for i, (a, b) in enumerate(spec.compare):
+        for label in (a, b):
+            if label not in spec.conditions:
+                valid = ", ".join(repr(x) for x in labels) or "(none: the sweep has no `conditions`)"
+                raise SweepError(
+                    f"{where}: compare.{i}: {label!r} is not a condition{did_you_mean(label, labels)}; valid: {valid}"
+                )
+        if a == b:
+            raise SweepError(f"{where}: compare.{i}: compares {a!r} with itself")
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether setting one dotted path changes the other (equal, or one inside the other)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def check_paths(spec: SweepSpec, where: str) -> None:
