@@ -202,7 +202,8 @@ def plot_likelihoods(runs: list[LikelihoodRuns], per_token: bool, plots: Path) -
             ax.set_title(f"{where}{d} rows (n={len(g.seeds)})", fontsize=9)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-        row[0].legend(fontsize=8, loc="best")
+        if row[0].get_legend_handles_labels()[0]:  # a condition whose first direction logged nothing has none
+            row[0].legend(fontsize=8, loc="best")
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step (all stages)")
     n = max(len(g.seeds) for g in runs)
