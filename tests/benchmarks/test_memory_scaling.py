@@ -36,9 +36,12 @@ def test_plain_stand_in_equals_the_chunked_log_probs(ms: ModuleType, stats: bool
         values = fn.apply(x, targets, 0.7, 4 if name == "chunked" else LOGP_CHUNK_TOKENS, stats)
         sum(v.sum() * (k + 1) for k, v in enumerate(values)).backward()
         outs[name] = ([v.detach() for v in values], x.grad)
-    for a, b in zip(outs["plain"][0], outs["chunked"][0], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(outs["plain"][1], outs["chunked"][1], rtol=1e-5, atol=1e-7)
+    for a, b in zip(outs["plain"][0], outs["chunked"][0], strict=True):  # tolerances scale with the values
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * (float(a.abs().max()) or 1.0))
+    grad = outs["plain"][1]
+    torch.testing.assert_close(
+        grad, outs["chunked"][1], rtol=1e-5, atol=1e-6 * (float(grad.abs().max()) or 1.0)
+    )
 
 
 def test_rows_and_ratios(ms: ModuleType) -> None:

@@ -120,8 +120,10 @@ def test_equals_dpo_with_rpo_anchor_when_the_floor_is_out_of_reach():
     a, b = ours(copy.deepcopy(model), batch, ref), dpo(copy.deepcopy(model), batch, ref)
     assert float(a.loss) == pytest.approx(float(b.loss), rel=1e-6)
     assert a.metrics["floored"] == 0.0
+    # differences (margins) of float32 sums carry round-off of the summands' size, not their own
+    scale = max(1.0, *(abs(v) for v in b.metrics.values()))
     for key, value in b.metrics.items():
-        assert a.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        assert a.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6 * scale), key
 
 
 def test_training_bounds_the_fall_of_y_minus_and_keeps_y_plus_up():

@@ -140,7 +140,8 @@ def test_readers_resolve_adapter_stages(runs: dict[str, Path]) -> None:
         assert (Path(full) / "config.json").is_file() and (Path(full) / "tokenizer.json").is_file()
         copy, chained = load_model(full).state_dict(), load_model(str(run / "model")).state_dict()
         for k in chained:
-            torch.testing.assert_close(copy[k].double(), chained[k].double(), rtol=1e-6, atol=1e-7)
+            scale = float(chained[k].abs().max()) or 1.0  # float32 merges add in another order per CPU
+            torch.testing.assert_close(copy[k].double(), chained[k].double(), rtol=1e-5, atol=1e-6 * scale)
     assert not Path(full).exists()  # the merged copy is temporary
     with _loadable(str(run / "model"), "vllm") as for_vllm, _loadable(str(run / "model"), "hf") as for_hf:
         assert (Path(for_vllm) / "config.json").is_file() and for_hf == str(run / "model")
