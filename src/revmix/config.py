@@ -230,6 +230,11 @@ class RuntimeConfig(Strict):
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", "ddp: a full model replica per worker; fsdp: FSDP2-sharded weights, grads, optimizer state"
     )
+    logp_kernel: Literal["auto", "chunked", "cce"] = _f(
+        "auto",
+        "response log-probs: chunked over the logits, or cce (Cut Cross-Entropy fused with lm_head, no "
+        "[B, T, V] logits; the gpu extra); auto: cce on CUDA when cut_cross_entropy imports, else chunked",
+    )
     max_failures: int = _f(1, "worker-group restarts from the last checkpoint (-1: no limit)", ge=-1)
     on_nonfinite: Literal["stop", "skip_step"] = _f(
         "stop", "non-finite loss or grad norm: stop (keeping the last good checkpoint) or skip that step"
@@ -245,6 +250,16 @@ class RuntimeConfig(Strict):
             raise ValueError(
                 "runtime.strategy=fsdp shards the model over Ray Train workers: set runtime.num_workers >= 1 "
                 "(0 trains in-process, unsharded), or runtime.strategy=ddp"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fused_logps_read_the_whole_head(self) -> RuntimeConfig:
+        if self.strategy == "fsdp" and self.logp_kernel == "cce":
+            raise ValueError(
+                "runtime.logp_kernel=cce reads the whole lm_head weight, which runtime.strategy=fsdp shards over "
+                "the workers; set runtime.logp_kernel=chunked (or auto, which picks chunked under fsdp), or "
+                "runtime.strategy=ddp"
             )
         return self
 

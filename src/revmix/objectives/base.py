@@ -14,8 +14,12 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import importlib.util
+import sys
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
@@ -35,6 +39,8 @@ DIRECTIONS: tuple[DirectionName, ...] = typing.get_args(DirectionName)
 """The question directions, in the order of their codes in ``Batch.direction`` (0 forward, 1 reverse)."""
 PackingMode = Literal["off", "mask", "varlen"]
 """How rows are laid out for the policy's forward pass (:class:`PolicyForward`)."""
+LogpKernel = Literal["chunked", "cce"]
+"""How response log-probs are computed from the policy's forward pass (:func:`forward_token_logps`)."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,16 @@ class PolicyForward:
     (:mod:`revmix.objectives.packing`): ``"off"`` (right-padded rows), ``"mask"`` (a block-diagonal boolean
     4-D mask with restarted ``position_ids``: sdpa, eager) or ``"varlen"`` (one row, restarted
     ``position_ids``, no mask: flash_attention_2's variable-length path).
+    ``logp_kernel``: how response log-probs are computed (:func:`forward_token_logps`): ``"chunked"`` (the
+    model's logits, :func:`token_logps`) or ``"cce"`` (the final hidden states and the output layer's
+    weight, fused by Cut Cross-Entropy: no ``[B, T, V]`` logits). What needs the whole next-token
+    distribution (entropy metrics, label smoothing, PPO) and the reference's log-probs stay chunked.
     """
 
     shared_prompt: bool = False
     length_groups: int = 1
     packing: PackingMode = "off"
+    logp_kernel: LogpKernel = "chunked"
 
 
 @dataclass
@@ -205,9 +216,9 @@ LOGP_CHUNK_TOKENS = 1024
 """Positions (summed over the rows) whose float32 vocabulary rows :func:`target_logps` holds at once.
 
 The extra memory of a log-prob pass is then a few ``[chunk, V]`` float32 blocks (1024 × 151,936 × 4 B ≈
-0.6 GB each) instead of two float32 copies of ``[B, T, V]`` (20 GB each at B=8, T=4096). On GPU a fused
-linear + cross-entropy kernel (Liger Kernel, Cut Cross-Entropy) would go further, never materialising the
-logits at all: it would replace the model's ``lm_head`` call *and* this function, taking hidden states."""
+0.6 GB each) instead of two float32 copies of ``[B, T, V]`` (20 GB each at B=8, T=4096). The fused path
+(:func:`fused_token_logps`, ``runtime.logp_kernel: cce``) goes further on GPU: it replaces the model's
+``lm_head`` call *and* this function, taking hidden states, and never materialises the logits."""
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
@@ -355,6 +366,210 @@ def token_stats(
     outs = _ChunkedTargetLogps.apply(logits, targets.masked_fill(~mask, 0), temperature, chunk, True)
     logp, entropy, mean_logp = (o * mask for o in outs)
     return TokenStats(logp, mask, entropy, mean_logp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused log-probs: the output layer and the log-softmax in one kernel (Cut Cross-Entropy)
+# --------------------------------------------------------------------------------------------------
+
+CCE_FILTER_EPS: float | None = None
+"""Cut Cross-Entropy's ``filter_eps``: None, exact gradients. The library's default (``"high"``) skips, in
+backward, every vocabulary block whose softmax entries are all below ``eps(dtype) / 32`` (2.4e-4 in bf16).
+On a near-uniform distribution — a random-weight model at Qwen2.5's 151,936 tokens has p ≈ 6.6e-6
+everywhere — that drops the softmax term of the gradient altogether, so revmix keeps every block; the
+skipping is a speed-up to measure on a GPU (``benchmarks/logp_memory.py`` times both), not a default."""
+
+_NO_LOGITS = "logits_to_keep"  # the keyword that keeps a Hugging Face causal LM from computing logits
+_LAST_HIDDEN = "output_hidden_states"  # the keyword that asks it for hidden states (-1: the last only)
+
+
+def hidden_request(kwargs: Mapping[str, Any]) -> bool:
+    """Whether a forward call's keywords are exactly :func:`policy_hidden`'s request (final hidden states,
+    no logits), so that a wrapper (:class:`~revmix.objectives.buckets.LengthBucketedLM`) may split it."""
+    return set(kwargs) == {_NO_LOGITS, _LAST_HIDDEN} and kwargs[_LAST_HIDDEN] == -1
+
+
+def policy_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Tensor:
+    """The final hidden states ``[B, T, H]`` of a causal LM (after its last norm: what ``lm_head`` reads),
+    without computing any logits; ``kwargs`` go to the model.
+
+    One call of the model itself, through every wrapper (DDP, length groups, PEFT): Hugging Face's
+    ``logits_to_keep`` given no positions makes the ``lm_head`` call ``[B, 0, V]``, and
+    ``output_hidden_states=-1`` keeps only the last hidden state (transformers returns the final norm's
+    output there). No second forward, no hook on the model.
+    """
+    keep_none = torch.empty(0, dtype=torch.long, device=input_ids.device)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        **{_LAST_HIDDEN: -1, _NO_LOGITS: keep_none},
+        **kwargs,
+    )
+    return out.hidden_states[-1]
+
+
+def output_layer_problem(model: torch.nn.Module) -> str:
+    """Why the fused kernel cannot read ``model``'s output layer (a Hugging Face or PEFT causal LM, possibly
+    inside DDP or :class:`~revmix.objectives.buckets.LengthBucketedLM`), or ``""`` when it can: it needs a
+    plain bias-free ``nn.Linear`` with a local weight, not an adapter on ``lm_head`` nor an FSDP shard."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear:
+        return f"the output layer is a {type(head).__name__}, not a plain nn.Linear (an adapter on lm_head?)"
+    if head.bias is not None:
+        return "the output layer has a bias"
+    if _is_sharded(head.weight):
+        return "the output layer's weight is an FSDP shard (a DTensor)"
+    return ""
+
+
+def output_weight(model: torch.nn.Module) -> Tensor:
+    """The output layer's weight ``[V, H]`` of a causal LM (wrapped as :func:`output_layer_problem` says); a
+    ``ValueError`` saying why when the fused kernel cannot read it."""
+    problem = output_layer_problem(model)
+    if problem:
+        raise ValueError(
+            f"fused log-probs (runtime.logp_kernel=cce): {problem}; set runtime.logp_kernel=chunked"
+        )
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_output_embeddings().weight  # type: ignore[operator]
+
+
+def _is_sharded(weight: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
+
+
+@functools.cache
+def _linear_cross_entropy(impl: str) -> Callable[..., Tensor]:
+    """Cut Cross-Entropy's ``linear_cross_entropy`` for ``impl`` (``"cce"``: its Triton kernel, CUDA;
+    ``"torch_compile"``: ``torch.compile`` of the plain computation, any device), imported on first use.
+
+    The package's ``__init__`` imports the Triton kernels on every system but macOS, so on a CPU-only Linux
+    machine without ``triton`` it does not import at all; the ``torch_compile`` implementation, which needs
+    no Triton, is then loaded from its own module (``cut_cross_entropy.torch_compile``) without running the
+    package's ``__init__``. A ``ModuleNotFoundError`` when the package is not installed.
+    """
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        spec = importlib.util.find_spec("cut_cross_entropy")
+        if impl != "torch_compile" or spec is None:
+            raise
+        package = importlib.util.module_from_spec(spec)  # its __init__ is not run: it imports Triton
+        sys.modules[spec.name] = package
+        try:
+            module = importlib.import_module(f"{spec.name}.torch_compile")
+        finally:
+            for name in [n for n in sys.modules if n == spec.name or n.startswith(f"{spec.name}.")]:
+                del sys.modules[name]  # no half-initialised package left behind for a later import
+        return module.torch_compile_linear_cross_entropy
+    return functools.partial(linear_cross_entropy, impl=impl, filter_eps=CCE_FILTER_EPS)
+
+
+def fused_available(impl: str = "cce") -> tuple[bool, str]:
+    """Whether Cut Cross-Entropy's ``impl`` (``"cce"``: the Triton kernel; ``"torch_compile"``) imports
+    here, and if not, why (one line)."""
+    try:
+        _linear_cross_entropy(impl)
+    except Exception as e:  # missing package, no triton, a triton built for another torch: all mean no kernel
+        return False, f"cut_cross_entropy does not import ({type(e).__name__}: {e})"
+    return True, "cut_cross_entropy imports"
+
+
+def _fused_nll(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, shift: bool) -> Tensor:
+    """Per-position −log softmax(hidden · weightᵀ / τ)[target] from Cut Cross-Entropy, float32, 0 where the
+    target is ``IGNORE_INDEX``: its Triton kernel on CUDA, its ``torch_compile`` implementation elsewhere
+    (which computes the logits: for checking equality on CPU, not for memory)."""
+    lce = _linear_cross_entropy("cce" if hidden.is_cuda else "torch_compile")
+    h = hidden / temperature if temperature != 1.0 else hidden
+    nll = lce(h, weight, targets, ignore_index=IGNORE_INDEX, reduction="none", shift=shift)
+    return nll.float()
+
+
+def fused_target_logps(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """:func:`target_logps` from the final hidden states and the output layer's weight, never forming the
+    logits: float32 ``log softmax(hidden · weightᵀ / temperature)[..., target]``, ``[B, L]``.
+
+    Args:
+        hidden: ``[B, T, H]`` with ``T >= L``; positions from ``L`` on are not scored.
+        weight: ``[V, H]``, the ``lm_head`` weight (:func:`output_weight`).
+        targets: ``[B, L]`` token ids, all valid (fill masked positions with any id and mask afterwards).
+    """
+    width = targets.shape[1]
+    return -_fused_nll(hidden[:, :width], weight, targets, temperature, shift=False)
+
+
+def fused_token_logps(
+    hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """:func:`token_logps` from the final hidden states ``[B, T, H]`` and the output layer's weight
+    ``[V, H]``: per-token log p(label) and the response mask, ``[B, T-1]`` each, 0 off the response.
+
+    Cut Cross-Entropy (Wijmans et al. 2025, "Cut Your Losses in Large-Vocabulary Language Models",
+    arXiv 2411.09009) shifts the labels itself and scores only the response positions: the forward keeps a
+    log-sum-exp per scored position, the backward recomputes each vocabulary block's softmax in on-chip
+    memory, so no ``[B, T, V]`` (or ``[chunk, V]``) tensor exists. Hidden states are divided by a sampling
+    ``temperature`` other than 1 (the same as dividing the logits).
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    logp = -_fused_nll(hidden, weight, labels, temperature, shift=True)
+    return logp * mask, mask
+
+
+def log_prob_forward(
+    model: torch.nn.Module, kernel: LogpKernel = "chunked"
+) -> tuple[Callable[..., Tensor], Tensor | None]:
+    """What per-token log-probs of ``model`` are computed from under ``kernel`` — the one place the kernel
+    is applied: a forward function ``(input_ids, attention_mask, **kwargs) -> Tensor`` and the output
+    layer's weight. ``"chunked"``: the logits ``[B, T, V]`` and None (score with :func:`target_logps` /
+    :func:`token_logps`); ``"cce"``: the final hidden states ``[B, T, H]`` and the weight (score with
+    :func:`fused_target_logps` / :func:`fused_token_logps`; :func:`score_targets` and :func:`score_tokens`
+    pick by the weight)."""
+    if kernel == "chunked":
+        return functools.partial(policy_logits, model), None
+    if kernel == "cce":
+        return functools.partial(policy_hidden, model), output_weight(model)
+    raise ValueError(f"unknown log-prob kernel {kernel!r}; valid: {', '.join(typing.get_args(LogpKernel))}")
+
+
+def score_targets(scores: Tensor, weight: Tensor | None, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """:func:`target_logps` of logits (``weight`` None) or :func:`fused_target_logps` of hidden states, as
+    :func:`log_prob_forward` returned them."""
+    if weight is None:
+        return target_logps(scores, targets, temperature)
+    return fused_target_logps(scores, weight, targets, temperature)
+
+
+def score_tokens(
+    scores: Tensor, weight: Tensor | None, labels: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """:func:`token_logps` of logits (``weight`` None) or :func:`fused_token_logps` of hidden states, as
+    :func:`log_prob_forward` returned them."""
+    if weight is None:
+        return token_logps(scores, labels, temperature)
+    return fused_token_logps(scores, weight, labels, temperature)
+
+
+def forward_token_logps(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    kernel: LogpKernel = "chunked",
+    temperature: float = 1.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """:func:`token_logps` of ``model`` on ``input_ids`` (``[B, T]``; ``kwargs`` go to the model) computed
+    by ``kernel`` (:func:`log_prob_forward`): per-token log p(label) and the response mask, ``[B, T-1]``."""
+    forward, weight = log_prob_forward(model, kernel)
+    return score_tokens(forward(input_ids, attention_mask, **kwargs), weight, labels, temperature)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, average: bool = False) -> Tensor:

@@ -18,13 +18,15 @@ backward.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from revmix.objectives.base import policy_logits
+from revmix.objectives.base import hidden_request, policy_hidden, policy_logits
 
 
 def length_buckets(lengths: list[int], k: int) -> list[list[int]]:
@@ -73,20 +75,27 @@ def bucketed_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, bucke
     Falls back to one pass when ``buckets`` is 1, the batch has one row, or it is not right-padded.
     Positions past a row's length hold zeros or the logits of padding, which no objective reads.
     """
+    return bucketed(functools.partial(policy_logits, model), input_ids, attention_mask, buckets)
 
+
+def bucketed(
+    forward: Callable[[Tensor, Tensor], Tensor], input_ids: Tensor, attention_mask: Tensor, buckets: int
+) -> Tensor:
+    """``forward(input_ids, attention_mask)`` — any per-position output ``[B, T, X]``: logits, or the final
+    hidden states of the fused log-prob kernel — computed per length group, as :func:`bucketed_logits`."""
     b, t = input_ids.shape
     if buckets <= 1 or b <= 1 or not is_right_padded(attention_mask):
-        return policy_logits(model, input_ids, attention_mask)
+        return forward(input_ids, attention_mask)
     lengths = attention_mask.sum(-1).tolist()
     groups = length_buckets([max(1, int(n)) for n in lengths], buckets)
     if len(groups) == 1 and max(lengths) == t:
-        return policy_logits(model, input_ids, attention_mask)
+        return forward(input_ids, attention_mask)
     parts, rows = [], []
     for g in groups:
         idx = torch.tensor(g, device=input_ids.device)
         w = max(1, max(int(lengths[i]) for i in g))
-        logits = policy_logits(model, input_ids[idx, :w], attention_mask[idx, :w])
-        parts.append(torch.nn.functional.pad(logits, (0, 0, 0, t - w)))
+        out = forward(input_ids[idx, :w], attention_mask[idx, :w])
+        parts.append(torch.nn.functional.pad(out, (0, 0, 0, t - w)))
         rows.append(idx)
     stacked = torch.cat(parts)
     inverse = torch.empty(b, dtype=torch.long, device=input_ids.device)
@@ -95,10 +104,13 @@ def bucketed_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, bucke
 
 
 class LengthBucketedLM(torch.nn.Module):
-    """A causal LM whose ``forward(input_ids, attention_mask)`` runs :func:`bucketed_logits`.
+    """A causal LM whose ``forward(input_ids, attention_mask)`` runs :func:`bucketed_logits`, and whose
+    request for the final hidden states alone (:func:`~revmix.objectives.base.policy_hidden`, the fused
+    log-prob kernel's input) runs per length group the same way.
 
     Any other keyword (``output_hidden_states``, ``labels``, a cache …) passes straight to the model in
-    one call, so callers that need more than logits are unaffected. Returns an object with ``.logits``.
+    one call, so callers that need more than logits are unaffected. Returns an object with ``.logits``
+    (and ``.hidden_states``, the last only, for the hidden-state request).
     """
 
     def __init__(self, model: torch.nn.Module, buckets: int) -> None:
@@ -107,6 +119,14 @@ class LengthBucketedLM(torch.nn.Module):
         self.buckets = buckets
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
+        if attention_mask is not None and hidden_request(kwargs):
+            forward = functools.partial(policy_hidden, self.model)
+            hidden = bucketed(forward, input_ids, attention_mask, self.buckets)
+            return SimpleNamespace(logits=None, hidden_states=(hidden,))
         if kwargs or attention_mask is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return SimpleNamespace(logits=bucketed_logits(self.model, input_ids, attention_mask, self.buckets))
+
+    def get_output_embeddings(self) -> Any:
+        """The wrapped model's output layer (what the fused log-prob kernel reads the weight of)."""
+        return self.model.get_output_embeddings()  # type: ignore[operator]

@@ -65,8 +65,8 @@ from revmix.objectives.base import (
     LossOutput,
     Objective,
     Reference,
+    forward_token_logps,
     per_direction,
-    policy_logits,
     register_objective,
     sequence_logps,
 )
@@ -165,7 +165,8 @@ class KTO(Objective):
 
     def __call__(self, policy: torch.nn.Module, batch: Batch, ref: Reference | None = None) -> LossOutput:
         ids, mask, labels = concatenated_inputs(batch)
-        logps = sequence_logps(policy_logits(policy, ids, mask), labels)  # [2B]: y+ rows, then y− rows
+        kernel = batch.policy_forward.logp_kernel
+        logps = forward_token_logps(policy, ids, mask, labels, kernel)[0].sum(-1)  # [2B]: y+ rows, then y−
         ref_logps = torch.cat(reference_pair_logps(batch, ref, None, "kto")).float()  # cache, else ref
         z0 = self._reference_point(policy, batch, ref, logps, ref_logps)
         b = batch.size
@@ -189,7 +190,8 @@ class KTO(Objective):
         if batch.size == 1 or ref is None:
             return reference_point(logps, ref_logps)
         ids, mask, labels = mismatched_pairs(batch)
+        kernel = batch.policy_forward.logp_kernel
         with torch.no_grad():  # z0 is a constant of the loss: no graph for these passes (as TRL)
-            policy_kl = sequence_logps(policy_logits(policy, ids, mask), labels)
+            policy_kl = forward_token_logps(policy, ids, mask, labels, kernel)[0].sum(-1)
             ref_kl = sequence_logps(ref.logits(ids, mask), labels)
         return reference_point(policy_kl, ref_kl)

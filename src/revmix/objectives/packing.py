@@ -37,6 +37,7 @@ logits of pairs together (``dpo``'s shared prompt, ``kto``, ``ppo``) do not pack
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +47,13 @@ from torch import Tensor
 
 from revmix.objectives.base import (
     IGNORE_INDEX,
+    LogpKernel,
     PackingMode,
     TokenStats,
-    logits_of,
+    forward_token_logps,
+    log_prob_forward,
     policy_logits,
-    token_logps,
+    score_tokens,
     token_stats,
 )
 from revmix.objectives.buckets import is_right_padded
@@ -167,24 +170,31 @@ def pack_padded(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, mode:
     return pack_rows(rows, sum(lengths) if varlen else max(lengths), block_mask=not varlen)
 
 
-def _packed_logits(model: Any, packed: PackedBatch) -> Tensor:
-    """Logits ``[P, W, V]`` of the packed sequences. No KV cache: with one, transformers' sdpa/eager mask
-    builder ignores restarted ``position_ids`` and ``"varlen"`` rows would attend across rows there (its
-    flash path reads the row boundaries either way)."""
+def _packed_forward(forward: Any, packed: PackedBatch) -> Tensor:
+    """``forward`` (logits ``[P, W, V]``, or hidden states ``[P, W, H]``: :func:`log_prob_forward`) of the
+    packed sequences. No KV cache: with one, transformers' sdpa/eager mask builder ignores restarted
+    ``position_ids`` and ``"varlen"`` rows would attend across rows there (its flash path reads the row
+    boundaries either way)."""
     ids, mask, pos = packed.input_ids, packed.attention_mask, packed.position_ids
-    return logits_of(model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False))
+    return forward(ids, mask, position_ids=pos, use_cache=False)
 
 
 def response_logps(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, mode: PackingMode
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    mode: PackingMode,
+    kernel: LogpKernel = "chunked",
 ) -> tuple[Tensor, Tensor]:
     """:func:`~revmix.objectives.base.token_logps` of ``model`` on right-padded rows (``[B, T]`` each):
     per-token log p(label) and the response mask, ``[B, T-1]``; the rows are packed unless ``mode`` is
-    ``"off"`` (one padded forward)."""
+    ``"off"`` (one padded forward); computed by ``kernel`` (:func:`~revmix.objectives.base.log_prob_forward`)."""
     if mode == "off":
-        return token_logps(policy_logits(model, input_ids, attention_mask), labels)
+        return forward_token_logps(model, input_ids, attention_mask, labels, kernel)
     packed = pack_padded(input_ids, attention_mask, labels, mode)
-    logp, mask = token_logps(_packed_logits(model, packed), packed.labels)
+    forward, weight = log_prob_forward(model, kernel)
+    logp, mask = score_tokens(_packed_forward(forward, packed), weight, packed.labels)
     width = input_ids.shape[1]
     return packed.unpack(logp, width), packed.unpack(mask, width)
 
@@ -197,6 +207,6 @@ def response_stats(
     if mode == "off":
         return token_stats(policy_logits(model, input_ids, attention_mask), labels)
     packed = pack_padded(input_ids, attention_mask, labels, mode)
-    stats = token_stats(_packed_logits(model, packed), packed.labels)
+    stats = token_stats(_packed_forward(functools.partial(policy_logits, model), packed), packed.labels)
     width = input_ids.shape[1]
     return TokenStats(*(packed.unpack(s, width) for s in stats))

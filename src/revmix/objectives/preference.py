@@ -56,9 +56,9 @@ from revmix.objectives.base import (
     LossOutput,
     Objective,
     Reference,
+    log_prob_forward,
     per_direction,
-    policy_logits,
-    token_logps,
+    score_tokens,
     token_stats,
 )
 from revmix.objectives.prefix import (
@@ -95,12 +95,16 @@ def policy_pair_logps(
 ) -> PairLogps:
     """Score y+ and y− of every pair in one forward pass (module docstring: shared-prompt rows when
     ``shared_prompt`` and the loop allow it and every pair shares its prompt, else the concatenated batch);
-    with ``entropy``, also the summed next-token entropies over each response, from the same pass."""
+    with ``entropy``, also the summed next-token entropies over each response, from the same pass (chunked:
+    the entropy needs the logits), else the log-probs come from the kernel the loop chose."""
     allowed = batch.policy_forward  # what the training loop allows of the policy's forward pass
     packed = pack_shared_prompt(batch) if shared_prompt and allowed.shared_prompt else None
+    forward, weight = log_prob_forward(policy, "chunked" if entropy else allowed.logp_kernel)
     if packed is not None:
-        forward = lambda i, m, p: policy_logits(policy, i, m, position_ids=p)  # noqa: E731
-        logps, entropies = shared_prompt_token_logps(forward, packed, allowed.length_groups, entropy)
+        by_position = lambda i, m, p: forward(i, m, position_ids=p)  # noqa: E731
+        logps, entropies = shared_prompt_token_logps(
+            by_position, packed, allowed.length_groups, entropy, weight
+        )
         chosen, rejected = per_response_sums(logps, packed)
         n_c = (packed.valid & ~packed.is_rejected).sum(-1)
         n_r = (packed.valid & packed.is_rejected).sum(-1)
@@ -109,13 +113,13 @@ def policy_pair_logps(
             pair.entropy_chosen, pair.entropy_rejected = per_response_sums(entropies, packed)
         return pair
     ids, mask, labels = concatenated_inputs(batch)
-    logits = policy_logits(policy, ids, mask)
+    scores = forward(ids, mask)
     b = batch.size
     if entropy:
-        stats = token_stats(logits, labels)
+        stats = token_stats(scores, labels)
         sums, n_tok, row_entropy = stats.logp.sum(-1), stats.mask.sum(-1), stats.entropy.detach().sum(-1)
         return PairLogps(sums[:b], sums[b:], n_tok[:b], n_tok[b:], None, row_entropy[:b], row_entropy[b:])
-    logp, tok_mask = token_logps(logits, labels)
+    logp, tok_mask = score_tokens(scores, weight, labels)
     sums, n_tok = logp.sum(-1), tok_mask.sum(-1)
     return PairLogps(sums[:b], sums[b:], n_tok[:b], n_tok[b:], None)
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from revmix.objectives.base import IGNORE_INDEX, Batch, target_logps, target_logps_and_entropy
+from revmix.objectives.base import IGNORE_INDEX, Batch, score_targets, target_logps_and_entropy
 from revmix.objectives.buckets import length_buckets
 
 MASK_AWARE_ATTENTION = ("sdpa", "eager")
@@ -111,24 +111,32 @@ def pack_shared_prompt(batch: Batch) -> SharedPromptPairs | None:
 
 
 def shared_prompt_token_logps(
-    forward: Any, packed: SharedPromptPairs, length_groups: int = 1, entropy: bool = False
+    forward: Any,
+    packed: SharedPromptPairs,
+    length_groups: int = 1,
+    entropy: bool = False,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per response token of every pair (``[B, N]``, 0 where not ``packed.valid``): its log-prob and, with
     ``entropy``, the entropy of the next-token distribution it was drawn from (else None).
 
-    ``forward(input_ids, attention_mask, position_ids)`` returns logits; it is called once per length
-    group (``length_groups=1`` where a single call is required, e.g. under DDP).
+    ``forward(input_ids, attention_mask, position_ids)`` returns logits, or — with ``weight``, the output
+    layer's — the final hidden states, scored by the fused kernel
+    (:func:`~revmix.objectives.base.log_prob_forward`; no entropy then). It is called once per length group
+    (``length_groups=1`` where a single call is required, e.g. under DDP).
     """
+    if entropy and weight is not None:
+        raise ValueError("shared_prompt_token_logps: the entropy needs the logits; the fused kernel has none")
     logps = torch.zeros(packed.target.shape, device=packed.input_ids.device)
     entropies = torch.zeros_like(logps) if entropy else None
     for group in length_buckets(packed.lengths, max(1, length_groups)):
         idx = torch.tensor(group, device=packed.input_ids.device)
         w = max(packed.lengths[i] for i in group)
         mask = packed.allowed[idx, :w, :w].unsqueeze(1)
-        logits = forward(packed.input_ids[idx, :w], mask, packed.position_ids[idx, :w])
-        rows = logits.gather(1, packed.predictor[idx].unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        scores = forward(packed.input_ids[idx, :w], mask, packed.position_ids[idx, :w])
+        rows = scores.gather(1, packed.predictor[idx].unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
         if entropies is None:
-            lp = target_logps(rows, packed.target[idx])
+            lp = score_targets(rows, weight, packed.target[idx])
         else:
             lp, ent = target_logps_and_entropy(rows, packed.target[idx])
             entropies = entropies.index_put((idx,), ent.detach() * packed.valid[idx])

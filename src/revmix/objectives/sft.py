@@ -5,7 +5,9 @@ r"""Supervised fine-tuning (SFT): token-level cross-entropy on response tokens o
 where ``m`` masks prompt and padding tokens. This is the objective of the forward-only, reverse-only and
 mixed SFT runs of "When Inverse Data Outperforms" (arXiv 2509.13079, §3). Rows are packed several per
 sequence when the loop says so (``runtime.packing``, :mod:`revmix.objectives.packing`); the mean above is
-unchanged.
+unchanged. Without label smoothing the log-probs come from the kernel the loop chose
+(``runtime.logp_kernel``: chunked, or Cut Cross-Entropy's fused one); label smoothing needs the mean over the
+whole vocabulary, so it always takes the chunked path.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ class SFT(Objective):
             n_tok = mask.sum().clamp(min=1)
             smooth = -mean_logp.sum() / n_tok
             loss = (1 - self.label_smoothing) * (-logp.sum() / n_tok) + self.label_smoothing * smooth
-        else:
-            logp, mask = response_logps(*rows)
+        else:  # log-probs alone: the fused kernel when the loop chose it (no [B, T, V] logits)
+            logp, mask = response_logps(*rows, batch.policy_forward.logp_kernel)
             n_tok = mask.sum().clamp(min=1)
             loss = -logp.sum() / n_tok
         row_nll = -logp.sum(-1) / mask.sum(-1).clamp(min=1)

@@ -164,8 +164,8 @@ class Unlikelihood(Objective):
         entropy: Tensor | None = None
         if self.entropy_metrics:
             logp, resp, entropy, _ = response_stats(policy, ids, mask, labels, packing)
-        else:
-            logp, resp = response_logps(policy, ids, mask, labels, packing)
+        else:  # log-probs alone: the fused kernel when the loop chose it
+            logp, resp = response_logps(policy, ids, mask, labels, packing, batch.policy_forward.logp_kernel)
         b = batch.size
         terms = unlikelihood_terms(
             logp[:b], resp[:b], logp[b:], resp[b:], labels[:b], labels[b:],

@@ -394,6 +394,56 @@ def choose_attn_implementation(requested: str, device: str | torch.device) -> tu
     return "flash_attention_2", "auto: on CUDA and flash_attn imports"
 
 
+LOGP_KERNELS: tuple[str, ...] = ("auto", "chunked", "cce")
+LOGP_KERNEL_SCOPE = "entropy, label smoothing, PPO and the reference stay chunked"
+"""What the chosen kernel does not cover: statistics of the whole next-token distribution read the logits."""
+
+
+def choose_logp_kernel(
+    requested: str, device: str | torch.device, strategy: str = "ddp", model: torch.nn.Module | None = None
+) -> tuple[str, str]:
+    """The response log-prob kernel (:class:`revmix.objectives.base.PolicyForward` ``logp_kernel``) for
+    ``requested`` (``runtime.logp_kernel``) on ``device``, and why (one line).
+
+    ``auto``: ``cce`` — Cut Cross-Entropy's Triton kernel, fused with the output layer, never forming the
+    ``[B, T, V]`` logits — on a CUDA device when ``cut_cross_entropy`` imports, unless ``strategy`` is fsdp
+    (the kernel reads the whole ``lm_head`` weight, which FSDP shards) or ``model``'s output layer is not a
+    plain bias-free ``nn.Linear``; else ``chunked``. An explicit ``cce`` that cannot run is a ``ValueError``
+    saying why; off CUDA it runs Cut Cross-Entropy's ``torch_compile`` implementation, which computes the
+    logits (for equality checks, not memory).
+    """
+    from revmix.objectives.base import fused_available, output_layer_problem
+
+    if requested not in LOGP_KERNELS:
+        raise ValueError(f"unknown logp_kernel {requested!r}; valid: {', '.join(LOGP_KERNELS)}")
+    if requested == "chunked":
+        return "chunked", "set by runtime.logp_kernel"
+    auto, cuda = requested == "auto", torch.device(device).type == "cuda"
+    if auto and not cuda:
+        return "chunked", "auto: not on a CUDA device (Cut Cross-Entropy's kernel needs one)"
+    imports, why = fused_available("cce" if cuda else "torch_compile")
+    reason = "" if imports else why
+    if strategy == "fsdp":
+        reason = "runtime.strategy=fsdp shards the lm_head weight the fused kernel reads whole"
+    elif not reason and model is not None:
+        reason = output_layer_problem(model)
+    if reason and auto:
+        return "chunked", f"auto: on CUDA but {reason}"
+    if reason:
+        hint = " (install the gpu extra: pip install 'revmix[gpu]')" if not imports else ""
+        raise ValueError(
+            f"runtime.logp_kernel=cce: {reason}{hint}; set runtime.logp_kernel to auto or chunked"
+        )
+    if auto:
+        return "cce", "auto: on CUDA and cut_cross_entropy imports"
+    if not cuda:
+        return (
+            "cce",
+            "set by runtime.logp_kernel; off CUDA its torch_compile implementation computes the logits",
+        )
+    return "cce", "set by runtime.logp_kernel"
+
+
 def load_model(
     path: str,
     dtype: str = "float32",

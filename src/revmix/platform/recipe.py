@@ -40,6 +40,7 @@ import math
 import os
 import shutil
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch
 
 from revmix.atomic import atomic_write
 from revmix.config import ExperimentConfig, StageConfig
-from revmix.objectives.base import Objective, PolicyForward, Reference
+from revmix.objectives.base import LogpKernel, Objective, PolicyForward, Reference
 from revmix.objectives.reference import ReferenceLogpCache
 from revmix.objectives.surgery import trainable_parameters
 from revmix.platform.checkpoint import (
@@ -261,7 +262,17 @@ class StageRecipe:
             import ray.train.torch as rtt
 
             self.train_model = rtt.prepare_model(self.train_model, move_to_device=False)
-        self.policy_forward = policy_forward(self.policy, groups, self.world, self.cfg.runtime.packing)
+        from revmix.platform.models import LOGP_KERNEL_SCOPE, choose_logp_kernel
+
+        kernel, why = choose_logp_kernel(
+            self.cfg.runtime.logp_kernel, self.device, self.cfg.runtime.strategy, self.policy
+        )
+        if self.rank == 0:
+            scope = f"; {LOGP_KERNEL_SCOPE}" if kernel == "cce" else ""
+            print(f"log-probs: {kernel} ({why}){scope}", flush=True)
+        self.policy_forward = policy_forward(
+            self.policy, groups, self.world, self.cfg.runtime.packing, logp_kernel=kernel
+        )
 
     def _shard_policy(self) -> None:
         """``runtime.strategy: fsdp`` (:mod:`revmix.platform.fsdp`; the config refuses the objectives it does
@@ -643,20 +654,30 @@ def _device(use_gpu: bool) -> torch.device:
 
 
 def policy_forward(
-    policy: torch.nn.Module, length_groups: int, world: int, packing: bool = False
+    policy: torch.nn.Module,
+    length_groups: int,
+    world: int,
+    packing: bool = False,
+    logp_kernel: str = "chunked",
 ) -> PolicyForward:
     """What objectives may ask of the policy's forward pass. Shared-prompt DPO rows need an attention
     kernel that honours a boolean 4-D mask (sdpa, eager); with ``flash_attention_2`` (or flex attention)
     DPO falls back to concatenated pairs. DDP allows one forward call per backward: one length group.
     ``packing`` (``runtime.packing``): the packed layout the kernel takes (a ``ValueError`` when it takes
-    none; :func:`revmix.objectives.packing.packing_mode`)."""
+    none; :func:`revmix.objectives.packing.packing_mode`). ``logp_kernel``: the response log-prob kernel
+    :func:`revmix.platform.models.choose_logp_kernel` chose."""
     from revmix.objectives.packing import packing_mode
     from revmix.objectives.prefix import supports_shared_prompt
 
+    if logp_kernel not in typing.get_args(LogpKernel):
+        raise ValueError(
+            f"unknown logp_kernel {logp_kernel!r}; valid: {', '.join(typing.get_args(LogpKernel))}"
+        )
     return PolicyForward(
         shared_prompt=supports_shared_prompt(policy),
         length_groups=length_groups if world == 1 else 1,
         packing=packing_mode(policy) if packing else "off",
+        logp_kernel=typing.cast(LogpKernel, logp_kernel),
     )
 
 
