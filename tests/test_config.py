@@ -81,6 +81,23 @@ def test_batch_must_divide_across_workers():
         build_config({"stages": [{"steps": 1, "batch_size": 5}], "runtime": {"num_workers": 2}})
 
 
+def test_logp_kernel_loads_from_yaml_and_overrides_and_refuses_what_cannot_run(tmp_path):
+    assert build_config({"stages": [{"steps": 1}]}).runtime.logp_kernel == "auto"
+    p = tmp_path / "run.yaml"
+    p.write_text("runtime: {logp_kernel: cce}\nstages: [{steps: 1}]\n")
+    cfg = load_config(p)
+    assert cfg.runtime.logp_kernel == "cce"
+    assert build_config(to_dict(cfg)).runtime.logp_kernel == "cce"  # what a run's config.yaml reloads as
+    assert load_config(p, ["runtime.logp_kernel=chunked"]).runtime.logp_kernel == "chunked"
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["runtime.logp_kernel=fused"])
+    assert "runtime.logp_kernel: 'fused' is not one of auto, chunked, cce" in str(e.value)
+    fsdp = ["runtime.strategy=fsdp", "runtime.num_workers=2", "stages.0.batch_size=2"]
+    with pytest.raises(ConfigError, match=r"runtime.logp_kernel=cce reads the whole lm_head weight.*fsdp"):
+        load_config(p, fsdp)
+    assert load_config(p, [*fsdp, "runtime.logp_kernel=auto"]).runtime.logp_kernel == "auto"
+
+
 def test_every_field_has_a_reason():
     lines = describe()
     assert all("#" in ln or ln.endswith(":") or ": " in ln for ln in lines)
