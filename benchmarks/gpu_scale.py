@@ -7,6 +7,10 @@ auto`` chooses), activation checkpointing on, revmix's own :func:`revmix.platfor
 * ``sft_lora_16k``: Qwen2.5-7B architecture, LoRA SFT on one row of 16,384 tokens;
 * ``dpo_lora_2x8k``: the same model, DPO (adapter-disabled reference, shared prompt) on one pair whose
   chosen and rejected sequences are 8,192 tokens each;
+* ``sft_lora_16k_cce``, ``dpo_lora_2x8k_noentropy`` and ``dpo_lora_2x8k_noentropy_cce``: the response
+  log-probs chunked over the logits against Cut Cross-Entropy's fused kernel (``runtime.logp_kernel``; the
+  gpu extra, else recorded as skipped), the same steps and rows — DPO without its entropy metrics, which
+  read the logits and so keep the chunked path;
 * ``fsdp_full_1.5b`` (only with >= 2 GPUs): full fine-tuning of the Qwen2.5-1.5B architecture through
   revmix's runtime (``runtime.strategy=fsdp``, one Ray Train worker per GPU) on the tiny synthetic rows.
 
@@ -141,8 +145,11 @@ def build_policy(arch: str, max_positions: int, device: Any) -> Any:
     return apply_lora(model, LoraSpec(lo.r, lo.alpha, lo.dropout, tuple(lo.target_modules)))
 
 
-def lora_case(policy: Any, objective: str, rows: list[dict], steps: int) -> dict[str, Any]:
-    """``steps`` timed revmix steps (after one warm-up) of ``objective`` on ``rows``; seconds and memory."""
+def lora_case(
+    policy: Any, objective: str | dict[str, Any], rows: list[dict], steps: int, logp_kernel: str = "chunked"
+) -> dict[str, Any]:
+    """``steps`` timed revmix steps (after one warm-up) of ``objective`` (a name, or its spec) on ``rows``
+    with the response log-probs of ``logp_kernel`` (``runtime.logp_kernel``); seconds and memory."""
     import torch
 
     from revmix.config import StageConfig
@@ -151,15 +158,17 @@ def lora_case(policy: Any, objective: str, rows: list[dict], steps: int) -> dict
     from revmix.platform.recipe import policy_forward
     from revmix.platform.step import StepContext, supervised_step
 
+    spec = {"name": objective} if isinstance(objective, str) else objective
+    dpo = spec["name"] == "dpo"
     trainable = [p for p in policy.parameters() if p.requires_grad]
     ctx = StepContext(
         policy=policy, train_model=policy,
-        ref=AdapterDisabledReference(policy, 1) if objective == "dpo" else None,
-        objective=build_objective({"name": objective}), optimizer=torch.optim.AdamW(trainable, lr=1e-5),
+        ref=AdapterDisabledReference(policy, 1) if dpo else None,
+        objective=build_objective(spec), optimizer=torch.optim.AdamW(trainable, lr=1e-5),
         trainable=trainable, tokenizer=SimpleNamespace(pad_token_id=0), device=torch.device("cuda"),
-        stage=StageConfig(objective={"name": objective}, batch_size=len(rows), steps=steps + 1),
-        world=1, autocast=True, micro=len(rows), with_other=objective == "dpo", seed=0,
-        policy_forward=policy_forward(policy, 1, 1),
+        stage=StageConfig(objective=spec, batch_size=len(rows), steps=steps + 1),
+        world=1, autocast=True, micro=len(rows), with_other=dpo, seed=0,
+        policy_forward=policy_forward(policy, 1, 1, logp_kernel=logp_kernel),
     )  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
     seconds = []
@@ -229,13 +238,34 @@ def main() -> None:
     policy = build_policy("qwen2.5-7b", 16_384, "cuda")
     result["attn_implementation"] = policy.config._attn_implementation
     vocab = values["vocab_size"]
-    sft = lora_case(policy, "sft", pair_rows(512, 16_384 - 512, False, vocab), args.steps)
+    sft_rows = pair_rows(512, 16_384 - 512, False, vocab)
+    sft = lora_case(policy, "sft", sft_rows, args.steps)
     result["cases"]["sft_lora_16k"] = add_mfu(sft, values, 16_384, peak)
     print(json.dumps(result["cases"]["sft_lora_16k"]), flush=True)
-    dpo = lora_case(policy, "dpo", pair_rows(512, 8_192 - 512, True, vocab), args.steps)
+    dpo_rows = pair_rows(512, 8_192 - 512, True, vocab)
+    dpo = lora_case(policy, "dpo", dpo_rows, args.steps)
     # shared prompt: one sequence of 512 + 2 × 7,680 tokens; MFU against that length
     result["cases"]["dpo_lora_2x8k"] = add_mfu(dpo, values, 512 + 2 * 7_680, peak)
     print(json.dumps(result["cases"]["dpo_lora_2x8k"]), flush=True)
+    # Chunked against fused log-probs (runtime.logp_kernel), same model and rows. DPO's entropy metrics read
+    # the logits (they keep the chunked path), so both DPO runs here go without them.
+    from revmix.objectives.base import fused_available
+
+    usable, why = fused_available("cce")
+    no_entropy = {"name": "dpo", "entropy_metrics": False}
+    kernel_cases = {
+        "sft_lora_16k_cce": ("sft", sft_rows, "cce", 16_384),
+        "dpo_lora_2x8k_noentropy": (no_entropy, dpo_rows, "chunked", 512 + 2 * 7_680),
+        "dpo_lora_2x8k_noentropy_cce": (no_entropy, dpo_rows, "cce", 512 + 2 * 7_680),
+    }
+    for name, (spec, rows, kernel, seq_len) in kernel_cases.items():
+        if kernel == "cce" and not usable:
+            result["cases"][name] = {"skipped": f"{why} (install the gpu extra: pip install 'revmix[gpu]')"}
+            continue
+        result["cases"][name] = add_mfu(
+            lora_case(policy, spec, rows, args.steps, kernel), values, seq_len, peak
+        )
+        print(json.dumps({name: result["cases"][name]}), flush=True)
     del policy
     torch.cuda.empty_cache()
     if torch.cuda.device_count() >= 2:

@@ -372,7 +372,7 @@ def token_stats(
 # Fused log-probs: the output layer and the log-softmax in one kernel (Cut Cross-Entropy)
 # --------------------------------------------------------------------------------------------------
 
-CCE_FILTER_EPS: float | None = None
+CCE_FILTER_EPS: float | str | None = None
 """Cut Cross-Entropy's ``filter_eps``: None, exact gradients. The library's default (``"high"``) skips, in
 backward, every vocabulary block whose softmax entries are all below ``eps(dtype) / 32`` (2.4e-4 in bf16).
 On a near-uniform distribution — a random-weight model at Qwen2.5's 151,936 tokens has p ≈ 6.6e-6
