@@ -154,6 +154,40 @@ def test_fused_forward_equals_chunked_through_the_model_and_its_wrappers(tiny_pa
         _close(g, ref, what=f"gradient {i}")
 
 
+@needs_kernel
+def test_fused_forward_through_ddp_equals_chunked(tiny_path):
+    """The training loop's multi-worker wrapping, DDP around the length groups (one gloo process on
+    127.0.0.1): the hidden-state request passes DDP's forward, the weight is found inside it, and the
+    tied embedding's gradient (from the input and the output end) is the chunked one."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = _model(tiny_path)
+        ddp = DistributedDataParallel(LengthBucketedLM(model, 2))
+        ids, mask, labels = _rows(6)
+        w = torch.randn(3, 10, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        runs = []
+        for kernel in ("chunked", "cce"):
+            model.zero_grad(set_to_none=True)
+            logp, _ = forward_token_logps(ddp, ids, mask, labels, kernel)
+            (w * logp).sum().backward()
+            runs.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    finally:
+        dist.destroy_process_group()
+    (want, want_grads), (got, got_grads) = runs
+    _close(got, want, what="log-probs")
+    assert len(got_grads) == len(want_grads) == len(list(model.parameters()))
+    for i, (g, ref) in enumerate(zip(got_grads, want_grads)):
+        _close(g, ref, what=f"gradient {i}")
+
+
 def _objective_run(model: torch.nn.Module, spec: dict, batch: Batch, ref: object) -> tuple[float, dict, list]:
     obj = build_objective(spec)
     model.zero_grad(set_to_none=True)

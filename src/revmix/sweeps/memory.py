@@ -17,7 +17,9 @@ sharding yet), as the sum of four terms, in bytes:
   checkpointing all ``L`` layers keep theirs; with activation checkpointing each layer keeps only its input
   ``n × h × b_a`` and one layer's full set is alive at a time during the backward recompute;
 * logits: the ``[n, V]`` output and its gradient in ``b_a`` (``2 n V b_a``) plus two float32
-  ``[chunk, V]`` blocks of the chunked log-softmax (``LOGP_CHUNK_TOKENS``).
+  ``[chunk, V]`` blocks of the chunked log-softmax (``LOGP_CHUNK_TOKENS``). The chunked path's cost, kept
+  whatever ``runtime.logp_kernel`` says: the fused kernel (``cce``) forms no logits, but what it holds
+  instead has not been measured on a GPU, so for it the estimate errs high.
 
 It leaves out the CUDA context, allocator fragmentation and kernels' workspaces: a point "fits" when the
 estimate is at most :data:`USABLE_FRACTION` of the GPU's memory. Parameter counts come from the
