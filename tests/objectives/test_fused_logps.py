@@ -233,6 +233,41 @@ def test_objectives_on_the_fused_kernel_equal_the_chunked_ones(spec, forward):
         _close(g, ref_g)
 
 
+@needs_kernel
+def test_training_loop_announces_the_kernel_and_trains_the_same(tmp_path, capsys, monkeypatch):
+    """``revmix train``'s in-process loop (no Ray): the stage setup resolves ``runtime.logp_kernel``, says
+    which kernel and why in one line, and hands it to the objective; the per-step losses are the chunked
+    run's (SFT, full fine-tuning, two length groups)."""
+    import json
+    from pathlib import Path
+
+    from revmix.config import load_config
+    from revmix.platform.train import run_experiment
+
+    sft = Path(__file__).resolve().parents[2] / "configs" / "runs" / "sft_tiny.yaml"
+    short = ["data.n_items=24", "model.lora.enabled=false", "stages.0.batch_size=4", "stages.0.steps=2"]
+    fused_calls = []
+    real = base._fused_nll
+    monkeypatch.setattr(base, "_fused_nll", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    losses, lines, calls = {}, {}, {}
+    for kernel in ("auto", "cce"):
+        run = tmp_path / kernel
+        run_experiment(load_config(sft, [*short, f"runtime.logp_kernel={kernel}"]), run, evaluate=False)
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[kernel] = [r["loss"] for r in recs]
+        lines[kernel] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("log-probs:")]
+        calls[kernel] = len(fused_calls)
+    assert lines["auto"] == [
+        "log-probs: chunked (auto: not on a CUDA device (Cut Cross-Entropy's kernel needs one))"
+    ]
+    assert lines["cce"] == [
+        "log-probs: cce (set by runtime.logp_kernel; off CUDA its torch_compile implementation computes the "
+        "logits); entropy, label smoothing, PPO and the reference stay chunked"
+    ]
+    assert calls == {"auto": 0, "cce": 2}  # one fused call per step (one micro-batch each)
+    assert len(losses["cce"]) == 2 and losses["cce"] == pytest.approx(losses["auto"], rel=REL)
+
+
 def test_statistics_of_the_whole_distribution_stay_chunked(monkeypatch):
     """Entropy metrics and label smoothing need the logits: with the fused kernel chosen they are still
     computed (chunked), and the fused function is never called for them."""
