@@ -20,6 +20,11 @@ of the corpus (:func:`corpus_facts`). A run on a pretrained base checks that its
 Cached by content like :func:`~revmix.platform.models.tiny_model_dir`: the key hashes the spec (generator
 version, corpus size, steps, optimiser settings), the scale, the seed and the tokenizer hash; the build runs
 under :func:`~revmix.platform.data.cache.build_once`'s lock, so concurrent trials build it once.
+
+Shipped: the default base (3,000 steps, about 15 minutes on 2 CPUs) is built by this module once and its
+weights ship in the package (:data:`SHIPPED_DIR`, with the build record: key, losses, seconds, CPU, torch);
+a cache without the entry copies them when the key it computes is the shipped one, and trains otherwise.
+Same recipe, same machine and software: the same weights; another CPU family: another draw of them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,9 +58,9 @@ GENERATOR_VERSION = 1
 class PretrainSpec:
     """What the pretrained base is built from; every field takes part in the cache key."""
 
-    families: tuple[str, ...] = ("affine_mod", "arith_chain", "string_ops")
+    families: tuple[str, ...] = ("affine_mod", "arith_chain")
     facts_per_family: int = 4000  # corpus facts of each family (each gives a forward and a reverse row)
-    steps: int = 400  # optimiser steps
+    steps: int = 3000  # optimiser steps
     batch_size: int = 16  # packed sequences per step
     seq_len: int = 256  # tokens per packed sequence
     lr: float = 3e-3  # peak AdamW learning rate (linear warmup, cosine decay to 10%)
@@ -207,6 +213,26 @@ def pretrain(model: torch.nn.Module, data: torch.Tensor, spec: PretrainSpec, see
 # --------------------------------------------------------------------------------------------------
 
 
+def _machine() -> dict[str, Any]:
+    """Where a base was built: float results of the same recipe differ across CPU families and software."""
+    import platform
+
+    import torch
+
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in _read_lines("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor(),
+    )
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+
+
 def _build(out: Path, init: Path, seed: int, spec: PretrainSpec, key: dict[str, Any]) -> dict[str, Any]:
     """Pretrain the random model ``init`` into ``out`` (model, tokenizer, build record); the record."""
     from revmix.platform.models import load_model, load_tokenizer
@@ -227,21 +253,24 @@ def _build(out: Path, init: Path, seed: int, spec: PretrainSpec, key: dict[str, 
         "first_loss": losses[0],
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "seconds": round(time.monotonic() - start, 1),
+        "built_on": _machine(),
     }
     return info  # build_once stores it as the entry's meta.json
 
 
-def pretrained_model_dir(
-    scale: str, seed: int = 0, spec: PretrainSpec = DEFAULT_SPEC, cache_dir: str | Path | None = None
-) -> Path:
-    """Directory of the pretrained tiny base of ``scale``: built on first use (minutes), then cached.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "pretrained"
+"""Bases this module built and the package ships (``python -m revmix.platform.pretrain`` writes one): the
+default base takes about 15 minutes on 2 CPUs, longer than the quickstart may, so a fresh machine copies
+the shipped weights into its cache instead of training them, when their key is the key it would build."""
 
-    Key = spec (generator version included) + scale shape + seed + tokenizer hash; a new key builds a new
-    entry, an old one is never served for it."""
+_SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors")
+
+
+def _key(scale: str, seed: int, spec: PretrainSpec) -> tuple[str, dict[str, Any]]:
+    """The cache entry name and the dict it hashes: spec (generator version included) + scale shape +
+    seed + tokenizer hash."""
     from revmix.platform import models
 
-    root = Path(cache_dir) if cache_dir is not None else models._default_cache_dir()
-    init = models.tiny_model_dir(scale, seed, cache_dir=root)  # checks scale and seed
     key = {
         "spec": spec.key_dict(),
         "scale": scale,
@@ -250,9 +279,61 @@ def pretrained_model_dir(
         "tokenizer": models.tokenizer_hash(models.VOCAB_SIZE),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = f"qwen2-{scale}-pretrained-seed{seed}-{digest}"
-    entry, _ = build_once(root / "pretrained", name, lambda tmp: _build(tmp, init, seed, spec, key))
+    return f"qwen2-{scale}-pretrained-seed{seed}-{digest}", key
+
+
+def _from_shipped(out: Path, init: Path, shipped: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``out`` with the shipped weights of ``key`` and the locally built tokenizer; the record."""
+    from revmix.platform.models import load_tokenizer
+
+    record = json.loads((shipped / "meta.json").read_text(encoding="utf-8"))
+    if {k: record.get(k) for k in key} != json.loads(json.dumps(key)):
+        raise ValueError(f"{shipped}/meta.json does not record the key its folder name says; rebuild it")
+    for name in _SHIPPED_FILES:
+        shutil.copyfile(shipped / name, out / name)
+    load_tokenizer(str(init)).save_pretrained(out)
+    return {**record, "source": f"shipped with revmix ({shipped.name}), built where 'built_on' says"}
+
+
+def pretrained_model_dir(
+    scale: str,
+    seed: int = 0,
+    spec: PretrainSpec = DEFAULT_SPEC,
+    cache_dir: str | Path | None = None,
+    shipped_dir: Path | None = SHIPPED_DIR,
+) -> Path:
+    """Directory of the pretrained tiny base of ``scale``: cached; on first use copied from the package's
+    shipped build of the same key (:data:`SHIPPED_DIR`), else built here (minutes).
+
+    A new key builds a new entry, an old one is never served for it; ``shipped_dir=None`` always builds."""
+    from revmix.platform import models
+
+    root = Path(cache_dir) if cache_dir is not None else models._default_cache_dir()
+    init = models.tiny_model_dir(scale, seed, cache_dir=root)  # checks scale and seed
+    name, key = _key(scale, seed, spec)
+    shipped = shipped_dir / name if shipped_dir is not None else None
+    if shipped is not None and (shipped / "meta.json").is_file():
+        build = lambda tmp: _from_shipped(tmp, init, shipped, key)  # noqa: E731
+    else:
+        build = lambda tmp: _build(tmp, init, seed, spec, key)  # noqa: E731
+    entry, _ = build_once(root / "pretrained", name, build)
     return entry
+
+
+def ship(scale: str = "tiny", seed: int = 0, spec: PretrainSpec = DEFAULT_SPEC) -> Path:
+    """Build the base of ``(scale, seed, spec)`` here from scratch (never from a shipped copy) and write
+    its weights and build record into :data:`SHIPPED_DIR`; the folder written."""
+    import tempfile
+
+    name, _ = _key(scale, seed, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = pretrained_model_dir(scale, seed, spec, cache_dir=tmp, shipped_dir=None)
+        target = SHIPPED_DIR / name
+        target.mkdir(parents=True, exist_ok=True)
+        for f in _SHIPPED_FILES:
+            shutil.copyfile(entry / f, target / f)
+        shutil.copyfile(entry / "meta.json", target / "meta.json")
+    return target
 
 
 BASES: tuple[str, ...] = ("random", "pretrained")
@@ -276,3 +357,7 @@ def base_model_path(
             f"model.base=pretrained builds a tiny model; model.name_or_path={name_or_path!r} names another"
         )
     return str(pretrained_model_dir(tiny, seed))
+
+
+if __name__ == "__main__":  # python -m revmix.platform.pretrain: rebuild the shipped default base
+    print(ship())

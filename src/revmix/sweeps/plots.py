@@ -142,6 +142,8 @@ def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Pat
             ax.set_title(title)
             ax.set_xlabel("reverse fraction r of training data")
             ax.set_xlim(-0.05, 1.05)
+            # Accuracy lives in [0, 100]; a few-seed t interval runs past it and is cut at the frame.
+            ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("accuracy (%)")
         n_seeds = int(df.groupby(["reverse_fraction", *group_cols], dropna=False).size().max())
