@@ -27,7 +27,9 @@ clipping, AdamW) on a :class:`~revmix.platform.step.StepContext` built with the 
 case runs in a fresh process (peak RSS is per process): ``peak_gib`` is its peak resident memory,
 ``extra_gib`` the peak minus the resident memory once the model, reference and optimizer exist (what the
 step itself adds). tokens/s counts real tokens (chosen + rejected for DPO), median of the measured steps
-after one warm-up step (``--steps 0``: one timed step, no warm-up, first-step costs included). A thread
+after one warm-up step (``--steps 0``: one timed step, no warm-up, first-step costs included);
+``user_s`` / ``system_s`` are the process's CPU seconds per step (median; system time is where the page
+faults of released memory show, and CPU time moves less with the machine's load than tokens/s). A thread
 samples glibc's own count (``mallinfo2``) every 5 ms: ``heap_in_use_gib`` is the peak of the blocks in use
 (the tensors, whatever the allocator does with freed space), ``heap_held_gib`` the peak of what glibc
 holds (heap plus mapped blocks), both over the same baseline as ``extra_gib``. Ratios are
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import resource
@@ -230,14 +233,17 @@ def one_case(spec: str, batch: int, steps: int) -> dict[str, Any]:
     with released_host_memory(release):
         ctx = step_context(model_name, objective, int(length_s), switches, batch)
         baseline, heap0 = rss_gib(), heap_bytes() or {"in_use": 0, "held": 0}
-        rates = []
+        rates, user, system = [], [], []
         with HeapPeaks() as heap:
             for step in range(steps + 1 if steps else 1):  # one warm-up step, unless only one is asked for
                 rows = synthetic_rows(batch, int(length_s), objective == "dpo", seed=step)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), os.times()
                 metrics, n_tokens = supervised_step(ctx, rows, step)
+                t1, c1 = time.perf_counter(), os.times()
                 if step or not steps:
-                    rates.append(n_tokens / (time.perf_counter() - t0))
+                    rates.append(n_tokens / (t1 - t0))
+                    user.append(c1.user - c0.user)
+                    system.append(c1.system - c0.system)
         peak = rss_gib()
     return {
         "peak_gib": round(peak, 3),
@@ -247,6 +253,8 @@ def one_case(spec: str, batch: int, steps: int) -> dict[str, Any]:
         "heap_held_gib": round(max(0, heap.held - heap0["held"]) / 2**30, 3),
         "release_host_memory": release,
         "tokens_per_s": round(statistics.median(rates), 1),
+        "user_s": round(statistics.median(user), 2),
+        "system_s": round(statistics.median(system), 2),
         "loss": metrics["loss"],
     }
 
@@ -306,8 +314,8 @@ def machine() -> dict[str, Any]:
         cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("Model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "logical_cpus": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__,
-            "glibc": platform.libc_ver()[1], "load_avg_at_start": list(__import__("os").getloadavg())}  # fmt: skip
+    return {"cpu": cpu, "logical_cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "glibc": platform.libc_ver()[1], "load_avg_at_start": list(os.getloadavg())}  # fmt: skip
 
 
 def main() -> None:
@@ -363,7 +371,7 @@ def write(args: argparse.Namespace, info: dict[str, Any], results: dict[str, dic
         "precision": "fp32",
         "attn_implementation": "sdpa",
         "steps": args.steps,
-        "load_avg_now": list(__import__("os").getloadavg()),
+        "load_avg_now": list(os.getloadavg()),
         "cases": results,
         "ratios": ratios(results),
     }
