@@ -112,3 +112,33 @@ def test_a_cpu_stage_worker_resolves_the_runtime_settings(checkpointing, release
 def test_yaml_on_off_are_read_as_words():
     assert RuntimeConfig.model_validate({"release_host_memory": True}).release_host_memory == "on"
     assert RuntimeConfig.model_validate({"release_host_memory": False}).release_host_memory == "off"
+
+
+@needs_glibc
+def test_a_run_with_checkpointing_on_cpu_releases_host_memory_for_its_stage_only(tmp_path, capsys):
+    from revmix.config import load_config
+    from revmix.platform.train import run_experiment
+
+    sft = Path(__file__).resolve().parents[2] / "configs" / "runs" / "sft_tiny.yaml"
+    short = [
+        "data.n_items=16",
+        "stages.0.batch_size=4",
+        "stages.0.steps=2",
+        "eval.limit=2",
+        "eval.alp_limit=2",
+    ]
+    line = "host memory: freed blocks of 128 KiB or more go back to the OS (runtime.release_host_memory)"
+    run_experiment(load_config(sft, short), tmp_path / "default", evaluate=False)
+    assert line not in capsys.readouterr().out  # CPU, checkpointing off: the allocator as it is
+    cfg = load_config(sft, [*short, "runtime.activation_checkpointing=on"])
+    run_experiment(cfg, tmp_path / "ckpt", evaluate=False)
+    assert capsys.readouterr().out.count(line) == 1
+    # The stage is over: glibc's threshold is 32 MiB again, so an 8 MiB block is a heap block, not a mapping.
+    mapped = H.heap_bytes()["mapped"]
+    block = torch.ones(2 * 2**20)
+    assert H.heap_bytes()["mapped"] - mapped < 1 * MIB
+    del block
+    with H.released_host_memory(True):  # and inside the setting it is a mapping of its own
+        block = torch.ones(2 * 2**20)
+        assert H.heap_bytes()["mapped"] - mapped >= 8 * MIB
+        del block

@@ -9,15 +9,15 @@ tens of MiBs, freed in backward in another order than forward allocated them, sm
 (the kept layer inputs, the saved statistics) landing in the holes of big ones — fragments it: freed space
 no later request fits stays resident, and the heap grows past the live tensors. Measured with
 ``mallinfo2`` in the step of ``benchmarks/memory_scaling.py`` (30M ``base`` model + LoRA, SFT, rows of
-4,096 and 165 tokens, activation checkpointing + chunked log-probs): 0.33 GiB of live blocks at the peak,
-1.9 GiB held by the heap.
+4,096 and 35 tokens, activation checkpointing + chunked log-probs): 0.32 GiB of live blocks at the peak,
+1.83 GiB held by the heap.
 
 Fixing the threshold at glibc's initial 128 KiB (``mallopt(M_MMAP_THRESHOLD)``, which also turns the
 dynamic rule off) gives every block of 128 KiB or more its own mapping, unmapped when freed: the peak
-resident memory is then the live tensors' (0.34 GiB extra in that step instead of 2.0). The price is a
-page fault on every 4 KiB page of every such block the next time it is allocated, paid as system time:
-+35% step time in that step, +50% at 16 rows of at most 512 tokens without checkpointing (2-core KVM
-EPYC). So ``auto`` releases only where the run has already traded compute for memory: activation
+resident memory is then the live tensors' (0.34 GiB extra in that step instead of 1.84). The price is a
+page fault on every 4 KiB page of every such block the next time one is allocated, paid as system time:
+about 40% more CPU time per step there, 30-60% more at 16 rows of at most 512 tokens without checkpointing
+(KVM EPYC). So ``auto`` releases only where the run has already traded compute for memory: activation
 checkpointing on, training on CPU (on a GPU the activations are not in host memory).
 
 The setting is process-wide: :func:`released_host_memory` applies it for one stage and, on exit, fixes
@@ -66,13 +66,18 @@ def glibc() -> Any | None:
 
 def heap_bytes() -> dict[str, int] | None:
     """glibc's own count of its blocks (``mallinfo2``, all arenas): ``in_use`` (heap blocks in use plus
-    mapped blocks), ``held`` (heap size plus mapped blocks) and ``free`` (held by the heap, not in use);
-    None without glibc 2.33+."""
+    mapped blocks), ``held`` (heap size plus mapped blocks), ``free`` (held by the heap, not in use) and
+    ``mapped`` (blocks with their own mapping); None without glibc 2.33+."""
     libc = glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     m = libc.mallinfo2()
-    return {"in_use": m.uordblks + m.hblkhd, "held": m.arena + m.hblkhd, "free": m.fordblks}
+    return {
+        "in_use": m.uordblks + m.hblkhd,
+        "held": m.arena + m.hblkhd,
+        "free": m.fordblks,
+        "mapped": m.hblkhd,
+    }
 
 
 def release_wanted(setting: str, device_type: str, checkpointing: bool) -> bool:
