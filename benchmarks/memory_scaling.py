@@ -16,20 +16,30 @@ Switches (what a run config sets), each case a set of them, everything else as s
 * ``ckpt``: ``runtime.activation_checkpointing=on`` (:func:`revmix.platform.models.apply_activation_checkpointing`);
 * ``chunked``: the chunked log-probs of :func:`revmix.objectives.base.target_logps`. "Off" swaps in the
   computation they replaced (an fp32 ``log_softmax`` over the whole ``[B, T, V]``, then a gather);
-* ``packing``: ``runtime.packing=true`` (SFT only: DPO does not pack).
+* ``packing``: ``runtime.packing=true`` (SFT only: DPO does not pack);
+* ``release`` / ``hold``: ``runtime.release_host_memory=on`` / ``off``; without either it is ``auto``, on
+  with ``ckpt`` (:mod:`revmix.platform.host_memory`: glibc's mmap threshold fixed at 128 KiB, so freed
+  blocks go back to the OS instead of staying in a fragmented heap). Applied before the model is built,
+  as the stage worker does.
 
 A step is revmix's own :func:`revmix.platform.step.supervised_step` (collation, the objective, backward,
 clipping, AdamW) on a :class:`~revmix.platform.step.StepContext` built with the recipe's helpers. Every
 case runs in a fresh process (peak RSS is per process): ``peak_gib`` is its peak resident memory,
 ``extra_gib`` the peak minus the resident memory once the model, reference and optimizer exist (what the
 step itself adds). tokens/s counts real tokens (chosen + rejected for DPO), median of the measured steps
-after one warm-up step (``--steps 0``: one timed step, no warm-up, first-step costs included). Ratios are
+after one warm-up step (``--steps 0``: one timed step, no warm-up, first-step costs included);
+``user_s`` / ``system_s`` are the process's CPU seconds per step (median; system time is where the page
+faults of released memory show, and CPU time moves less with the machine's load than tokens/s). A thread
+samples glibc's own count (``mallinfo2``) every 5 ms: ``heap_in_use_gib`` is the peak of the blocks in use
+(the tensors, whatever the allocator does with freed space), ``heap_held_gib`` the peak of what glibc
+holds (heap plus mapped blocks), both over the same baseline as ``extra_gib``. Ratios are
 against the ``off`` case of the same model, objective and length. Batch: ``--batch`` rows for the base
 model, one row for the 0.5B architecture (so packing is not run there).
 
     python benchmarks/memory_scaling.py           # the core cases; tens of minutes on 2 busy cores
     python benchmarks/memory_scaling.py --quick   # smoke: base model, 512 tokens, one step per case
     python benchmarks/memory_scaling.py --steps 0 --only base:sft:4096:off,base:sft:4096:ckpt+chunked
+    python benchmarks/memory_scaling.py --steps 0 --only base:sft:4096:off+release,base:sft:4096:ckpt+chunked+hold
 """
 
 from __future__ import annotations
@@ -37,12 +47,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,6 +68,7 @@ from revmix.config import LoraConfig, StageConfig
 from revmix.objectives.base import build_objective
 from revmix.objectives.buckets import LengthBucketedLM
 from revmix.objectives.reference import AdapterDisabledReference
+from revmix.platform.host_memory import heap_bytes, release_wanted, released_host_memory
 from revmix.platform.models import SCALES, VOCAB_SIZE, LoraSpec, apply_activation_checkpointing, apply_lora
 from revmix.platform.recipe import policy_forward
 from revmix.platform.step import StepContext, supervised_step
@@ -75,8 +88,10 @@ QWEN25_05B = {  # Qwen/Qwen2.5-0.5B config.json, published values
 }
 CASES = {  # objective → case name → switches on
     "sft": {"off": (), "ckpt": ("ckpt",), "chunked": ("chunked",), "packing": ("packing",),
-            "ckpt+chunked": ("ckpt", "chunked"), "all": ("ckpt", "chunked", "packing")},
-    "dpo": {"off": (), "ckpt": ("ckpt",), "chunked": ("chunked",), "ckpt+chunked": ("ckpt", "chunked")},
+            "ckpt+chunked": ("ckpt", "chunked"), "all": ("ckpt", "chunked", "packing"),
+            "off+release": ("release",), "ckpt+chunked+hold": ("ckpt", "chunked", "hold")},
+    "dpo": {"off": (), "ckpt": ("ckpt",), "chunked": ("chunked",), "ckpt+chunked": ("ckpt", "chunked"),
+            "off+release": ("release",), "ckpt+chunked+hold": ("ckpt", "chunked", "hold")},
 }  # fmt: skip
 LENGTH_BUCKETS = 2  # runtime.length_buckets default
 
@@ -176,27 +191,70 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def release_setting(switches: tuple[str, ...]) -> bool:
+    """``runtime.release_host_memory`` of a case, resolved as the stage worker resolves it on CPU."""
+    setting = "on" if "release" in switches else "off" if "hold" in switches else "auto"
+    return release_wanted(setting, "cpu", "ckpt" in switches)
+
+
+class HeapPeaks:
+    """Peaks of glibc's in-use and held bytes (``mallinfo2``), sampled every 5 ms by a thread while in
+    the ``with`` block; zeros without glibc 2.33+."""
+
+    def __init__(self) -> None:
+        self.in_use = self.held = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            h = heap_bytes()
+            if h is None:
+                return
+            self.in_use, self.held = max(self.in_use, h["in_use"]), max(self.held, h["held"])
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> HeapPeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def one_case(spec: str, batch: int, steps: int) -> dict[str, Any]:
     """Run ``model:objective:length:case`` in this process; its peak memory and tokens/s."""
     model_name, objective, length_s, case = spec.split(":")
     switches = CASES[objective][case]
     if "chunked" not in switches:
         objectives_base._ChunkedTargetLogps = PlainTargetLogps  # type: ignore[misc,assignment]
-    ctx = step_context(model_name, objective, int(length_s), switches, batch)
-    baseline = rss_gib()
-    rates = []
-    for step in range(steps + 1 if steps else 1):  # one warm-up step, unless only one step is asked for
-        rows = synthetic_rows(batch, int(length_s), objective == "dpo", seed=step)
-        t0 = time.perf_counter()
-        metrics, n_tokens = supervised_step(ctx, rows, step)
-        if step or not steps:
-            rates.append(n_tokens / (time.perf_counter() - t0))
-    peak = rss_gib()
+    release = release_setting(switches)
+    with released_host_memory(release):
+        ctx = step_context(model_name, objective, int(length_s), switches, batch)
+        baseline, heap0 = rss_gib(), heap_bytes() or {"in_use": 0, "held": 0}
+        rates, user, system = [], [], []
+        with HeapPeaks() as heap:
+            for step in range(steps + 1 if steps else 1):  # one warm-up step, unless only one is asked for
+                rows = synthetic_rows(batch, int(length_s), objective == "dpo", seed=step)
+                t0, c0 = time.perf_counter(), os.times()
+                metrics, n_tokens = supervised_step(ctx, rows, step)
+                t1, c1 = time.perf_counter(), os.times()
+                if step or not steps:
+                    rates.append(n_tokens / (t1 - t0))
+                    user.append(c1.user - c0.user)
+                    system.append(c1.system - c0.system)
+        peak = rss_gib()
     return {
         "peak_gib": round(peak, 3),
         "baseline_gib": round(baseline, 3),
         "extra_gib": round(peak - baseline, 3),
+        "heap_in_use_gib": round(max(0, heap.in_use - heap0["in_use"]) / 2**30, 3),
+        "heap_held_gib": round(max(0, heap.held - heap0["held"]) / 2**30, 3),
+        "release_host_memory": release,
         "tokens_per_s": round(statistics.median(rates), 1),
+        "user_s": round(statistics.median(user), 2),
+        "system_s": round(statistics.median(system), 2),
         "loss": metrics["loss"],
     }
 
@@ -256,8 +314,8 @@ def machine() -> dict[str, Any]:
         cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("Model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "logical_cpus": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__,
-            "load_avg_at_start": list(__import__("os").getloadavg())}  # fmt: skip
+    return {"cpu": cpu, "logical_cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "glibc": platform.libc_ver()[1], "load_avg_at_start": list(os.getloadavg())}  # fmt: skip
 
 
 def main() -> None:
@@ -281,7 +339,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(one_case(args.case, args.batch, args.steps)))
         return
-    info = {"machine": machine()}
+    info = {"machine": machine(), "command": "python benchmarks/memory_scaling.py " + " ".join(sys.argv[1:])}
     results: dict[str, dict[str, Any]] = {}
     if args.quick:
         args.models, args.lengths, args.steps = "base", "512", 0
@@ -313,6 +371,7 @@ def write(args: argparse.Namespace, info: dict[str, Any], results: dict[str, dic
         "precision": "fp32",
         "attn_implementation": "sdpa",
         "steps": args.steps,
+        "load_avg_now": list(os.getloadavg()),
         "cases": results,
         "ratios": ratios(results),
     }

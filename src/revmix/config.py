@@ -227,6 +227,11 @@ class RuntimeConfig(Strict):
     activation_checkpointing: Literal["auto", "on", "off"] = _f(
         "auto", "recompute activations in backward (~30% more compute, far less memory); auto: on on GPU"
     )
+    release_host_memory: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "return freed tensors >= 128 KiB to the OS at once (CPU peak memory ~ live tensors; costs page "
+        "faults); auto: on with activation checkpointing on CPU",
+    )
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", "ddp: a full model replica per worker; fsdp: FSDP2-sharded weights, grads, optimizer state"
     )
@@ -263,7 +268,7 @@ class RuntimeConfig(Strict):
             )
         return self
 
-    @field_validator("activation_checkpointing", mode="before")
+    @field_validator("activation_checkpointing", "release_host_memory", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         """YAML reads a bare ``on`` / ``off`` as a boolean: take it as the word written."""

@@ -1,10 +1,16 @@
 """The pieces of ``benchmarks/memory_scaling.py`` that decide what it measures: its "chunked off" stand-in
 equals the chunked log-probs (values, statistics and gradients), rows are as wide as the case says, and
-the ratios pair each case with its own ``off``."""
+the ratios pair each case with its own ``off``, the host-memory setting each case runs with, and the
+heap peaks one case reports."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,6 +18,7 @@ import pytest
 import torch
 
 from revmix.objectives.base import LOGP_CHUNK_TOKENS, _ChunkedTargetLogps
+from revmix.platform.host_memory import heap_bytes as glibc_heap
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_scaling.py"
 
@@ -63,3 +70,33 @@ def test_rows_and_ratios(ms: ModuleType) -> None:
     }
     assert ("qwen2.5-0.5b", "sft", 512, "packing") not in ms.plan(["qwen2.5-0.5b"], [512], full=True)
     assert len(ms.plan(["base"], [512, 1024], full=False)) == 2 * (4 + 2)
+
+
+def test_release_host_memory_follows_checkpointing_unless_the_case_says(ms: ModuleType) -> None:
+    glibc = glibc_heap() is not None
+    assert ms.release_setting(()) is False
+    assert ms.release_setting(("chunked",)) is False
+    assert ms.release_setting(("ckpt", "chunked")) is glibc  # auto, as the stage worker resolves it on CPU
+    assert ms.release_setting(ms.CASES["sft"]["ckpt+chunked+hold"]) is False
+    if glibc:
+        assert ms.release_setting(ms.CASES["dpo"]["off+release"]) is True
+
+
+@pytest.mark.skipif(glibc_heap() is None, reason="heap peaks need glibc 2.33+ (mallinfo2)")
+def test_one_case_reports_the_heap_peaks_it_ran_with() -> None:
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--case",
+        "base:sft:96:ckpt+chunked",
+        "--steps",
+        "0",
+        "--threads",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["release_host_memory"] is True and math.isfinite(r["loss"])
+    assert 0 < r["heap_in_use_gib"] <= r["heap_held_gib"] + 1e-3  # held counts every block in use

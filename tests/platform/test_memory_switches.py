@@ -115,3 +115,48 @@ def test_recipe_policy_setup_applies_both_switches_and_logs_one_line(tiny, capsy
     model, _ = _build_policy(default, tiny[0], torch.device("cpu"), lora=False, log=True)
     assert model.config._attn_implementation == "sdpa" and not model.is_activation_checkpointing
     assert "attention: sdpa (auto: not on a CUDA device" in capsys.readouterr().out
+
+
+def test_length_groups_reach_sdpa_without_a_mask_and_checkpointing_recomputes_each_layer(tiny, monkeypatch):
+    """What attention costs in memory on CPU: a row trimmed to its own length (one row per length group
+    here) reaches sdpa with no mask (``is_causal``: O(T) flash kernel, GQA inside it); a padded batch
+    brings a 4-D boolean mask, with which torch's CPU sdpa still picks its flash kernel (no [B, H, T, T]
+    scores). With checkpointing each layer's attention runs again, with gradients, in backward."""
+    from revmix.objectives.buckets import LengthBucketedLM
+
+    calls: list[tuple[tuple[int, ...] | None, bool, str, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        backend = torch._fused_sdp_choice(
+            q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+        kernel = {int(torch.nn.attention.SDPBackend.FLASH_ATTENTION): "flash"}.get(int(backend), str(backend))
+        mask = None if attn_mask is None else tuple(attn_mask.shape)
+        calls.append((mask, is_causal, kernel, torch.is_grad_enabled()))
+        return sdpa(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    model = M.load_model(tiny[0], attn_implementation="sdpa")
+    M.apply_activation_checkpointing(model, "on", "cpu")
+    model = M.apply_lora(model, M.LoraSpec(r=4, alpha=8)).train()
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(3, 100, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 9:] = 0
+    LengthBucketedLM(model, 2)(ids, mask).logits.sum().backward()
+    # Two groups of one unpadded row: every call maskless and causal, forward and recomputation.
+    assert calls == [(None, True, "flash", True)] * (4 * layers)
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # one padded pass: a boolean mask, still flash
+    assert calls == [((2, 1, 24, 24), False, "flash", False)] * layers

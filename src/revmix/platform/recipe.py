@@ -1,7 +1,9 @@
 """The stage recipe: one training stage on one Ray Train worker, read top to bottom.
 
 ``TorchTrainer`` runs :func:`train_loop_per_worker` on every worker with the driver's :class:`StageJob`;
-it builds a :class:`StageRecipe` and calls its steps in order:
+it applies the stage's host-memory setting (``runtime.release_host_memory``,
+:mod:`revmix.platform.host_memory`; undone when the stage ends), builds a :class:`StageRecipe` and calls
+its steps in order:
 
 1. :meth:`~StageRecipe.setup` — runtime (threads, device, seed), model (policy + tokenizer, LoRA),
    objective and reference, the model forward passes go through (length groups, DDP or FSDP), optimizer and LR
@@ -49,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from revmix.atomic import atomic_write
-from revmix.config import ExperimentConfig, StageConfig
+from revmix.config import ExperimentConfig, RuntimeConfig, StageConfig
 from revmix.objectives.base import LogpKernel, Objective, PolicyForward, Reference
 from revmix.objectives.reference import ReferenceLogpCache
 from revmix.objectives.surgery import trainable_parameters
@@ -74,6 +76,7 @@ from revmix.platform.data.streams import (
     worker_slice,
 )
 from revmix.platform.data.tokenize import collate
+from revmix.platform.host_memory import release_wanted, released_host_memory
 from revmix.platform.rollout.engines import RolloutEngine, build_rollout_engine
 from revmix.platform.rollout.objective import RolloutObjective, check_rollout_objective
 from revmix.platform.run_dir import truncate_metrics
@@ -132,7 +135,11 @@ def train_loop_per_worker(config: dict[str, StageJob]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     with contextlib.ExitStack() as local:
-        recipe = StageRecipe(_staged(config["job"], rank, local), rank, context.get_world_size())
+        job = _staged(config["job"], rank, local)
+        local.enter_context(
+            released_host_memory(host_memory_release(job.cfg.runtime, job.use_gpu, rank == 0))
+        )
+        recipe = StageRecipe(job, rank, context.get_world_size())
         recipe.setup()
         try:
             recipe.resume()
@@ -143,6 +150,22 @@ def train_loop_per_worker(config: dict[str, StageJob]) -> None:
         finally:
             recipe.cleanup()
         recipe.finish()
+
+
+def host_memory_release(runtime: RuntimeConfig, use_gpu: bool, log: bool = False) -> bool:
+    """Whether a stage's worker gives freed host memory straight back (``runtime.release_host_memory``,
+    :mod:`revmix.platform.host_memory`); ``log``: one line when it does."""
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"  # as _device decides
+    ckpt = runtime.activation_checkpointing
+    on = release_wanted(
+        runtime.release_host_memory, device, ckpt == "on" or (ckpt == "auto" and device == "cuda")
+    )
+    if on and log:
+        print(
+            "host memory: freed blocks of 128 KiB or more go back to the OS (runtime.release_host_memory)",
+            flush=True,
+        )
+    return on
 
 
 def _remote(job: StageJob) -> Store | None:

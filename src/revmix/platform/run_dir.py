@@ -42,6 +42,7 @@ HARMLESS = (
     "runtime.torch_threads",
     "runtime.max_failures",
     "runtime.cpus_per_worker",
+    "runtime.release_host_memory",
     "stages.*.log_every",
     "checkpoint.keep_last",
 )
