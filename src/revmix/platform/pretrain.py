@@ -21,7 +21,7 @@ Cached by content like :func:`~revmix.platform.models.tiny_model_dir`: the key h
 version, corpus size, steps, optimiser settings), the scale, the seed and the tokenizer hash; the build runs
 under :func:`~revmix.platform.data.cache.build_once`'s lock, so concurrent trials build it once.
 
-Shipped: the default base (3,000 steps, about 15 minutes on 2 CPUs) is built by this module once and its
+Shipped: the default base (3,000 steps, 12.3M tokens; its build record gives the seconds it took) is built by this module once and its
 weights ship in the package (:data:`SHIPPED_DIR`, with the build record: key, losses, seconds, CPU, torch);
 a cache without the entry copies them when the key it computes is the shipped one, and trains otherwise.
 Same recipe, same machine and software: the same weights; another CPU family: another draw of them.
@@ -260,7 +260,7 @@ def _build(out: Path, init: Path, seed: int, spec: PretrainSpec, key: dict[str, 
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "pretrained"
 """Bases this module built and the package ships (``python -m revmix.platform.pretrain`` writes one): the
-default base takes about 15 minutes on 2 CPUs, longer than the quickstart may, so a fresh machine copies
+default base trains on 12.3M tokens, far longer than the quickstart may, so a fresh machine copies
 the shipped weights into its cache instead of training them, when their key is the key it would build."""
 
 _SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors")
