@@ -455,3 +455,22 @@ def test_skip_step_leaves_the_weights_and_marks_the_record():
     metrics, _ = run()
     assert metrics[SKIPPED] == 1.0 and torch.equal(model.w.weight, before)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_rank_reads_a_restart_checkpoint_from_its_own_copy(tmp_path):
+    """Ray's shared per-node download directory lets a late rank download again over files an early rank is
+    reading (a torn optim.pt in CI). Each rank gets a private copy, removed when it has been read, and the
+    reported checkpoint is left as it was."""
+    import ray.train
+
+    from revmix.platform.recipe import _own_copy
+
+    reported = tmp_path / "reported"
+    reported.mkdir()
+    (reported / "optim.pt").write_bytes(b"x" * 1000)
+    ckpt = ray.train.Checkpoint.from_directory(str(reported))
+    with _own_copy(ckpt, 0) as zero, _own_copy(ckpt, 1) as one:
+        assert zero != one and reported not in (zero, one)
+        assert (zero / "optim.pt").read_bytes() == (one / "optim.pt").read_bytes() == b"x" * 1000
+    assert not zero.exists() and not one.exists()
+    assert (reported / "optim.pt").read_bytes() == b"x" * 1000

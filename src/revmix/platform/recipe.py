@@ -404,11 +404,16 @@ class StageRecipe:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        resume_dir = Path(ckpt.to_directory()) if ckpt is not None else self.job.resume_from
-        resume_dir = Path(resume_dir) if resume_dir is not None else None
+        with contextlib.ExitStack() as stack:
+            if ckpt is not None:
+                resume_dir: Path | None = stack.enter_context(_own_copy(ckpt, self.rank))
+            else:
+                resume_dir = Path(self.job.resume_from) if self.job.resume_from is not None else None
+            state = None
+            if resume_dir is not None:
+                state = load_checkpoint(resume_dir, self.policy, self.optimizer, self.scheduler)
         drawn_by = self.mixer
-        if resume_dir is not None:
-            state = load_checkpoint(resume_dir, self.policy, self.optimizer, self.scheduler)
+        if state is not None:
             drawn_by = self._mixer_of(state["mixer"])
             self.start_step = drawn_by.check_state(state["mixer"])
             self.tokens_total = int(state.get("tokens", 0))
@@ -770,3 +775,21 @@ def _reference_cache(
             cache.fill(ref, collate(all_rows[i : i + 32], tokenizer.pad_token_id).to(device))
         cache.save()
     return cache
+
+
+@contextlib.contextmanager
+def _own_copy(ckpt: Any, rank: int) -> typing.Iterator[Path]:
+    """A restart checkpoint downloaded into a directory of this rank's own, removed afterwards.
+
+    Ray's ``Checkpoint.to_directory()`` without a path shares one directory per checkpoint between the
+    processes of a node, and a rank that takes its file lock after another rank's download has finished
+    downloads again over the files that rank is reading (a torn ``optim.pt``). A private directory
+    cannot be written under a reader.
+    """
+    import tempfile
+
+    local = Path(tempfile.mkdtemp(prefix=f"revmix-restart-rank{rank}-"))
+    try:
+        yield Path(ckpt.to_directory(str(local)))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
