@@ -170,6 +170,7 @@ class EvalConfig(Strict):
     alp_tokens: int = _f(1000, "ALP over the first N completion tokens (paper: 1000)", ge=1)
     alp_limit: int | None = _f(96, "held-out rows per direction for ALP (null: all)", ge=1)
     at_stage_end: bool = _f(True, "evaluate after each stage")
+    at_start: bool = _f(False, "evaluate the starting model before the first stage: every stage's baseline")
     every_steps: int = _f(0, "ALP on the held-out slice every N steps (0: off)", ge=0)
     every_epoch: bool = _f(False, "ALP on the held-out slice after every epoch")
 

@@ -76,3 +76,17 @@ def test_dpo_reference_is_the_previous_stage_policy(tmp_path):
         policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.labels
     )
     assert not torch.allclose(moved, expected, atol=1e-3)  # the check can fail: the adapter matters
+
+
+def test_the_starting_model_is_evaluated_first_when_asked(tmp_path):
+    """``eval.at_start``: the base model's evaluation on the stage-end items, flattened as ``start/eval/...``;
+    a stage at lr 1e-12 leaves the model as it was, so its stage-end accuracy is the starting one."""
+    from revmix.sweeps.results import flatten_summary
+
+    path = ROOT / "configs" / "runs" / "sft_tiny.yaml"
+    over = [*short(path, steps=1), "eval.max_new_tokens=8", "eval.at_start=true", "stages.0.lr=1e-12"]
+    summary = run_experiment(load_config(path, over), tmp_path / "run")
+    start, end = summary["start_eval"]["benchmarks"]["synthetic"], summary["eval"]["benchmarks"]["synthetic"]
+    assert start["n"] == end["n"] > 0 and start["items"] == end["items"]
+    flat = flatten_summary(summary)
+    assert flat["start/eval/accuracy/synthetic"] == flat["eval/accuracy/synthetic"]

@@ -15,6 +15,7 @@ from revmix.sweeps.conditions import (
     group_conditions,
     metric_columns,
     one_seed_note,
+    stage_change_sentences,
 )
 from revmix.sweeps.report import write_report
 from revmix.sweeps.spec import parse_sweep
@@ -134,3 +135,39 @@ def test_bootstrap_column_from_the_trials_item_scores(tmp_path):
     write_report(tmp_path, spec=spec, table=table)
     md = (tmp_path / "report.md").read_text()
     assert "| eval/accuracy/synthetic (bootstrap) |" in md and "percentile bootstrap over seeds" in md
+
+
+def test_accuracy_moves_from_the_start_through_each_stage_paired_by_seed(tmp_path):
+    """start → after stage 0 → end of run, per condition: later − earlier paired by seed (hand-computed
+    with the numbers at the top: 0.05, 0.20, 0.02 → +0.090 [−0.150, +0.330]; a constant −0.1 has no spread)."""
+    spec = parse_sweep(sweep_raw(seeds=[0, 1, 2]), tmp_path / "sweep.yaml", base_raw=BASE_RAW)
+    evaluations = {
+        "start/" + ACC: (0.50, 0.60, 0.70),
+        "stage0/" + ACC: (0.40, 0.50, 0.60),
+        ACC: ACCURACY[1.0],
+    }
+    rows = [
+        res.make_row(
+            spec,
+            f"t{seed}",
+            {"stages.0.mix.reverse_fraction": 0.5},
+            seed,
+            final={col: accs[seed] for col, accs in evaluations.items()},
+            status=res.STATUS_OK,
+            error=None,
+            wall_s=1.0,
+            run_dir=None,
+        )
+        for seed in (0, 1, 2)
+    ]
+    table = res.build_table(rows, list(spec.space))
+    cols = metric_columns(table, spec.metric)
+    assert cols == [ACC, "stage0/" + ACC, "start/" + ACC]  # end of run, earlier stages, the starting model
+    (cond,) = group_conditions(table, list(spec.space), cols)
+    assert stage_change_sentences([cond], cols) == [
+        f"{cond.label}, synthetic: after stage 0 − starting model = −0.100 [−0.100, −0.100] (3 seeds, paired "
+        "by seed): the same in every seed, so the seeds give no spread to judge noise by; after stage 0 < "
+        "starting model holds in 3/3 seeds",
+        f"{cond.label}, synthetic: end of run − after stage 0 = +0.090 [−0.150, +0.330] (3 seeds, paired by "
+        "seed): within seed-to-seed noise; end of run > after stage 0 holds in 3/3 seeds",
+    ]

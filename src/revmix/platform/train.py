@@ -31,7 +31,12 @@ from revmix.platform.checkpoint import latest_checkpoint, remove_stale_temporari
 from revmix.platform.data.mixer import Mixer, schedule_from_config
 from revmix.platform.data.prepare import PreparedData, prepare_experiment_data, to_ray_datasets
 from revmix.platform.data.schema import DIRECTIONS
-from revmix.platform.evaluation.hooks import complete_stage_eval, eval_pending, resolve_generator
+from revmix.platform.evaluation.hooks import (
+    complete_stage_eval,
+    eval_pending,
+    evaluate_start,
+    resolve_generator,
+)
 from revmix.platform.recipe import STOPPED, StageJob, train_loop_per_worker
 from revmix.platform.run_dir import (
     RunDirError,
@@ -108,6 +113,8 @@ def run_experiment(
     run_cfg = resolve_generator(cfg, inputs.use_gpu) if evaluate and cfg.eval.at_stage_end else cfg
     write_run(out, cfg, changes)
     summary = _summary_head(cfg, out, inputs)
+    if inputs.eval_rows and cfg.eval.at_start:
+        summary["start_eval"] = evaluate_start(cfg, inputs.model_path, inputs.eval_rows, inputs.use_gpu)
     init_path, chain = inputs.model_path, AdapterChain(inputs.model_path)
     for i, stage in enumerate(cfg.stages):
         result = _run_stage(run_cfg, i, out, init_path, chain, inputs, resume, callbacks, on_report)

@@ -128,12 +128,11 @@ def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Pat
     plt = _mpl()
     group_cols = [c for c in condition_columns(df, spec_paths) if c != "reverse_fraction"]
     out = []
-    for bench in benches:
-        panels = [(f"eval/accuracy/{bench}", "all items")] + [
-            (f"eval/accuracy/{bench}/{d}", f"{d} questions")
-            for d in DIRS
-            if f"eval/accuracy/{bench}/{d}" in df
-        ]
+    for (prefix, when), bench in itertools.product(accuracy_stages(df), benches):
+        acc = f"{prefix}eval/accuracy/{bench}"
+        if acc not in df or not df[acc].notna().any():
+            continue
+        panels = [(acc, "all items")] + [(f"{acc}/{d}", f"{d} questions") for d in DIRS if f"{acc}/{d}" in df]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharey=True, squeeze=False)
         for ax, (col, title) in zip(axes[0], panels):
             groups = df.groupby(group_cols, dropna=False) if group_cols else [((), df)]
@@ -147,12 +146,27 @@ def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Pat
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("accuracy (%)")
         n_seeds = int(df.groupby(["reverse_fraction", *group_cols], dropna=False).size().max())
-        fig.suptitle(f"{bench}: accuracy vs reverse fraction ({seeds_caption(n_seeds)})")
+        fig.suptitle(f"{bench}, {when}: accuracy vs reverse fraction ({seeds_caption(n_seeds)})")
         handles, labels = axes[0][0].get_legend_handles_labels()
         if len(labels) > 1 or group_cols:
             axes[0][-1].legend(handles, labels, fontsize=8, loc="best")
-        out.append(_save(fig, plots / f"accuracy_vs_r_{_slug(bench)}.png"))
+        out.append(_save(fig, plots / f"accuracy_vs_r_{_slug(prefix)}{_slug(bench)}.png"))
     return out, []
+
+
+def accuracy_stages(df: Any) -> list[tuple[str, str]]:
+    """(column prefix, words) of each evaluation the trials hold, last first: the end of the run, the end of
+    each earlier stage (``stage<i>/``), the starting model (``start/``, ``eval.at_start``)."""
+    stages = sorted({int(m.group(1)) for c in df.columns if (m := re.match(r"stage(\d+)/eval/accuracy/", c))})
+    return (
+        [("", "end of run")]
+        + [(f"stage{i}/", f"after stage {i}") for i in reversed(stages)]
+        + (
+            [("start/", "starting model")]
+            if any(c.startswith("start/eval/accuracy/") for c in df.columns)
+            else []
+        )
+    )
 
 
 def _accuracy_line(ax: Any, g: Any, col: str, label: str) -> None:

@@ -52,6 +52,7 @@ from revmix.sweeps.conditions import (
     COMPARE_TEXT,
     DIFFERENCE_TEXT,
     INTERVAL_TEXT,
+    STAGES_TEXT,
     bootstrap_columns,
     condition_rows,
     difference_sentences,
@@ -59,6 +60,7 @@ from revmix.sweeps.conditions import (
     metric_columns,
     named_comparisons,
     one_seed_note,
+    stage_change_sentences,
 )
 from revmix.sweeps.cosine import TEXT as COSINE_TEXT
 from revmix.sweeps.cosine import WINDOWS, cosine_conditions, cosine_rows, cosine_sentences
@@ -269,6 +271,9 @@ def _condition_sections(spec: SweepSpec, ok: Any, out_dir: Path) -> list[Section
     if sentences:
         text = DIFFERENCE_TEXT.format(metric=metric, which=which)
         out.append(Section("Differences between conditions", text=text, sentences=sentences))
+    changes = stage_change_sentences(conditions, columns)
+    if changes:
+        out.append(Section("Accuracy from one evaluation to the next", text=STAGES_TEXT, sentences=changes))
     if spec.compare:
         named = named_comparisons(conditions, spec.compare, columns)
         out.append(Section("Named comparisons", text=COMPARE_TEXT, sentences=named))

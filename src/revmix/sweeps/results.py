@@ -15,6 +15,7 @@ Flat metric names (also what a trial reports to Tune at its end, so ``metric:`` 
     eval/alp/<forward|reverse>/<chosen|rejected|margin>
     final/<key>                         last step's metrics of the last stage (final/loss, final/nll/forward…)
     stage<i>/<key>, stage<i>/eval/...   the same for earlier stages of a multi-stage experiment
+    start/eval/...                      the starting model's evaluation (eval.at_start), before any stage
     train/steps, train/wall_s           the whole run; train/tokens_per_s (mean over stages)
     train/stage<i>/tokens_per_s         each stage's throughput
 """
@@ -106,6 +107,7 @@ def flatten_summary(summary: dict) -> dict[str, float]:
     last = stages[-1] if stages else {}
     out.update(flatten_metrics(summary.get("final") or last.get("final") or {}, "final"))
     out.update(flatten_eval(summary.get("eval", last.get("eval"))))
+    out.update(flatten_eval(summary.get("start_eval"), "start/eval"))
     for i, st in enumerate(stages[:-1]):
         out.update(flatten_metrics(st.get("final") or {}, f"stage{i}"))
         out.update(flatten_eval(st.get("eval"), f"stage{i}/eval"))
