@@ -166,6 +166,11 @@ class EvalConfig(Strict):
         None, "k of pass@k and maj@k, each <= samples (null: [1, samples]; none when samples is 1)"
     )
     max_new_tokens: int = _f(96, "generation budget per item", ge=1, le=32768)
+    batch_size: int = _f(
+        16,
+        "items per transformers generate call: larger is faster on small models, costs KV-cache memory",
+        ge=1,
+    )
     engine_kwargs: EngineConfig = _f(EngineConfig, "vLLM engine arguments (generator vllm)")
     alp_tokens: int = _f(1000, "ALP over the first N completion tokens (paper: 1000)", ge=1)
     alp_limit: int | None = _f(96, "held-out rows per direction for ALP (null: all)", ge=1)

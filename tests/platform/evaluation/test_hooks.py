@@ -87,3 +87,23 @@ def test_item_scores_fold_predictions_into_their_benchmarks():
     assert "predictions" not in out and "items" not in result["benchmarks"]["a"]  # the input is untouched
     assert out["benchmarks"]["a"]["items"] == {"ids": ["1/forward", "1/reverse"], "correct": [1.0, 0.0]}
     assert out["benchmarks"]["b"]["items"] == {"ids": ["7"], "correct": [0.5]}  # 2 of 4 samples
+
+
+def test_eval_batch_size_changes_speed_not_answers():
+    """``eval.batch_size`` is the generate batch of the stage-end evaluation: greedy answers, and so every
+    item's score, are the same at 1 and at 64 items per call (left padding is masked)."""
+    from revmix.platform.evaluation.hooks import evaluate_policy
+    from revmix.platform.models import load_model, load_tokenizer
+    from revmix.platform.pretrain import pretrained_model_dir
+
+    path = str(pretrained_model_dir("tiny", 0))  # a base that solves some items: scores that can differ
+    policy, tok = load_model(path), load_tokenizer(path)
+    rows = generate("arith_chain", 12, seed=0)
+    scores = []
+    for bs in (1, 64):
+        cfg = build_config({"stages": [{"steps": 1}], "eval": {"batch_size": bs, "max_new_tokens": 64}})
+        scores.append(
+            evaluate_policy(cfg, rows, policy, tok, alp_only=False)["benchmarks"]["synthetic"]["items"]
+        )
+    assert scores[0] == scores[1] and len(scores[0]["ids"]) == 24
+    assert 0 < sum(scores[0]["correct"]) < 24

@@ -111,6 +111,7 @@ def evaluate_policy(
             progress=False,
             alp=False,  # ALP above, on its own (alp_limit) slice
             return_predictions=True,
+            batch_size=cfg.eval.batch_size,
         )
     return {**with_item_scores(result), "alp": alp}
 
