@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SFT = ROOT / "configs" / "runs" / "sft_tiny.yaml"  # LoRA r 16 on all seven projections of the tiny model
 TWO_LORA_STAGES = [
     "data.n_items=40",
+    "model.base=random",  # the adapters' base is the random tiny model the checks below rebuild
     "model.lora.enabled=true",
     "stages=[{name: a, steps: 2, batch_size: 4, warmup_steps: 0},"
     " {name: b, steps: 2, batch_size: 4, warmup_steps: 0}]",

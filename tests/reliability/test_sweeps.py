@@ -179,7 +179,8 @@ def test_a_sweep_with_a_trial_failing_at_run_time_exits_1_and_rebuilds(
     missing = tmp_path / "no_such_model"
     raw = {
         "base": str(SFT_TINY),
-        "overrides": {"stages.0.steps": 2, "stages.0.batch_size": 4, "data.n_items": 40},
+        # a random base: a pretrained one is only for tiny models, and a path names another
+        "overrides": {"stages.0.steps": 2, "stages.0.batch_size": 4, "data.n_items": 40, "model.base": "random"},
         "metric": "final/loss",
         "mode": "min",
         "seeds": [0],

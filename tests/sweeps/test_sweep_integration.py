@@ -118,7 +118,7 @@ def test_a_failing_trial_is_retried_then_recorded(ray_local, tmp_path: Path):
     spec = load_sweep(
         write(
             tmp_path,
-            overrides={**FAST, "model.name_or_path": str(missing)},
+            overrides={**FAST, "model.base": "random", "model.name_or_path": str(missing)},
             space={"stages.0.lr": {"grid": [0.001]}},
         )
     )
