@@ -180,7 +180,12 @@ def test_a_sweep_with_a_trial_failing_at_run_time_exits_1_and_rebuilds(
     raw = {
         "base": str(SFT_TINY),
         # a random base: a pretrained one is only for tiny models, and a path names another
-        "overrides": {"stages.0.steps": 2, "stages.0.batch_size": 4, "data.n_items": 40, "model.base": "random"},
+        "overrides": {
+            "stages.0.steps": 2,
+            "stages.0.batch_size": 4,
+            "data.n_items": 40,
+            "model.base": "random",
+        },
         "metric": "final/loss",
         "mode": "min",
         "seeds": [0],
