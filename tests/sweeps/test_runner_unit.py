@@ -107,6 +107,14 @@ def test_sweep_dir_rules(tmp_path: Path):
     changed = load_sweep(write_sweep(tmp_path, sweep_raw(seeds=[0, 1, 2])))
     with pytest.raises(SweepExistsError, match=r"differs from the sweep stored .* \(keys: seeds\)"):
         _prepare_dir(changed, out, resume=True)
+    # A sweep stored before a field existed resumes while the file leaves that field at its default.
+    stored = json.loads((out / "spec.json").read_text())
+    del stored["compare"], stored["max_concurrent_trials"]
+    (out / "spec.json").write_text(json.dumps(stored))
+    _prepare_dir(spec, out, resume=True)
+    capped = load_sweep(write_sweep(tmp_path, sweep_raw(max_concurrent_trials=1)))
+    with pytest.raises(SweepExistsError, match=r"\(keys: max_concurrent_trials\)"):
+        _prepare_dir(capped, out, resume=True)
 
 
 def test_cli_dry_run_and_errors(tmp_path: Path, capsys):

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from revmix.platform.console import quiet_libraries
 from revmix.platform.data.cache import cache_root
 from revmix.platform.storage import Store, as_store, open_store, staging_dir
@@ -313,8 +315,14 @@ def _env(**values: str):
 def _comparable(d: dict) -> dict:
     """What a resume must find unchanged: not where the spec came from, nor the trackers (they decide
     where metrics are copied, not what a trial computes; and a sweep stored before ``tracking`` took its
-    current shape can still be resumed)."""
-    return {k: v for k, v in d.items() if k not in ("source", "base", "tracking")}
+    current shape can still be resumed). A field added to the sweep format after a sweep was stored reads
+    as its default there, so a sweep that leaves it unset resumes."""
+    added = {
+        name: to_jsonable_python(field.get_default(call_default_factory=True))
+        for name, field in SweepSpec.model_fields.items()
+        if name not in d and not field.is_required()
+    }
+    return {k: v for k, v in (d | added).items() if k not in ("source", "base", "tracking")}
 
 
 def _prepare_dir(spec: SweepSpec, out: Path | Store, resume: bool) -> None:
