@@ -474,3 +474,24 @@ def test_each_rank_reads_a_restart_checkpoint_from_its_own_copy(tmp_path):
         assert (zero / "optim.pt").read_bytes() == (one / "optim.pt").read_bytes() == b"x" * 1000
     assert not zero.exists() and not one.exists()
     assert (reported / "optim.pt").read_bytes() == b"x" * 1000
+
+
+def test_resume_reads_fields_added_since_the_run_as_their_defaults(tmp_path):
+    """A run stored before ``eval.at_start`` existed resumes under a config that leaves it at its default;
+    setting it is a change like any other (here one ``--allow-change eval.*`` accepts)."""
+    import yaml
+
+    from revmix.config import build_config, to_dict
+    from revmix.platform.run_dir import RunDirError, check_resume_config
+    from revmix.platform.storage import open_store
+
+    cfg = build_config({"stages": [{"steps": 2}]})
+    written = to_dict(cfg)
+    del written["eval"]["at_start"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(written))
+    out = open_store(tmp_path)
+    assert check_resume_config(out, cfg) == []
+    asked = build_config({"stages": [{"steps": 2}], "eval": {"at_start": True}})
+    with pytest.raises(RunDirError, match=r"eval.at_start \(false → true\)"):
+        check_resume_config(out, asked)
+    assert check_resume_config(out, asked, ["eval.*"]) == ["eval.at_start"]

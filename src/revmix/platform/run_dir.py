@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from revmix.atomic import atomic_write
-from revmix.config import ExperimentConfig, to_dict
+from revmix.config import ConfigError, ExperimentConfig, build_config, to_dict
 from revmix.platform.storage import Store, as_store
 
 MANIFEST = "revmix_run.json"
@@ -170,9 +170,13 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def check_resume_config(out: Store, cfg: ExperimentConfig, allow: Iterable[str] = ()) -> list[str]:
     """Compare ``cfg`` with the run's stored config; returns the changed paths accepted, else raises."""
     try:
-        stored = flatten(yaml.safe_load(out.read_text("config.yaml")) or {})
+        raw = yaml.safe_load(out.read_text("config.yaml")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise RunDirError(f"--resume: cannot read the run's config.yaml to compare with ({e})") from None
+    try:  # a field added to the config after the run was stored reads as its default there
+        stored = flatten(to_dict(build_config(raw)))
+    except ConfigError:  # a field since removed or renamed: compare what was written
+        stored = flatten(raw)
     new = flatten(to_dict(cfg))
     changed = sorted(p for p in set(stored) | set(new) if stored.get(p, "<absent>") != new.get(p, "<absent>"))
     allow = list(allow)
