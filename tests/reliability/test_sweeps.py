@@ -175,7 +175,8 @@ def test_a_sweep_with_a_trial_failing_at_run_time_exits_1_and_rebuilds(
     ray_local, tmp_path: Path, capsys
 ) -> None:
     """Grid over the model: ``null`` (the tiny model) trains; a missing folder is a valid path at parse
-    time and fails when the trial loads it (after Tune's one retry)."""
+    time and fails when the trial loads it (after Tune's one retry); once it holds a model,
+    ``--resume --retry-errored`` finishes that trial."""
     missing = tmp_path / "no_such_model"
     raw = {
         "base": str(SFT_TINY),
@@ -214,3 +215,15 @@ def test_a_sweep_with_a_trial_failing_at_run_time_exits_1_and_rebuilds(
     assert main(["report", str(out)]) == 0
     pd.testing.assert_frame_equal(res.read_table(out), written)
     assert (out / "results.csv").read_text() == (saved / "results.csv").read_text()
+
+    # The cause fixed (the folder now holds the tiny model): --resume keeps the ERROR, --retry-errored
+    # runs that trial again and leaves the finished one as it was.
+    from revmix.platform.models import tiny_model_dir
+
+    shutil.copytree(tiny_model_dir("tiny", 0), missing)
+    finished = (out / "trials").glob("*/run/summary.json")
+    before = {p: p.read_bytes() for p in finished}
+    path = str(tmp_path / "sweep.yaml")
+    assert main(["sweep", path, "--out", str(out), "--resume", "--retry-errored", "--no-report"]) == 0
+    assert set(res.read_table(out)["status"]) == {"TERMINATED"}
+    assert all(p.read_bytes() == b for p, b in before.items()) and len(before) == 1

@@ -130,6 +130,8 @@ def test_cli_dry_run_and_errors(tmp_path: Path, capsys):
     assert "did you mean 'reverse_fraction'" in capsys.readouterr().err
     assert main(["sweep", str(path)]) == 2
     assert "--out DIR is required" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--out", str(tmp_path / "new"), "--retry-errored"]) == 2
+    assert "--retry-errored continues a sweep: pass --resume too" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
     assert main(["sweep", str(path), "--out", str(tmp_path / "taken")]) == 2  # refused before Ray starts

@@ -1,4 +1,4 @@
-"""``revmix sweep FILE --out DIR [--resume] [--dry-run] [--max-concurrent N] [--verbose]``.
+"""``revmix sweep FILE --out DIR [--resume [--retry-errored]] [--dry-run] [--max-concurrent N] [--verbose]``.
 
 The whole sweep file is validated before Ray starts (a typo in a swept path fails in milliseconds, naming
 the path and its close matches); ``--dry-run`` stops there and prints the trial list.
@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "$REVMIX_STORAGE when set; refused if it exists, unless --resume",
     )
     p.add_argument("--resume", action="store_true", help="continue the killed/interrupted sweep in --out")
+    p.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="with --resume: also run the trials that ended in ERROR again, each from its run's last checkpoint",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials; start nothing")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N", help="cap on concurrent trials")
     p.add_argument("--no-report", action="store_true", help="skip report.md/report.html at the end")
@@ -55,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         print("revmix sweep: --out DIR is required (or --dry-run)", file=sys.stderr)
         return 2
+    if args.retry_errored and not args.resume:
+        print("revmix sweep: --retry-errored continues a sweep: pass --resume too", file=sys.stderr)
+        return 2
     from revmix.platform.console import quiet_libraries
     from revmix.platform.storage import StorageError
     from revmix.sweeps.runner import SweepExistsError, run_sweep
@@ -65,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             spec,
             args.out,
             resume=args.resume,
+            retry_errored=args.retry_errored,
             max_concurrent=args.max_concurrent,
             write_report=not args.no_report,
             verbose=args.verbose,

@@ -24,7 +24,7 @@ there (in a local staging folder) and uploaded. On a multi-node cluster DIR must
 storage (NFS…), never a node's local disk.
 
 Resume: ``tune.Tuner.restore(DIR/tune, resume_unfinished=True, restart_errored=False)`` keeps finished
-trials; an unfinished trial's driver starts again and, finding ``run/config.yaml``, calls
+trials (and errored ones, unless ``--retry-errored``: ``resume_errored=True``); an unfinished trial's driver starts again and, finding ``run/config.yaml``, calls
 ``run_experiment(resume=True)``, which continues from that run's last checkpoint. The same path handles
 Tune's retry of a failed trial (``FailureConfig(max_failures=1)``).
 """
@@ -373,11 +373,15 @@ def run_sweep(
     out_dir: str | Path,
     *,
     resume: bool = False,
+    retry_errored: bool = False,
     max_concurrent: int | None = None,
     write_report: bool = True,
     verbose: bool = False,
 ) -> SweepOutcome:
     """Run (or resume) ``spec`` into ``out_dir``; write the results table and the report.
+
+    ``retry_errored`` (with ``resume``) runs the trials that ended in ERROR again, each resuming its run
+    from the last checkpoint (e.g. after fixing what failed them); otherwise they stay as they ended.
 
     ``verbose`` brings back Ray Tune's per-trial status tables (off: the trials' own progress lines).
     """
@@ -390,7 +394,7 @@ def run_sweep(
     plan = _plan_on_cluster(spec, max_concurrent)
     print(f"revmix sweep {spec.name}: {spec.num_trials()} trial(s) → {store}\n  {plan.note}", flush=True)
     prepare_sweep_data(spec)
-    grid = _fit(spec, store, plan, resume=resume, verbose=verbose)
+    grid = _fit(spec, store, plan, resume=resume, retry_errored=retry_errored, verbose=verbose)
     collect_verdicts(spec, store, grid)
     with res.local_record(store) as local:  # the trial folders, read back from a bucket when on one
         table = res.rebuild_table(spec, local)
@@ -473,7 +477,9 @@ def _plan_on_cluster(spec: SweepSpec, max_concurrent: int | None) -> TrialResour
     return plan_resources(spec, ray.cluster_resources(), max_concurrent=max_concurrent, node_cpus=node_cpus)
 
 
-def _fit(spec: SweepSpec, store: Store, plan: TrialResources, *, resume: bool, verbose: bool) -> Any:
+def _fit(
+    spec: SweepSpec, store: Store, plan: TrialResources, *, resume: bool, retry_errored: bool, verbose: bool
+) -> Any:
     """Build (or restore) the Tuner and run it to the end; returns Tune's ResultGrid."""
     from ray import tune
 
@@ -495,7 +501,7 @@ def _fit(spec: SweepSpec, store: Store, plan: TrialResources, *, resume: bool, v
                 trainable=trainable,
                 storage_filesystem=store.ray_storage("").get("storage_filesystem"),
                 resume_unfinished=True,
-                resume_errored=False,
+                resume_errored=retry_errored,  # from the trial's last Tune checkpoint; its run resumes itself
                 restart_errored=False,
             )
         else:
