@@ -74,6 +74,7 @@ def test_parse_active_nodes_reads_only_the_active_section() -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sweep_demand_scales_workers_up_from_zero_and_idle_workers_are_released(tmp_path: Path) -> None:
     config = fake_autoscaling_config(worker_cpus=1, max_workers=2, idle_timeout_minutes=0.15)
     t0 = time.monotonic()

@@ -144,6 +144,7 @@ def _launch(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_launch_against_a_real_token_auth_head(tmp_path: Path) -> None:
     """Submit through ``revmix launch`` to its own head on 127.0.0.1 (not ``ray_local``), stream, exit codes."""
     from tests.cluster.helpers import local_head

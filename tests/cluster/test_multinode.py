@@ -69,6 +69,7 @@ def test_process_matching_respects_directory_boundaries() -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_launched_sweep_runs_trials_on_both_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
     sweep = smoke_sweep(tmp_path)
     if sweep.is_relative_to(ROOT):  # as a user types it: resolved inside the shipped working_dir
@@ -94,6 +95,7 @@ def test_launched_sweep_runs_trials_on_both_nodes(cluster: LocalCluster, tmp_pat
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_losing_a_node_mid_sweep_retries_its_trial_and_keeps_every_result(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:

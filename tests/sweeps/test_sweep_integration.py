@@ -151,6 +151,7 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+@pytest.mark.heavy
 def test_kill_dash_nine_then_resume_keeps_finished_trials(ray_local, tmp_path: Path):
     path = write(
         tmp_path,
