@@ -90,3 +90,9 @@ def test_the_starting_model_is_evaluated_first_when_asked(tmp_path):
     assert start["n"] == end["n"] > 0 and start["items"] == end["items"]
     flat = flatten_summary(summary)
     assert flat["start/eval/accuracy/synthetic"] == flat["eval/accuracy/synthetic"]
+    # Kept in the run: a resume reads it back instead of evaluating the starting model again.
+    kept = tmp_path / "run" / "start_eval.json"
+    assert json.loads(kept.read_text()) == summary["start_eval"]
+    kept.write_text(json.dumps({"benchmarks": {}, "alp": {}, "marker": "kept"}))
+    resumed = run_experiment(load_config(path, over), tmp_path / "run", resume=True)
+    assert resumed["start_eval"]["marker"] == "kept"

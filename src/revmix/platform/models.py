@@ -470,6 +470,14 @@ def load_model(
     return model.to(device)  # type: ignore[arg-type]
 
 
+def checkpointing_wanted(setting: str, device_type: str) -> bool:
+    """``runtime.activation_checkpointing`` resolved: ``on``, ``off``, or ``auto`` = on on a GPU."""
+    choices = ("auto", "on", "off")
+    if setting not in choices:
+        raise ValueError(f"unknown activation_checkpointing {setting!r}; valid: {', '.join(choices)}")
+    return setting == "on" or (setting == "auto" and device_type == "cuda")
+
+
 def apply_activation_checkpointing(model: PreTrainedModel, setting: str, device: str | torch.device) -> bool:
     """``runtime.activation_checkpointing`` on ``model``: ``on``, ``off``, or ``auto`` = on when training
     on a GPU; returns whether it is on.
@@ -483,10 +491,7 @@ def apply_activation_checkpointing(model: PreTrainedModel, setting: str, device:
     itself, so LoRA needs nothing more. Call it on the base model, before :func:`apply_lora`. Layers are
     recomputed only in ``train()`` mode with gradients on.
     """
-    choices = ("auto", "on", "off")
-    if setting not in choices:
-        raise ValueError(f"unknown activation_checkpointing {setting!r}; valid: {', '.join(choices)}")
-    on = setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+    on = checkpointing_wanted(setting, torch.device(device).type)
     if on:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return on

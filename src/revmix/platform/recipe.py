@@ -155,10 +155,11 @@ def train_loop_per_worker(config: dict[str, StageJob]) -> None:
 def host_memory_release(runtime: RuntimeConfig, use_gpu: bool, log: bool = False) -> bool:
     """Whether a stage's worker gives freed host memory straight back (``runtime.release_host_memory``,
     :mod:`revmix.platform.host_memory`); ``log``: one line when it does."""
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"  # as _device decides
-    ckpt = runtime.activation_checkpointing
+    from revmix.platform.models import checkpointing_wanted
+
+    device = _device(use_gpu).type
     on = release_wanted(
-        runtime.release_host_memory, device, ckpt == "on" or (ckpt == "auto" and device == "cuda")
+        runtime.release_host_memory, device, checkpointing_wanted(runtime.activation_checkpointing, device)
     )
     if on and log:
         print(
@@ -404,14 +405,12 @@ class StageRecipe:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        with contextlib.ExitStack() as stack:
-            if ckpt is not None:
-                resume_dir: Path | None = stack.enter_context(_own_copy(ckpt, self.rank))
-            else:
-                resume_dir = Path(self.job.resume_from) if self.job.resume_from is not None else None
-            state = None
-            if resume_dir is not None:
-                state = load_checkpoint(resume_dir, self.policy, self.optimizer, self.scheduler)
+        state = None
+        if ckpt is not None:
+            with _own_copy(ckpt, self.rank) as restart_dir:
+                state = load_checkpoint(restart_dir, self.policy, self.optimizer, self.scheduler)
+        elif self.job.resume_from is not None:
+            state = load_checkpoint(Path(self.job.resume_from), self.policy, self.optimizer, self.scheduler)
         drawn_by = self.mixer
         if state is not None:
             drawn_by = self._mixer_of(state["mixer"])

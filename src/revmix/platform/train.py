@@ -50,6 +50,8 @@ from revmix.platform.storage import Store, open_store
 
 __all__ = ["RunDirError", "RunExistsError", "TrainingStopped", "run_experiment", "stage_plan"]
 
+START_EVAL = "start_eval.json"  # the starting model's evaluation (eval.at_start), kept for a resume
+
 
 class TrainingStopped(RuntimeError):
     """A stage stopped early (a non-finite loss or gradient norm); its last good checkpoint is kept."""
@@ -114,7 +116,7 @@ def run_experiment(
     write_run(out, cfg, changes)
     summary = _summary_head(cfg, out, inputs)
     if inputs.eval_rows and cfg.eval.at_start:
-        summary["start_eval"] = evaluate_start(cfg, inputs.model_path, inputs.eval_rows, inputs.use_gpu)
+        summary["start_eval"] = _start_eval(cfg, out, inputs, resume)
     init_path, chain = inputs.model_path, AdapterChain(inputs.model_path)
     for i, stage in enumerate(cfg.stages):
         result = _run_stage(run_cfg, i, out, init_path, chain, inputs, resume, callbacks, on_report)
@@ -185,6 +187,15 @@ def check_mix(cfg: ExperimentConfig, data: PreparedData) -> None:
                     f"({have['forward']} forward, {have['reverse']} reverse); "
                     f"set stages.{i}.mix.reverse_fraction={fix} or add {d} rows"
                 )
+
+
+def _start_eval(cfg: ExperimentConfig, out: Store, inputs: _Inputs, resume: bool) -> dict[str, Any]:
+    """``eval.at_start``'s evaluation, kept in the run (``start_eval.json``) so a resume does not redo it."""
+    if resume and out.is_file(START_EVAL):
+        return dict(json.loads(out.read_text(START_EVAL)))
+    found = evaluate_start(cfg, inputs.model_path, inputs.eval_rows or [])
+    out.write(START_EVAL, json.dumps(found, indent=1))
+    return found
 
 
 def _summary_head(cfg: ExperimentConfig, out: Store, inputs: _Inputs) -> dict[str, Any]:

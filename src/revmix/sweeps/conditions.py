@@ -65,24 +65,15 @@ def metric_columns(df: Any, metric: str) -> list[str]:
     """The sweep metric, each benchmark's accuracy (overall, forward, reverse: at the end of the run, then
     after each earlier stage, then of the starting model), then KEY_METRICS — only columns some trial
     reported."""
-    accuracy = sorted(
-        (
-            c
-            for c in df.columns
-            if re.fullmatch(r"(stage\d+/|start/)?eval/accuracy/[^/]+(/forward|/reverse)?", c)
-        ),
-        key=_evaluation_order,
-    )
-    cols = [res.metric_column(metric, list(df.columns)), *accuracy, *KEY_METRICS]
+    columns = list(df.columns)
+    accuracy = [
+        c
+        for prefix, _ in res.evaluations(columns)
+        for c in sorted(columns)
+        if re.fullmatch(rf"{prefix}eval/accuracy/[^/]+(/forward|/reverse)?", c)
+    ]
+    cols = [res.metric_column(metric, columns), *accuracy, *KEY_METRICS]
     return [c for c in dict.fromkeys(cols) if c in df.columns and df[c].notna().any()]
-
-
-def _evaluation_order(column: str) -> tuple[int, str]:
-    """End of run first, then earlier stages from the last, then the starting model."""
-    if column.startswith("start/"):
-        return 1_000_000, column
-    m = re.match(r"stage(\d+)/", column)
-    return (1_000 - int(m.group(1)) if m else 0), column
 
 
 STAGES_TEXT = (
@@ -96,24 +87,19 @@ STAGES_TEXT = (
 def stage_change_sentences(conditions: list[Condition], columns: list[str]) -> list[str]:
     """Per condition and benchmark, one sentence per consecutive pair of its evaluations (start → stage 0 →
     … → end of run): ``later − earlier`` via :func:`revmix.sweeps.intervals.compare_text`."""
-    overall = sorted(
-        (c for c in columns if re.fullmatch(r"(stage\d+/|start/)?eval/accuracy/[^/]+", c)),
-        key=_evaluation_order,
-    )
+    oldest_first = res.evaluations(columns)[::-1]
+    benches = dict.fromkeys(m.group(1) for c in columns if (m := re.fullmatch(r"eval/accuracy/([^/]+)", c)))
     out = []
-    for bench in dict.fromkeys(c.rsplit("/", 1)[1] for c in overall):
-        chain = [c for c in reversed(overall) if c.endswith(f"eval/accuracy/{bench}")]
-        for cond in conditions:
-            have = [c for c in chain if cond.values.get(c)]
-            for earlier, later in zip(have, have[1:]):
-                text = compare_text(_when(later), _when(earlier), cond.values[later], cond.values[earlier])
-                out.append(f"{cond.label}, {bench}: {text}")
+    for bench, cond in ((b, c) for b in benches for c in conditions):
+        have = [
+            (f"{p}eval/accuracy/{bench}", w)
+            for p, w in oldest_first
+            if cond.values.get(f"{p}eval/accuracy/{bench}")
+        ]
+        for (earlier, was), (later, now) in zip(have, have[1:]):
+            text = compare_text(now, was, cond.values[later], cond.values[earlier])
+            out.append(f"{cond.label}, {bench}: {text}")
     return out
-
-
-def _when(column: str) -> str:
-    head = column.split("/", 1)[0]
-    return {"eval": "end of run", "start": "starting model"}.get(head, head.replace("stage", "after stage "))
 
 
 def item_scores(out_dir: Path, run_dir: Any) -> dict[str, list[float]]:

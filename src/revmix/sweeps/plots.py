@@ -128,7 +128,7 @@ def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Pat
     plt = _mpl()
     group_cols = [c for c in condition_columns(df, spec_paths) if c != "reverse_fraction"]
     out = []
-    for (prefix, when), bench in itertools.product(accuracy_stages(df), benches):
+    for (prefix, when), bench in itertools.product(res.evaluations(list(df.columns)), benches):
         acc = f"{prefix}eval/accuracy/{bench}"
         if acc not in df or not df[acc].notna().any():
             continue
@@ -152,21 +152,6 @@ def plot_accuracy_vs_r(df, spec_paths: list[str], plots: Path) -> tuple[list[Pat
             axes[0][-1].legend(handles, labels, fontsize=8, loc="best")
         out.append(_save(fig, plots / f"accuracy_vs_r_{_slug(prefix)}{_slug(bench)}.png"))
     return out, []
-
-
-def accuracy_stages(df: Any) -> list[tuple[str, str]]:
-    """(column prefix, words) of each evaluation the trials hold, last first: the end of the run, the end of
-    each earlier stage (``stage<i>/``), the starting model (``start/``, ``eval.at_start``)."""
-    stages = sorted({int(m.group(1)) for c in df.columns if (m := re.match(r"stage(\d+)/eval/accuracy/", c))})
-    return (
-        [("", "end of run")]
-        + [(f"stage{i}/", f"after stage {i}") for i in reversed(stages)]
-        + (
-            [("start/", "starting model")]
-            if any(c.startswith("start/eval/accuracy/") for c in df.columns)
-            else []
-        )
-    )
 
 
 def _accuracy_line(ax: Any, g: Any, col: str, label: str) -> None:

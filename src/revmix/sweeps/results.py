@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,17 @@ def flatten_metrics(record: dict, prefix: str) -> dict[str, float]:
         for k, v in record.items()
         if k not in _BOOKKEEPING and as_float(v) is not None and math.isfinite(float(v))
     }
+
+
+def evaluations(columns: list[str]) -> list[tuple[str, str]]:
+    """(column prefix, words) of each evaluation whose accuracy some column holds, the end of the run first,
+    then each earlier stage from the last (``stage<i>/``), then the starting model (``start/``)."""
+    stages = {int(m.group(1)) for c in columns if (m := re.match(r"stage(\d+)/eval/accuracy/", c))}
+    found = [("", "end of run")] if any(c.startswith("eval/accuracy/") for c in columns) else []
+    found += [(f"stage{i}/", f"after stage {i}") for i in sorted(stages, reverse=True)]
+    return found + (
+        [("start/", "starting model")] if any(c.startswith("start/eval/accuracy/") for c in columns) else []
+    )
 
 
 def flatten_summary(summary: dict) -> dict[str, float]:

@@ -24,9 +24,10 @@ there (in a local staging folder) and uploaded. On a multi-node cluster DIR must
 storage (NFS…), never a node's local disk.
 
 Resume: ``tune.Tuner.restore(DIR/tune, resume_unfinished=True, restart_errored=False)`` keeps finished
-trials (and errored ones, unless ``--retry-errored``: ``resume_errored=True``); an unfinished trial's driver starts again and, finding ``run/config.yaml``, calls
-``run_experiment(resume=True)``, which continues from that run's last checkpoint. The same path handles
-Tune's retry of a failed trial (``FailureConfig(max_failures=1)``).
+trials (and errored ones, unless ``--retry-errored``: ``resume_errored=True``); an unfinished trial's
+driver starts again and, finding ``run/config.yaml``, calls ``run_experiment(resume=True)``, which
+continues from that run's last checkpoint. The same path handles Tune's retry of a failed trial
+(``FailureConfig(max_failures=1)``).
 """
 
 from __future__ import annotations

@@ -116,14 +116,15 @@ def evaluate_policy(
     return {**with_item_scores(result), "alp": alp}
 
 
-def evaluate_start(
-    cfg: ExperimentConfig, model_path: str, eval_rows: list[dict[str, Any]], use_gpu: bool
-) -> dict[str, Any]:
+def evaluate_start(cfg: ExperimentConfig, model_path: str, eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The starting model's evaluation (``eval.at_start``), the baseline each stage's is read against:
-    the stage-end evaluation's items, sampling and ALP slice, on the driver with transformers generate."""
+    the stage-end evaluation's items, sampling and ALP slice, on the driver (its GPU when it has one; the
+    workers' may be elsewhere) with transformers generate."""
+    import torch
+
     from revmix.platform.models import load_model, load_tokenizer
 
-    policy = load_model(model_path, device="cuda" if use_gpu else "cpu")
+    policy = load_model(model_path, device="cuda" if torch.cuda.is_available() else "cpu")
     hf = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"generator": "hf"})})
     return evaluate_policy(hf, eval_rows, policy, load_tokenizer(model_path), alp_only=False)
 
