@@ -2,7 +2,15 @@ import json
 
 import pandas as pd
 
-from revmix.sweeps.paper import CONDITIONS, findings, measured_margins, paper_margins, paper_section
+from revmix.sweeps.paper import (
+    CONDITIONS,
+    by_model_section,
+    findings,
+    measured_margins,
+    paper_margins,
+    paper_section,
+    paper_sections,
+)
 
 
 def _run(tmp_path, name, recs):
@@ -104,3 +112,58 @@ def test_findings_are_judged_per_seed_with_intervals(tmp_path):
     dpo_measured = next(m for _, f, m in section.findings if f.startswith("DPO"))
     assert "after DPO +0.253" in dpo_measured and "means over 3 seeds" in dpo_measured
     assert "mean over 3 seeds with the 95% Student-t interval" in section.intro
+
+
+def _model_rows(tmp_path, model, seeds, ff, rr, mixed):
+    """Finished r = 0, r = 1 and union trials of ``model``: two epochs each, the first at ±0.1."""
+    rows = []
+    for seed in seeds:
+        runs = {
+            (0.0, "fixed_total"): _recs(0, [0.1, ff[seed]], [-0.1, -ff[seed]]),
+            (1.0, "fixed_total"): _recs(0, [-0.1, -rr[seed]], [0.1, rr[seed]]),
+            (0.5, "union"): _recs(0, [0.0, mixed], [0.0, mixed]),
+        }
+        for (r, mix), recs in runs.items():
+            run = _run(tmp_path, f"{model}_{seed}_{mix}_{r}", recs)
+            rows.append(
+                {
+                    "status": "TERMINATED",
+                    "model": model,
+                    "seed": seed,
+                    "mix": mix,
+                    "reverse_fraction": r,
+                    "run_dir": run,
+                }
+            )
+    return rows
+
+
+def test_a_sweep_over_model_sizes_compares_each_size_and_tabulates_findings_by_size(tmp_path):
+    small = _model_rows(tmp_path, "tiny-small", [0], {0: 0.8}, {0: 0.4}, 0.3)
+    tiny = _model_rows(tmp_path, "tiny-tiny", [0, 1], {0: 0.4, 1: 0.6}, {0: 0.2, 1: 0.2}, 0.03)
+    table = pd.DataFrame(small + tiny)  # the larger size first: the report orders by size
+    sections = paper_sections(table, tmp_path)
+    assert [m for m, _ in sections] == ["tiny-tiny", "tiny-small"]
+    assert "(tiny-tiny, synthetic twins)" in sections[0][1].intro
+    assert sections[1][1].rows[1][2:4] == ["+0.100", "+0.800"]  # small's f→f alone, not pooled with tiny
+    by_model = by_model_section(table, tmp_path)
+    assert by_model.header == ["model", "f→f", "r→r", "f→r", "r→f", "mixed", "mixed share"]
+    # tiny f→f over seeds 0.4, 0.6: 0.5 ± t_{1,0.975}·0.1414/√2 = 0.5 ± 1.2706; mixed share per seed:
+    # 0.03 / 0.3 = 10% and 0.03 / 0.4 = 7.5%: 8.75% ± 12.706·0.017678/√2 = ± 15.88 points
+    assert by_model.rows[0][:2] == ["tiny-tiny", "+0.500 [-0.771, +1.771]"]
+    assert by_model.rows[0][6] == "9% [-7%, 25%]"
+    # small, one seed: no interval; mixed 0.3 is half of (0.8 + 0.4) / 2: the collapse does not hold
+    assert by_model.rows[1] == ["tiny-small", "+0.800", "+0.400", "-0.800", "-0.400", "+0.300", "50%"]
+    verdicts = {f: v for v, f, _ in by_model.findings}
+    assert verdicts[
+        "tiny-tiny: Mixing both directions collapses the margin (paper: ≈0.08 vs ≈1.3, under 10%)"
+    ] == ("holds in 2/2 seeds")
+    assert verdicts[
+        "tiny-small: Mixing both directions collapses the margin (paper: ≈0.08 vs ≈1.3, under 10%)"
+    ] == ("does not hold (1 seed)")
+
+
+def test_a_sweep_of_one_model_has_one_comparison_and_no_size_table(tmp_path):
+    table = pd.DataFrame(_model_rows(tmp_path, "tiny-tiny", [0], {0: 0.4}, {0: 0.2}, 0.03))
+    assert [m for m, _ in paper_sections(table, tmp_path)] == [""]
+    assert by_model_section(table, tmp_path) is None

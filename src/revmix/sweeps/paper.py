@@ -8,6 +8,10 @@ Margins come from the per-epoch ALP records in each trial's ``metrics.jsonl`` (`
 With several seeds the table shows, per epoch, the mean over seeds and the 95% Student-t interval over
 seeds, and every finding is judged on each seed alone ("holds in 2/3 seeds"): one run cannot carry a
 conclusion at this scale (the DPO finding flipped between machines and batchings on one seed).
+
+A sweep over models (``model.scale`` or ``model.name_or_path``: the results table's ``model`` column) gets
+one comparison per model (:func:`paper_sections`) and a table of the last epoch's margins by model with
+every finding judged per model and seed (:func:`by_model_section`): the paper's scale axis.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from revmix.assets import asset_path
+from revmix.config import ModelConfig
 from revmix.sweeps.intervals import NO_INTERVAL, mean_interval
 from revmix.sweeps.plots import read_metrics
 from revmix.sweeps.results import MISSING
@@ -32,8 +37,20 @@ CONDITIONS = (
 )
 INTRO = (
     "ALP margin (nats/token, ALP(y+) − ALP(y−)) after each epoch: the paper's figure (model size not "
-    "stated, probably 7B, real reasoning traces) beside this sweep (tiny model, synthetic twins). Absolute "
+    "stated, probably 7B, real reasoning traces) beside this sweep ({model}, synthetic twins). Absolute "
     "values are not comparable across scales; the question is which qualitative findings carry over."
+)
+BY_MODEL_INTRO = (
+    "The last epoch's ALP margin (nats/token) of each condition by model, mean over seeds with the 95% "
+    "Student-t interval over seeds, and each finding judged per model on every seed alone. 'mixed share' is "
+    "mixed → mixed over the same-direction mean (f→f + r→r) / 2 (the paper: about 6%)."
+)
+LAST_EPOCH = (
+    "forward → forward",
+    "reverse → reverse",
+    "forward → reverse",
+    "reverse → forward",
+    "mixed → mixed",
 )
 
 
@@ -177,8 +194,9 @@ def seed_verdicts(by_seed: dict[int, dict[str, list[float]]]) -> list[tuple[str,
     return out
 
 
-def paper_section(table: Any, out_dir: Path) -> PaperComparison | None:
-    """The comparison as data for the report's templates, or None when no paper condition was measured."""
+def paper_section(table: Any, out_dir: Path, model: str | None = None) -> PaperComparison | None:
+    """The comparison as data for the report's templates, or None when no paper condition was measured.
+    ``model`` names the trials' model in the text (default: the ``model`` column's values)."""
     by_seed = measured_by_seed(table, out_dir)
     if not by_seed:
         return None
@@ -189,4 +207,71 @@ def paper_section(table: Any, out_dir: Path) -> PaperComparison | None:
         if n > 1
         else f" Measured: {NO_INTERVAL}."
     )
-    return PaperComparison(INTRO + spread, header, rows, seed_verdicts(by_seed))
+    intro = INTRO.format(model=model or ", ".join(models_of(table)) or "tiny model")
+    return PaperComparison(intro + spread, header, rows, seed_verdicts(by_seed))
+
+
+def models_of(table: Any) -> list[str]:
+    """The finished trials' models, smallest locally built size first (``tiny-tiny``, ``tiny-small``,
+    ``tiny-base``), then any other model in the order met."""
+    if "model" not in table.columns:
+        return []
+    done = table[table["status"] == "TERMINATED"] if "status" in table.columns else table
+    names = list(dict.fromkeys(str(m) for m in done["model"].dropna()))
+    sizes = [f"tiny-{s}" for s in get_args(ModelConfig.model_fields["scale"].annotation)]
+    return sorted(names, key=lambda m: (sizes.index(m) if m in sizes else len(sizes), names.index(m)))
+
+
+def paper_sections(table: Any, out_dir: Path) -> list[tuple[str, PaperComparison]]:
+    """(model, comparison) for each model of the sweep with a paper condition measured; one entry named
+    ``""`` when the sweep has one model."""
+    models = models_of(table)
+    if len(models) < 2:
+        section = paper_section(table, out_dir)
+        return [("", section)] if section else []
+    out = []
+    for model in models:
+        section = paper_section(table[table["model"].astype(str) == model], out_dir, model)
+        out += [(model, section)] if section else []
+    return out
+
+
+def by_model_section(table: Any, out_dir: Path) -> PaperComparison | None:
+    """The last epoch's margins by model (one row per model) and every finding judged per model and seed;
+    None for a sweep of one model."""
+    models = models_of(table)
+    if len(models) < 2:
+        return None
+    header = ["model", *(_short(c) for c in LAST_EPOCH), "mixed share"]
+    rows, verdicts = [], []
+    for model in models:
+        by_seed = measured_by_seed(table[table["model"].astype(str) == model], out_dir)
+        if not by_seed:
+            continue
+        last = {c: [m[c][-1] for m in by_seed.values() if m.get(c)] for c in LAST_EPOCH}
+        shares = [v for v in map(_mixed_share, by_seed.values()) if v is not None]
+        rows.append([model, *(_cell(last[c]) if last[c] else MISSING for c in LAST_EPOCH)])
+        rows[-1].append(_percent_cell(shares) if shares else MISSING)
+        verdicts += [(v, f"{model}: {f}", m) for v, f, m in seed_verdicts(by_seed)]
+    return PaperComparison(BY_MODEL_INTRO, header, rows, verdicts) if rows else None
+
+
+def _short(condition: str) -> str:
+    """``forward → reverse`` → ``f→r``; ``mixed → mixed`` → ``mixed``."""
+    a, b = condition.split(" → ")
+    return "mixed" if a == "mixed" else f"{a[0]}→{b[0]}"
+
+
+def _mixed_share(m: dict[str, list[float]]) -> float | None:
+    """One seed's last-epoch mixed margin over its same-direction mean, or None without all three."""
+    ff, rr, mixed = (m.get(c) for c in ("forward → forward", "reverse → reverse", "mixed → mixed"))
+    if not (ff and rr and mixed) or ff[-1] + rr[-1] == 0:
+        return None
+    return mixed[-1] / ((ff[-1] + rr[-1]) / 2)
+
+
+def _percent_cell(values: list[float]) -> str:
+    iv = mean_interval(values)
+    if iv.n == 1:
+        return f"{100 * iv.mean:.0f}%"
+    return f"{100 * iv.mean:.0f}% [{100 * iv.low:.0f}%, {100 * iv.high:.0f}%]"

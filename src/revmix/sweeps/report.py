@@ -74,7 +74,7 @@ from revmix.sweeps.intervals import (
     mean_interval,
 )
 from revmix.sweeps.mechanism import mechanism_view
-from revmix.sweeps.paper import paper_section
+from revmix.sweeps.paper import PaperComparison, by_model_section, paper_sections
 from revmix.sweeps.plots import (
     DIRS,
     DRIFT_KEYS,
@@ -216,16 +216,7 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
     sections += [objectives] if objectives else []
     text, figures, sentences, notes = mechanism_view(ok, paths, out_dir, plots)
     sections.append(Section(MECHANISM_TITLE, figures, notes=notes, text=text, sentences=sentences))
-    paper = paper_section(table, out_dir)
-    if paper:
-        sections.append(
-            Section(
-                "The paper's ALP figure beside this sweep",
-                text=paper.intro,
-                table=Table(paper.header, paper.rows),
-                findings=paper.findings,
-            )
-        )
+    sections += _paper_sections(table, out_dir)
     figures, notes = plot_metric_vs_paths(ok, spec, plots)
     swept = [p for p in spec.space if p in ok.columns and ok[p].astype(str).nunique() > 1][:4]
     text = BY_VALUE_TEXT.format(bars=trials_per_value(ok, swept)) if figures else ""
@@ -234,6 +225,20 @@ def _sections(spec: SweepSpec, table: Any, out_dir: Path, plots: Path) -> list[S
         _captioned("Training loss", plot_loss_curves(table, paths, out_dir, plots), seeds, "band, per step")
     )
     return sections
+
+
+def _paper_sections(table: Any, out_dir: Path) -> list[Section]:
+    """The paper's ALP figure beside each model's trials, then (several models) the findings by model."""
+
+    def section(title: str, c: PaperComparison) -> Section:
+        return Section(title, text=c.intro, table=Table(c.header, c.rows), findings=c.findings)
+
+    title = "The paper's ALP figure beside this sweep"
+    out = [
+        section(f"{title} ({model})" if model else title, c) for model, c in paper_sections(table, out_dir)
+    ]
+    by_model = by_model_section(table, out_dir)
+    return out + ([section("The paper's findings by model size", by_model)] if by_model else [])
 
 
 def seeds_per_condition(ok: Any, paths: list[str]) -> str:
