@@ -144,7 +144,7 @@ def test_a_sweep_over_model_sizes_compares_each_size_and_tabulates_findings_by_s
     table = pd.DataFrame(small + tiny)  # the larger size first: the report orders by size
     sections = paper_sections(table, tmp_path)
     assert [m for m, _ in sections] == ["tiny-tiny", "tiny-small"]
-    assert "(tiny-tiny, synthetic twins)" in sections[0][1].intro
+    assert "(model tiny-tiny, synthetic twins)" in sections[0][1].intro
     assert sections[1][1].rows[1][2:4] == ["+0.100", "+0.800"]  # small's f→f alone, not pooled with tiny
     by_model = by_model_section(table, tmp_path)
     assert by_model.header == ["model", "f→f", "r→r", "f→r", "r→f", "mixed", "mixed share"]

@@ -304,7 +304,7 @@ def pretrained_model_dir(
 ) -> Path:
     """Directory of the pretrained tiny base of ``scale``: cached; on first use copied from the package's
     shipped build of the same key (:data:`SHIPPED_DIR`), else built here: the shipped tiny base took 58 min
-    on 2 CPU threads; ``small`` and ``base`` cost about 3x and 12x that (their training throughput).
+    on 2 CPU threads; ``small`` and ``base`` cost about 5x and 20x that (their SFT throughput).
 
     A new key builds a new entry, an old one is never served for it; ``shipped_dir=None`` always builds."""
     from revmix.platform import models

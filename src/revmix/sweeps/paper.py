@@ -37,7 +37,7 @@ CONDITIONS = (
 )
 INTRO = (
     "ALP margin (nats/token, ALP(y+) − ALP(y−)) after each epoch: the paper's figure (model size not "
-    "stated, probably 7B, real reasoning traces) beside this sweep ({model}, synthetic twins). Absolute "
+    "stated, probably 7B, real reasoning traces) beside this sweep (model {model}, synthetic twins). Absolute "
     "values are not comparable across scales; the question is which qualitative findings carry over."
 )
 BY_MODEL_INTRO = (
