@@ -6,6 +6,7 @@ from revmix.sweeps.paper import (
     CONDITIONS,
     by_model_section,
     findings,
+    measured_by_model,
     measured_margins,
     paper_margins,
     paper_section,
@@ -142,18 +143,32 @@ def test_a_sweep_over_model_sizes_compares_each_size_and_tabulates_findings_by_s
     small = _model_rows(tmp_path, "tiny-small", [0], {0: 0.8}, {0: 0.4}, 0.3)
     tiny = _model_rows(tmp_path, "tiny-tiny", [0, 1], {0: 0.4, 1: 0.6}, {0: 0.2, 1: 0.2}, 0.03)
     table = pd.DataFrame(small + tiny)  # the larger size first: the report orders by size
-    sections = paper_sections(table, tmp_path)
+    measured = measured_by_model(table, tmp_path)
+    sections = paper_sections(measured)
     assert [m for m, _ in sections] == ["tiny-tiny", "tiny-small"]
     assert "(model tiny-tiny, synthetic twins)" in sections[0][1].intro
     assert sections[1][1].rows[1][2:4] == ["+0.100", "+0.800"]  # small's f→f alone, not pooled with tiny
-    by_model = by_model_section(table, tmp_path)
-    assert by_model.header == ["model", "f→f", "r→r", "f→r", "r→f", "mixed", "mixed share"]
+    by_model = by_model_section(measured)
+    assert by_model.header == ["model", "f→f", "r→r", "f→r", "r→f", "mixed", "f→f − r→r", "mixed share"]
     # tiny f→f over seeds 0.4, 0.6: 0.5 ± t_{1,0.975}·0.1414/√2 = 0.5 ± 1.2706; mixed share per seed:
     # 0.03 / 0.3 = 10% and 0.03 / 0.4 = 7.5%: 8.75% ± 12.706·0.017678/√2 = ± 15.88 points
     assert by_model.rows[0][:2] == ["tiny-tiny", "+0.500 [-0.771, +1.771]"]
-    assert by_model.rows[0][6] == "9% [-7%, 25%]"
+    # the gap per seed: 0.2 and 0.4 → 0.3 ± 1.2706
+    assert by_model.rows[0][6:] == ["+0.300 [-0.971, +1.571]", "9% [-7%, 25%]"]
     # small, one seed: no interval; mixed 0.3 is half of (0.8 + 0.4) / 2: the collapse does not hold
-    assert by_model.rows[1] == ["tiny-small", "+0.800", "+0.400", "-0.800", "-0.400", "+0.300", "50%"]
+    assert by_model.rows[1] == [
+        "tiny-small",
+        "+0.800",
+        "+0.400",
+        "-0.800",
+        "-0.400",
+        "+0.300",
+        "+0.400",
+        "50%",
+    ]
+    # the largest model minus the smallest, one sentence per column: small's f→f 0.8 − tiny's mean 0.5
+    assert by_model.sentences[0].startswith("f→f at tiny-small − f→f at tiny-tiny = +0.3")
+    assert len(by_model.sentences) == 7
     verdicts = {f: v for v, f, _ in by_model.findings}
     assert verdicts[
         "tiny-tiny: Mixing both directions collapses the margin below a quarter of the same-direction mean (paper: ≈0.08 vs ≈1.3, 6%)"
@@ -165,5 +180,7 @@ def test_a_sweep_over_model_sizes_compares_each_size_and_tabulates_findings_by_s
 
 def test_a_sweep_of_one_model_has_one_comparison_and_no_size_table(tmp_path):
     table = pd.DataFrame(_model_rows(tmp_path, "tiny-tiny", [0], {0: 0.4}, {0: 0.2}, 0.03))
-    assert [m for m, _ in paper_sections(table, tmp_path)] == [""]
-    assert by_model_section(table, tmp_path) is None
+    measured = measured_by_model(table, tmp_path)
+    assert [m for m, _ in paper_sections(measured)] == [""]
+    assert "(model tiny-tiny, synthetic twins)" in paper_sections(measured)[0][1].intro
+    assert by_model_section(measured) is None

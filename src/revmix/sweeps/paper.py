@@ -17,13 +17,13 @@ every finding judged per model and seed (:func:`by_model_section`): the paper's 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
 from revmix.assets import asset_path
 from revmix.config import ModelConfig
-from revmix.sweeps.intervals import NO_INTERVAL, mean_interval
+from revmix.sweeps.intervals import NO_INTERVAL, compare_text, mean_interval
 from revmix.sweeps.plots import read_metrics
 from revmix.sweeps.results import MISSING
 
@@ -43,15 +43,10 @@ INTRO = (
 BY_MODEL_INTRO = (
     "The last epoch's ALP margin (nats/token) of each condition by model, mean over seeds with the 95% "
     "Student-t interval over seeds, and each finding judged per model on every seed alone. 'mixed share' is "
-    "mixed → mixed over the same-direction mean (f→f + r→r) / 2 (the paper: about 6%)."
+    "mixed → mixed over the same-direction mean (f→f + r→r) / 2 (the paper: about 6%). Below the table, the "
+    "largest model minus the smallest, paired by seed."
 )
-LAST_EPOCH = (
-    "forward → forward",
-    "reverse → reverse",
-    "forward → reverse",
-    "reverse → forward",
-    "mixed → mixed",
-)
+SFT_CONDITIONS = CONDITIONS[:5]  # every condition but the DPO stage's: the by-model table's columns
 
 
 @dataclass(frozen=True)
@@ -62,6 +57,7 @@ class PaperComparison:
     header: list[str]
     rows: list[list[str]]
     findings: list[tuple[str, str, str]]  # (verdict per seed, e.g. "holds in 2/3 seeds"; finding; measured)
+    sentences: list[str] = field(default_factory=list)  # comparisons between models, one per line
 
 
 def paper_margins() -> dict[str, list[float]]:
@@ -194,10 +190,14 @@ def seed_verdicts(by_seed: dict[int, dict[str, list[float]]]) -> list[tuple[str,
     return out
 
 
-def paper_section(table: Any, out_dir: Path, model: str | None = None) -> PaperComparison | None:
-    """The comparison as data for the report's templates, or None when no paper condition was measured.
-    ``model`` names the trials' model in the text (default: the ``model`` column's values)."""
-    by_seed = measured_by_seed(table, out_dir)
+def paper_section(table: Any, out_dir: Path) -> PaperComparison | None:
+    """The comparison of all of ``table``'s trials as data for the report's templates, or None when no paper
+    condition was measured."""
+    return comparison(measured_by_seed(table, out_dir), ", ".join(models_of(table)))
+
+
+def comparison(by_seed: dict[int, dict[str, list[float]]], model: str) -> PaperComparison | None:
+    """The paper's figure beside ``by_seed`` (:func:`measured_by_seed` of one model's trials), or None."""
     if not by_seed:
         return None
     header, rows = _table_rows(by_seed)
@@ -207,7 +207,7 @@ def paper_section(table: Any, out_dir: Path, model: str | None = None) -> PaperC
         if n > 1
         else f" Measured: {NO_INTERVAL}."
     )
-    intro = INTRO.format(model=model or ", ".join(models_of(table)) or "tiny model")
+    intro = INTRO.format(model=model or "tiny model")
     return PaperComparison(intro + spread, header, rows, seed_verdicts(by_seed))
 
 
@@ -222,38 +222,57 @@ def models_of(table: Any) -> list[str]:
     return sorted(names, key=lambda m: (sizes.index(m) if m in sizes else len(sizes), names.index(m)))
 
 
-def paper_sections(table: Any, out_dir: Path) -> list[tuple[str, PaperComparison]]:
-    """(model, comparison) for each model of the sweep with a paper condition measured; one entry named
-    ``""`` when the sweep has one model."""
+def measured_by_model(table: Any, out_dir: Path) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """model → :func:`measured_by_seed` of its trials, smallest first (each trial's metrics read once);
+    a sweep of one model (or a table without a ``model`` column) is one entry."""
     models = models_of(table)
     if len(models) < 2:
-        section = paper_section(table, out_dir)
-        return [("", section)] if section else []
+        return {", ".join(models): measured_by_seed(table, out_dir)}
+    return {m: measured_by_seed(table[table["model"].astype(str) == m], out_dir) for m in models}
+
+
+def paper_sections(
+    by_model: dict[str, dict[int, dict[str, list[float]]]],
+) -> list[tuple[str, PaperComparison]]:
+    """(model, comparison) for each model of :func:`measured_by_model` with a paper condition measured;
+    the model is ``""`` when the sweep has one."""
     out = []
-    for model in models:
-        section = paper_section(table[table["model"].astype(str) == model], out_dir, model)
-        out += [(model, section)] if section else []
+    for model, by_seed in by_model.items():
+        section = comparison(by_seed, model)
+        out += [("" if len(by_model) < 2 else model, section)] if section else []
     return out
 
 
-def by_model_section(table: Any, out_dir: Path) -> PaperComparison | None:
-    """The last epoch's margins by model (one row per model) and every finding judged per model and seed;
-    None for a sweep of one model."""
-    models = models_of(table)
-    if len(models) < 2:
+def by_model_section(by_model: dict[str, dict[int, dict[str, list[float]]]]) -> PaperComparison | None:
+    """The last epoch's margins by model (one row per model), every finding judged per model and seed, and
+    the largest model minus the smallest for each column; None for a sweep of one model."""
+    measured = {m: last_epoch(b) for m, b in by_model.items() if b}
+    if len(measured) < 2:
         return None
-    header = ["model", *(_short(c) for c in LAST_EPOCH), "mixed share"]
-    rows, verdicts = [], []
-    for model in models:
-        by_seed = measured_by_seed(table[table["model"].astype(str) == model], out_dir)
-        if not by_seed:
-            continue
-        last = {c: [m[c][-1] for m in by_seed.values() if m.get(c)] for c in LAST_EPOCH}
-        shares = [v for v in map(_mixed_share, by_seed.values()) if v is not None]
-        rows.append([model, *(_cell(last[c]) if last[c] else MISSING for c in LAST_EPOCH)])
-        rows[-1].append(_percent_cell(shares) if shares else MISSING)
-        verdicts += [(v, f"{model}: {f}", m) for v, f, m in seed_verdicts(by_seed)]
-    return PaperComparison(BY_MODEL_INTRO, header, rows, verdicts) if rows else None
+    header = ["model", *next(iter(measured.values()))]
+    rows = [[m, *(_last_cell(k, list(v.values())) for k, v in q.items())] for m, q in measured.items()]
+    verdicts = [(v, f"{m}: {f}", text) for m, b in by_model.items() if b for v, f, text in seed_verdicts(b)]
+    (small, low), (large, high) = list(measured.items())[0], list(measured.items())[-1]
+    name = lambda k: f"({k})" if " " in k else k  # noqa: E731 (the gap's label is itself a difference)
+    sentences = [
+        compare_text(f"{name(k)} at {large}", f"{name(k)} at {small}", high[k], low[k])
+        for k in high
+        if high[k] and low[k]
+    ]
+    return PaperComparison(BY_MODEL_INTRO, header, rows, verdicts, sentences)
+
+
+SHARE = "mixed share"
+GAP = "f→f − r→r"
+
+
+def last_epoch(by_seed: dict[int, dict[str, list[float]]]) -> dict[str, dict[int, float]]:
+    """Column → seed → value after the last epoch: each SFT condition's margin (``f→f``, …, ``mixed``), the
+    forward-over-reverse gap ``f→f − r→r`` and the mixed share."""
+    out = {_short(c): {s: m[c][-1] for s, m in by_seed.items() if m.get(c)} for c in SFT_CONDITIONS}
+    out[GAP] = {s: out["f→f"][s] - out["r→r"][s] for s in sorted(out["f→f"].keys() & out["r→r"].keys())}
+    out[SHARE] = {s: v for s, m in by_seed.items() if (v := _mixed_share(m)) is not None}
+    return out
 
 
 def _short(condition: str) -> str:
@@ -268,6 +287,12 @@ def _mixed_share(m: dict[str, list[float]]) -> float | None:
     if not (ff and rr and mixed) or ff[-1] + rr[-1] == 0:
         return None
     return mixed[-1] / ((ff[-1] + rr[-1]) / 2)
+
+
+def _last_cell(column: str, values: list[float]) -> str:
+    if not values:
+        return MISSING
+    return _percent_cell(values) if column == SHARE else _cell(values)
 
 
 def _percent_cell(values: list[float]) -> str:

@@ -74,7 +74,7 @@ from revmix.sweeps.intervals import (
     mean_interval,
 )
 from revmix.sweeps.mechanism import mechanism_view
-from revmix.sweeps.paper import PaperComparison, by_model_section, paper_sections
+from revmix.sweeps.paper import PaperComparison, by_model_section, measured_by_model, paper_sections
 from revmix.sweeps.plots import (
     DIRS,
     DRIFT_KEYS,
@@ -231,13 +231,13 @@ def _paper_sections(table: Any, out_dir: Path) -> list[Section]:
     """The paper's ALP figure beside each model's trials, then (several models) the findings by model."""
 
     def section(title: str, c: PaperComparison) -> Section:
-        return Section(title, text=c.intro, table=Table(c.header, c.rows), findings=c.findings)
+        table_ = Table(c.header, c.rows)
+        return Section(title, text=c.intro, table=table_, findings=c.findings, sentences=c.sentences)
 
+    measured = measured_by_model(table, out_dir)
     title = "The paper's ALP figure beside this sweep"
-    out = [
-        section(f"{title} ({model})" if model else title, c) for model, c in paper_sections(table, out_dir)
-    ]
-    by_model = by_model_section(table, out_dir)
+    out = [section(f"{title} ({model})" if model else title, c) for model, c in paper_sections(measured)]
+    by_model = by_model_section(measured)
     return out + ([section("The paper's findings by model size", by_model)] if by_model else [])
 
 
