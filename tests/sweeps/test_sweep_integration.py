@@ -215,3 +215,28 @@ def test_kill_dash_nine_then_resume_keeps_finished_trials(ray_local, tmp_path: P
     steps = [r["step"] for r in read_metrics(out / "trials" / other / "run" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
     assert (out / "report.html").exists()
+
+
+def test_a_reused_trial_process_gives_the_numbers_of_a_fresh_run(ray_local, tmp_path: Path):
+    """Tune's reuse_actors: with one trial at a time the second trial runs in the first one's process;
+    each trial's losses equal a plain run of its config in this (test) process, bit for bit."""
+    import torch
+
+    from revmix.config import load_config
+    from revmix.platform.train import run_experiment
+
+    path = write(tmp_path, eval=False, metric="final/loss", mode="min", max_concurrent_trials=1)
+    out = run_sweep(load_sweep(path), tmp_path / "out")
+    assert out.resources.concurrency == 1 and list(out.table["status"]) == ["TERMINATED"] * 2
+    trials = sorted((tmp_path / "out" / "trials").iterdir())
+    pids = {json.loads((t / res.TRIAL_META).read_text())["pid"] for t in trials}
+    assert len(pids) == 1  # one process ran both trials
+    threads = torch.get_num_threads()
+    try:
+        for trial in trials:
+            run = trial / "run"
+            run_experiment(load_config(run / "config.yaml"), tmp_path / trial.name, evaluate=False)
+            plain = [r["loss"] for r in read_metrics(tmp_path / trial.name / "metrics.jsonl")]
+            assert [r["loss"] for r in read_metrics(run / "metrics.jsonl")] == plain  # exact, not approx
+    finally:
+        torch.set_num_threads(threads)
