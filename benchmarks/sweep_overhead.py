@@ -5,8 +5,11 @@ Three timings:
 
 - ``direct``: K × ``run_experiment`` in this process (seeds 0..K-1), the floor;
 - ``sweep_serial``: the same K trials as a sweep with one trial at a time — the difference to ``direct``
-  is Tune's bookkeeping, trial actor start-up (a fresh Python process importing torch and transformers),
-  per-step ``tune.report`` and the end-of-sweep table and report;
+  is Tune's bookkeeping, the trial process's start-up (one Python process importing torch and
+  transformers, which then runs every trial: ``reuse_processes``), per-step ``tune.report`` and the
+  end-of-sweep table and report;
+- ``sweep_serial_fresh``: the same with ``reuse_processes: false``, a fresh process per trial (the
+  baseline of the reuse);
 - ``sweep_parallel``: the sweep with its default concurrency (on 2 cores: 2 trials × 1 thread).
 
 ``trial_train_s`` (the training loop inside each trial) against ``direct_train_loop_s`` separates a
@@ -60,7 +63,7 @@ def direct(k: int, steps: int, work: Path) -> tuple[list[float], list[float]]:
     return times, train
 
 
-def sweep(k: int, steps: int, work: Path, name: str, max_concurrent: int | None) -> dict:
+def sweep(k: int, steps: int, work: Path, name: str, max_concurrent: int | None, reuse: bool = True) -> dict:
     from revmix.sweeps.runner import run_sweep
     from revmix.sweeps.spec import load_sweep
 
@@ -74,6 +77,7 @@ def sweep(k: int, steps: int, work: Path, name: str, max_concurrent: int | None)
         "space": {"stages.0.mix.reverse_fraction": {"grid": [0.5]}},
         "eval": False,
         "tracking": {"tensorboard": False, "mlflow": False},
+        "reuse_processes": reuse,
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -109,6 +113,7 @@ def main() -> None:
         ray_init = time.perf_counter() - t0
         d, d_train = direct(args.trials, args.steps, work)
         serial = sweep(args.trials, args.steps, work, "serial", max_concurrent=1)
+        fresh = sweep(args.trials, args.steps, work, "serial_fresh", max_concurrent=1, reuse=False)
         parallel = sweep(args.trials, args.steps, work, "parallel", max_concurrent=None)
 
     k = args.trials
@@ -127,16 +132,19 @@ def main() -> None:
         "direct_train_loop_s": d_train,
         "ray_init_s": ray_init,
         "sweep_serial": serial,
+        "sweep_serial_fresh": fresh,
         "sweep_parallel": parallel,
         "serial_overhead_s": serial["wall_s"] - sum(d),
         "serial_overhead_per_trial_s": (serial["wall_s"] - sum(d)) / k,
+        "fresh_process_overhead_per_trial_s": (fresh["wall_s"] - sum(d)) / k,
         "parallel_speedup_vs_direct": sum(d) / parallel["wall_s"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
         f"direct {sum(d):.1f}s | sweep serial {serial['wall_s']:.1f}s "
-        f"(+{result['serial_overhead_per_trial_s']:.1f}s/trial) | sweep parallel ×{parallel['concurrency']} "
+        f"(+{result['serial_overhead_per_trial_s']:.1f}s/trial; a fresh process per trial: "
+        f"+{result['fresh_process_overhead_per_trial_s']:.1f}s/trial) | sweep parallel ×{parallel['concurrency']} "
         f"{parallel['wall_s']:.1f}s (speed-up {result['parallel_speedup_vs_direct']:.2f}×) | ray init {ray_init:.1f}s"
     )
     print(f"wrote {args.out}")

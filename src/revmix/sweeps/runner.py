@@ -522,7 +522,7 @@ def _fit(
                     # A finished trial's process runs the next one: it has torch, transformers and revmix
                     # imported (about 7 s per trial on 2 CPUs). A trial sets its own threads and seeds, so
                     # its numbers do not depend on what ran before in the process (test_sweep_integration).
-                    reuse_actors=True,
+                    reuse_actors=spec.reuse_processes,
                     trial_dirname_creator=trial_dirname,
                 ),
                 run_config=tune.RunConfig(

@@ -132,6 +132,9 @@ class SweepSpec(Strict):
     )
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="the trial driver's bundle")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: the cluster's CPUs/GPUs")
+    reuse_processes: bool = Field(
+        True, description="a finished trial's process runs the next (no re-import); false: a fresh one each"
+    )
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig, description="trackers of every trial: TensorBoard, MLflow, W&B"
     )
