@@ -1,7 +1,7 @@
 """What a sweep costs on top of its trials: K short trials through ``revmix sweep`` vs the same K runs of
 ``run_experiment`` called directly, one after another, measured in one run on the same machine.
 
-Three timings:
+Four timings:
 
 - ``direct``: K × ``run_experiment`` in this process (seeds 0..K-1), the floor;
 - ``sweep_serial``: the same K trials as a sweep with one trial at a time — the difference to ``direct``
@@ -143,8 +143,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(
         f"direct {sum(d):.1f}s | sweep serial {serial['wall_s']:.1f}s "
-        f"(+{result['serial_overhead_per_trial_s']:.1f}s/trial; a fresh process per trial: "
-        f"+{result['fresh_process_overhead_per_trial_s']:.1f}s/trial) | sweep parallel ×{parallel['concurrency']} "
+        f"({result['serial_overhead_per_trial_s']:+.1f}s/trial; a fresh process per trial: "
+        f"{result['fresh_process_overhead_per_trial_s']:+.1f}s/trial) | sweep parallel ×{parallel['concurrency']} "
         f"{parallel['wall_s']:.1f}s (speed-up {result['parallel_speedup_vs_direct']:.2f}×) | ray init {ray_init:.1f}s"
     )
     print(f"wrote {args.out}")

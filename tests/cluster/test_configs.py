@@ -206,7 +206,7 @@ def test_kuberay_pod_template_is_permissive_but_its_top_is_not(tmp_path: Path) -
     data = _load(CLUSTER_DIR / "kuberay" / "raycluster.yaml")
     pod = data["spec"]["workerGroupSpecs"][0]["template"]["spec"]
     pod["priorityClassName"] = "high"  # any Kubernetes pod field is accepted
-    pod["containers"][0]["lifecycle"] = {"preStop": {"exec": {"command": ["ray", "stop"]}}}
+    pod["containers"][0]["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", "5"]}}}
     validate_kuberay(_write(tmp_path, "ok.yaml", data))
     data["spec"]["workerGroupSpecs"][0]["template"]["specs"] = data["spec"]["workerGroupSpecs"][0][
         "template"

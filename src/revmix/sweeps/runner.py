@@ -124,7 +124,7 @@ class TrialMeta:
                 "seed": seed,
                 "attempts": self.data["attempts"] + 1,
                 "node_id": ray.get_runtime_context().get_node_id(),  # which node ran the (last) attempt
-                "pid": os.getpid(),  # and which process: one serves several trials (reuse_actors)
+                "pid": os.getpid(),  # and which process: one serves several trials (reuse_processes)
             }
         )
         _write_json(self.store, self.path, self.data)
@@ -519,9 +519,10 @@ def _fit(
                     scheduler=_scheduler(spec),
                     num_samples=num_samples,
                     max_concurrent_trials=plan.concurrency,
-                    # A finished trial's process runs the next one: it has torch, transformers and revmix
-                    # imported (about 7 s per trial on 2 CPUs). A trial sets its own threads and seeds, so
-                    # its numbers do not depend on what ran before in the process (test_sweep_integration).
+                    # A finished trial's process runs the next one with torch, transformers and revmix
+                    # imported (a fresh process costs 4.6 s per trial: benchmarks/sweep_overhead.py). A trial
+                    # sets its own threads and seeds, so its numbers do not depend on what ran before in the
+                    # process (test_sweep_integration).
                     reuse_actors=spec.reuse_processes,
                     trial_dirname_creator=trial_dirname,
                 ),
