@@ -1,5 +1,5 @@
 """ParquetDirectionStream: a global order that is a pure function of (seed, epoch), exact skips, rows as
-plain dicts, memory independent of the corpus size, and clear errors for what is not a corpus."""
+dicts of token arrays and plain values, memory independent of the corpus size, and clear errors for what is not a corpus."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +18,7 @@ from revmix.platform.data.synthetic_parquet import random_tokenised_rows, write_
 
 N = 5000  # rows: files of 1200 in row groups of 300; the last file is one group of 200
 BASE = random_tokenised_rows(37, seed=3)
+TOKEN_FIELDS = ("prompt_ids", "response_ids", "other_ids")
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +84,18 @@ def test_skip_reads_only_the_window_it_lands_in(corpus, monkeypatch):
     assert 1 <= len(reads) <= 3  # one window: >= 700 rows of whole 300-row groups (or a last short one)
 
 
-def test_rows_are_plain_python_values_equal_to_the_written_rows(corpus):
+def as_lists(row: dict) -> dict:
+    """A streamed row with its token arrays as lists, to compare with the rows written."""
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in row.items()}
+
+
+def test_rows_are_token_arrays_and_plain_values_equal_to_the_written_rows(corpus):
     s = ParquetDirectionStream(corpus, 2, "forward", shuffle_buffer=700)
     for row in itertools.islice(s, CHUNK_ROWS + 10):  # crosses a chunk boundary
         i = row["row_index"]
-        assert row == {**BASE[i % len(BASE)], "row_index": i, "item_id": f"x{i}"}
-        assert type(row["row_index"]) is int and type(row["prompt_ids"]) is list
-        assert all(type(t) is int for t in row["other_ids"])
+        assert as_lists(row) == {**BASE[i % len(BASE)], "row_index": i, "item_id": f"x{i}"}
+        assert type(row["row_index"]) is int and type(row["item_id"]) is str
+        assert all(isinstance(row[k], np.ndarray) and row[k].dtype.kind == "i" for k in TOKEN_FIELDS)
 
 
 def test_the_order_is_the_one_earlier_versions_drew(corpus):
@@ -226,4 +233,4 @@ def test_reads_back_a_tokenised_cache_entry_written_by_ray_data(tmp_path, ray_lo
     table = pa.Table.from_pylist(rows, schema=tokenised_schema())
     ray.data.from_arrow(table).repartition(4).write_parquet(str(tmp_path / "forward"))
     got = list(itertools.islice(ParquetDirectionStream(tmp_path / "forward", 0, "forward", 64), 500))
-    assert sorted(got, key=lambda r: r["row_index"]) == rows
+    assert sorted(map(as_lists, got), key=lambda r: r["row_index"]) == rows

@@ -1,9 +1,11 @@
 """A direction's tokenised rows streamed from Parquet: a global, seeded order with bounded memory.
 
 :class:`ParquetDirectionStream` has :class:`~revmix.platform.data.streams.DirectionStream`'s interface
-(``position``, ``skip(n)``, ``__next__``, ``__iter__``; rows are plain Python dicts) but never holds the
-corpus: the k-th row it yields is a pure function of (files, seed, name, k), whatever the worker's rank,
-and at any time it holds one *window* of rows.
+(``position``, ``skip(n)``, ``__next__``, ``__iter__``) but never holds the corpus: the k-th row it
+yields is a pure function of (files, seed, name, k), whatever the worker's rank, and at any time it holds
+one *window* of rows. A row is a dict whose token-id fields are numpy integer arrays (which
+:func:`~revmix.platform.data.tokenize.collate` pads without a Python int per token) and whose other
+fields are plain Python values.
 
 Order, per epoch ``e``: the blocks (Parquet row groups, listed from the footers of the directory's
 ``*.parquet`` files in name order) are permuted with a generator seeded by (seed, name, e); consecutive
@@ -108,7 +110,7 @@ class ParquetDirectionStream:
         if chunk != self._chunk_index:
             self._chunk = []  # freed before the next chunk is made
             self._chunk = window_rows(
-                self._window, self._order[chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS]
+                self._window, self._order[chunk * CHUNK_ROWS : (chunk + 1) * CHUNK_ROWS], int_arrays=True
             )
             self._chunk_index = chunk
             self._chunk_first = self.position - i
@@ -271,15 +273,19 @@ def _column(array: pa.Array) -> Column:
     return array.to_pylist()
 
 
-def window_rows(columns: dict[str, Column], rows: np.ndarray) -> list[dict[str, Any]]:
+def window_rows(
+    columns: dict[str, Column], rows: np.ndarray, int_arrays: bool = False
+) -> list[dict[str, Any]]:
     """The rows at the indices ``rows`` (an int64 array) as plain Python dicts, in that order. Each column
-    is converted for all the rows at once: list columns gather their values with numpy, become one Python
-    list and are cut into rows by slicing, so no Arrow scalar and no per-row numpy call is made."""
-    values = [_column_rows(column, rows) for column in columns.values()]
+    is converted for all the rows at once: list columns gather their values with numpy and are cut into
+    rows by slicing, so no Arrow scalar is made. A list<integer> value is a Python list, or with
+    ``int_arrays`` a numpy view of the gathered values (no Python int per token: what the stream hands
+    to :func:`~revmix.platform.data.tokenize.collate`)."""
+    values = [_column_rows(column, rows, int_arrays) for column in columns.values()]
     return [dict(zip(columns, row)) for row in zip(*values)]
 
 
-def _column_rows(column: Column, rows: np.ndarray) -> list[Any]:
+def _column_rows(column: Column, rows: np.ndarray, int_arrays: bool) -> list[Any]:
     if isinstance(column, ListColumn):
         starts = column.offsets[rows]
         lengths = column.offsets[rows + 1] - starts
@@ -287,7 +293,7 @@ def _column_rows(column: Column, rows: np.ndarray) -> list[Any]:
         np.cumsum(lengths, out=bounds[1:])
         gather = np.repeat(starts - bounds[:-1], lengths) + np.arange(bounds[-1])
         picked = column.values[gather]
-        flat = (picked if column.ints is None else column.ints[picked]).tolist()
+        flat = picked if int_arrays else (picked if column.ints is None else column.ints[picked]).tolist()
         cuts = bounds.tolist()
         return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
     if isinstance(column, np.ndarray):

@@ -10,10 +10,12 @@ names their ``FILE:LINE``), :func:`tokenise_rows` raises on the first.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from revmix.objectives.base import IGNORE_INDEX, Batch
@@ -206,35 +208,51 @@ def tokenise_rows(
     return done.rows, done.truncated
 
 
-def _pad(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (s, pl) in enumerate(zip(seqs, prompt_lens)):
-        t = torch.tensor(s, dtype=torch.long)
-        ids[i, : len(s)] = t
-        mask[i, : len(s)] = 1
-        labels[i, pl : len(s)] = t[pl:]
-    return ids, mask, labels
+def token_list(ids: Sequence[int] | np.ndarray) -> list[int]:
+    """A row's token ids as a list of Python ints, whether the row holds a list (tokenised in memory) or
+    a numpy array (streamed from Parquet): ``+`` on an array adds, it does not concatenate."""
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
+def _end_to_end(parts: list[Any], total: int) -> np.ndarray:
+    """The ``total`` tokens of the sequences ``parts`` laid end to end in one int64 array: one numpy call
+    for arrays, one pass over the ints for lists (a tensor per row cost most of a batch's time). Either
+    way takes a mix of both, so the first part alone picks the faster one (checking every part cost more
+    than a batch of streamed rows saves)."""
+    if parts and isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts).astype(np.int64, copy=False)
+    return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=total)
+
+
+def _pad(prompts: list[Any], responses: list[Any], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, attention mask and labels (the response's tokens; prompt and padding ignored) of
+    the sequences prompt + response, each ``[B, longest]``."""
+    prompt_lens = np.fromiter(map(len, prompts), dtype=np.int64, count=len(prompts))
+    lens = prompt_lens + np.fromiter(map(len, responses), dtype=np.int64, count=len(responses))
+    positions = np.arange(int(lens.max(initial=0)))
+    real = positions < lens[:, None]  # [B, T]: True on each row's tokens, row-major as laid end to end
+    ids = np.full(real.shape, pad_id, dtype=np.int64)
+    ids[real] = _end_to_end([part for pair in zip(prompts, responses) for part in pair], int(lens.sum()))
+    labels = np.where(real & (positions >= prompt_lens[:, None]), ids, IGNORE_INDEX)
+    return torch.from_numpy(ids), torch.from_numpy(real.astype(np.int64)), torch.from_numpy(labels)
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int, with_other: bool = True) -> Batch:
-    """Right-padded :class:`Batch` of tokenised rows (y+ always; y− when every row has one)."""
-    prompts = [list(r["prompt_ids"]) for r in rows]
-    plens = [len(p) for p in prompts]
-    ids, mask, labels = _pad([p + list(r["response_ids"]) for p, r in zip(prompts, rows)], plens, pad_id)
+    """Right-padded :class:`Batch` of tokenised rows (y+ always; y− when every row has one). Token fields
+    may be lists or numpy integer arrays."""
+    prompts = [r["prompt_ids"] for r in rows]
+    ids, mask, labels = _pad(prompts, [r["response_ids"] for r in rows], pad_id)
     batch = Batch(
         input_ids=ids,
         attention_mask=mask,
         labels=labels,
         direction=torch.tensor([int(r["direction"]) for r in rows], dtype=torch.long),
         task=[r["task"] for r in rows],
-        prompt_ids=prompts,
+        prompt_ids=[token_list(p) for p in prompts],
         answer=[r["answer"] for r in rows],
         item_id=[r["item_id"] for r in rows],
     )
     if with_other and all(len(r["other_ids"]) for r in rows):
-        others = [p + list(r["other_ids"]) for p, r in zip(prompts, rows)]
-        batch.other_input_ids, batch.other_attention_mask, batch.other_labels = _pad(others, plens, pad_id)
+        others = _pad(prompts, [r["other_ids"] for r in rows], pad_id)
+        batch.other_input_ids, batch.other_attention_mask, batch.other_labels = others
     return batch

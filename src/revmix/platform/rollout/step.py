@@ -33,6 +33,7 @@ from torch import Tensor
 from revmix.objectives.base import IGNORE_INDEX, Reference, per_direction
 from revmix.objectives.ppo import Rollout
 from revmix.objectives.reference import eval_mode
+from revmix.platform.data.tokenize import token_list
 from revmix.platform.evaluation.answers import extract_answer, score_completion
 from revmix.platform.generation.protocol import SamplingParams
 from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine
@@ -127,7 +128,7 @@ def ppo_step(
 
     t0 = _clock(dev)  # 1. rollout
     engine = engine or HFRolloutEngine.for_policy(ctx.policy, ctx.tokenizer)
-    prompts = [list(r["prompt_ids"]) for r in batch_rows]
+    prompts = [token_list(r["prompt_ids"]) for r in batch_rows]
     with autocast:
         sampled = engine.generate(
             ctx.policy, prompts, _sampling(obj, ctx.seed, step, ctx.rank * len(prompts))
@@ -240,7 +241,8 @@ def _score(
             raise RuntimeError(
                 f"rollout engine returned {len(responses)} responses for prompt {i}, wanted {group_size}"
             )
-        other = tok.decode(row["other_ids"], skip_special_tokens=True) if row.get("other_ids") else ""
+        other_ids = token_list(row.get("other_ids", []))
+        other = tok.decode(other_ids, skip_special_tokens=True) if other_ids else ""
         other_answer = extract_answer(other) if other else None
         for ids in responses:
             text = tok.decode(ids, skip_special_tokens=True)
@@ -258,7 +260,7 @@ def _score(
             out.correct.append(float(gold is not None and score_completion(text, gold, kind)))
             out.formatted.append(float(has_answer_line(text)))
             # A response cut to nothing (a non-EOS pad sampled first) is scored as one pad token.
-            out.prompts.append(row["prompt_ids"])
+            out.prompts.append(token_list(row["prompt_ids"]))
             out.responses.append(ids if ids else [pad_id])
             out.directions.append(int(row["direction"]))
             out.groups.append(i)
