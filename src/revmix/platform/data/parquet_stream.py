@@ -214,19 +214,18 @@ def table_rows(table: pa.Table) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class ListColumn:
     """A list<integer> column without nulls as two numpy views of the Arrow buffers: row ``i`` is
-    ``values[offsets[i]:offsets[i + 1]]`` (``offsets`` index the unsliced child array). ``ints`` is
-    :data:`SHARED_INTS`'s table when every value is one of its indices, else ``None``."""
+    ``values[offsets[i]:offsets[i + 1]]`` (``offsets`` index the unsliced child array)."""
 
     offsets: np.ndarray
     values: np.ndarray
-    ints: np.ndarray | None
 
 
 class SharedInts:
     """One Python ``int`` object per value in ``[0, size)``, for token ids: a row's ids are picked from it
     rather than allocated (ids above 256 are not cached by Python), which is about a third of converting a
     row and also spares freeing them. Grown on demand (doubling) up to ``LIMIT`` values, which covers
-    every tokenizer vocabulary in use (about 10 MB at most, shared by every stream in the process)."""
+    every tokenizer vocabulary in use (about 10 MB at most, shared by every conversion to lists in the
+    process: held-out rows, tables)."""
 
     LIMIT = 1 << 18
 
@@ -265,7 +264,7 @@ def _column(array: pa.Array) -> Column:
         values = array.values
         if not values.null_count:
             ids = values.to_numpy()
-            return ListColumn(array.offsets.to_numpy(), ids, SHARED_INTS.covering(ids))
+            return ListColumn(array.offsets.to_numpy(), ids)
     if pa.types.is_integer(kind) and not nulls:
         return array.to_numpy()
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind):
@@ -293,7 +292,11 @@ def _column_rows(column: Column, rows: np.ndarray, int_arrays: bool) -> list[Any
         np.cumsum(lengths, out=bounds[1:])
         gather = np.repeat(starts - bounds[:-1], lengths) + np.arange(bounds[-1])
         picked = column.values[gather]
-        flat = picked if int_arrays else (picked if column.ints is None else column.ints[picked]).tolist()
+        if int_arrays:
+            flat: Any = picked
+        else:  # one shared int object per token id where the table covers them (SharedInts)
+            ints = SHARED_INTS.covering(picked)
+            flat = (picked if ints is None else ints[picked]).tolist()
         cuts = bounds.tolist()
         return [flat[a:b] for a, b in zip(cuts, cuts[1:])]
     if isinstance(column, np.ndarray):

@@ -136,7 +136,7 @@ def ppo_step(
     timings["rollout"] = _clock(dev) - t0
 
     t0 = _clock(dev)  # 2. scoring
-    scored = _score(ctx.tokenizer, batch_rows, sampled, obj.samples_per_prompt, reward_fn)
+    scored = _score(ctx.tokenizer, batch_rows, prompts, sampled, obj.samples_per_prompt, reward_fn)
     timings["scoring"] = _clock(dev) - t0
 
     t0 = _clock(dev)  # 3. reference log-probs, and old log-probs + values under the policy (timed apart)
@@ -231,9 +231,15 @@ class _Scored:
 
 
 def _score(
-    tok: Any, batch_rows: list[dict], sampled: list[list[list[int]]], group_size: int, reward_fn: Any
+    tok: Any,
+    batch_rows: list[dict],
+    prompts: list[list[int]],
+    sampled: list[list[list[int]]],
+    group_size: int,
+    reward_fn: Any,
 ) -> _Scored:
-    """Decode and reward every response; answer accuracy and format for the metrics."""
+    """Decode and reward every response; answer accuracy and format for the metrics. ``prompts``: each
+    row's prompt ids as the rollout took them."""
     out = _Scored()
     pad_id = _pad_id(tok)
     for i, (row, responses) in enumerate(zip(batch_rows, sampled)):
@@ -260,7 +266,7 @@ def _score(
             out.correct.append(float(gold is not None and score_completion(text, gold, kind)))
             out.formatted.append(float(has_answer_line(text)))
             # A response cut to nothing (a non-EOS pad sampled first) is scored as one pad token.
-            out.prompts.append(token_list(row["prompt_ids"]))
+            out.prompts.append(prompts[i])
             out.responses.append(ids if ids else [pad_id])
             out.directions.append(int(row["direction"]))
             out.groups.append(i)
