@@ -18,7 +18,7 @@ from revmix.platform.data.tokenize import collate, tokenise_rows
 from revmix.platform.generation.protocol import SamplingParams
 from revmix.platform.models import load_model
 from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine
-from revmix.platform.rollout.step import pack, ppo_step
+from revmix.platform.rollout.step import ppo_step
 from revmix.platform.step import StepContext
 
 
@@ -65,13 +65,6 @@ class Scripted:
 
     def close(self) -> None:
         pass
-
-
-def test_pack_right_pads_and_labels_the_response():
-    ids, mask, labels = pack([[5, 6], [7]], [[8, 9, 2], [3]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 8, 9, 2], [7, 3, 0, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert labels.tolist() == [[-100, -100, 8, 9, 2], [-100, 3, -100, -100, -100]]
 
 
 def test_hf_engine_samples_the_current_weights(tiny):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from revmix.platform.data.tokenize import collate, token_list
+from revmix.platform.data.tokenize import collate, pad_prompt_response, token_list
 
 PAD, X = 0, -100  # pad id; IGNORE_INDEX
 
@@ -70,3 +70,11 @@ def test_a_batch_mixing_lists_and_arrays_in_either_order_is_the_same_batch() -> 
             got, want = collate(rows + extra, PAD), collate(ROWS + empty_other[: len(extra)], PAD)
             assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
             assert got.input_ids.dtype == torch.long
+
+
+def test_pad_prompt_response_right_pads_and_labels_the_response() -> None:
+    """PPO's sampled responses go through the same padding as a batch of rows."""
+    ids, mask, labels = pad_prompt_response([[5, 6], [7]], [[8, 9, 2], [3]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 8, 9, 2], [7, 3, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert labels.tolist() == [[X, X, 8, 9, 2], [X, 3, X, X, X]]

@@ -214,7 +214,7 @@ def token_list(ids: Sequence[int] | np.ndarray) -> list[int]:
     return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
 
 
-def _end_to_end(parts: list[Any], total: int) -> np.ndarray:
+def _end_to_end(parts: Sequence[Any], total: int) -> np.ndarray:
     """The ``total`` tokens of the sequences ``parts`` laid end to end in one int64 array: one numpy call
     for arrays, one pass over the ints for lists (a tensor per row cost most of a batch's time). Either
     way takes a mix of both, so the first part alone picks the faster one (checking every part took 5% of
@@ -224,9 +224,12 @@ def _end_to_end(parts: list[Any], total: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=total)
 
 
-def _pad(prompts: list[Any], responses: list[Any], pad_id: int) -> tuple[torch.Tensor, ...]:
+def pad_prompt_response(
+    prompts: Sequence[Any], responses: Sequence[Any], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and labels (the response's tokens; prompt and padding ignored) of
-    the sequences prompt + response, each ``[B, longest]``."""
+    the sequences prompt + response, each ``[B, longest]``: a batch of tokenised rows, or PPO's sampled
+    responses. Token sequences may be lists or numpy integer arrays."""
     prompt_lens = np.fromiter(map(len, prompts), dtype=np.int64, count=len(prompts))
     lens = prompt_lens + np.fromiter(map(len, responses), dtype=np.int64, count=len(responses))
     positions = np.arange(int(lens.max(initial=0)))
@@ -241,7 +244,7 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int, with_other: bool = True
     """Right-padded :class:`Batch` of tokenised rows (y+ always; y− when every row has one). Token fields
     may be lists or numpy integer arrays."""
     prompts = [r["prompt_ids"] for r in rows]
-    ids, mask, labels = _pad(prompts, [r["response_ids"] for r in rows], pad_id)
+    ids, mask, labels = pad_prompt_response(prompts, [r["response_ids"] for r in rows], pad_id)
     batch = Batch(
         input_ids=ids,
         attention_mask=mask,
@@ -253,6 +256,6 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int, with_other: bool = True
         item_id=[r["item_id"] for r in rows],
     )
     if with_other and all(len(r["other_ids"]) for r in rows):
-        others = _pad(prompts, [r["other_ids"] for r in rows], pad_id)
+        others = pad_prompt_response(prompts, [r["other_ids"] for r in rows], pad_id)
         batch.other_input_ids, batch.other_attention_mask, batch.other_labels = others
     return batch

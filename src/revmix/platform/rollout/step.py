@@ -23,17 +23,16 @@ PPO trainer disables dropout for the same reason.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from revmix.objectives.base import IGNORE_INDEX, Reference, per_direction
+from revmix.objectives.base import Reference, per_direction
 from revmix.objectives.ppo import Rollout
 from revmix.objectives.reference import eval_mode
-from revmix.platform.data.tokenize import token_list
+from revmix.platform.data.tokenize import pad_prompt_response, token_list
 from revmix.platform.evaluation.answers import extract_answer, score_completion
 from revmix.platform.generation.protocol import SamplingParams
 from revmix.platform.rollout.engines import HFRolloutEngine, RolloutEngine
@@ -42,24 +41,8 @@ from revmix.platform.rollout.rewards import Sample, answer_kind, build_reward, h
 from revmix.platform.step import MetricMeans, StepContext
 
 # --------------------------------------------------------------------------------------------------
-# Building the rollout batch
+# Helpers of the step
 # --------------------------------------------------------------------------------------------------
-
-
-def pack(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ``(input_ids, attention_mask, labels)`` of prompt + response (labels on the response)."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        seq = torch.tensor(list(p) + list(r), dtype=torch.long)
-        ids[i, : len(seq)] = seq
-        mask[i, : len(seq)] = 1
-        labels[i, len(p) : len(seq)] = seq[len(p) :]
-    return ids, mask, labels
 
 
 def _clock(device: torch.device) -> float:
@@ -140,7 +123,7 @@ def ppo_step(
     timings["scoring"] = _clock(dev) - t0
 
     t0 = _clock(dev)  # 3. reference log-probs, and old log-probs + values under the policy (timed apart)
-    ids, mask, labels = pack(scored.prompts, scored.responses, _pad_id(ctx.tokenizer))
+    ids, mask, labels = pad_prompt_response(scored.prompts, scored.responses, _pad_id(ctx.tokenizer))
     direction = torch.tensor(scored.directions, dtype=torch.long, device=dev)
     ref = _TimedReference(reference, dev)
     with eval_mode(ctx.train_model):
