@@ -72,16 +72,59 @@ def test_skip_then_next_is_the_next_row_of_a_fresh_stream(corpus, n):
     assert s.position == n + 3
 
 
-def test_skip_reads_only_the_window_it_lands_in(corpus, monkeypatch):
+def settled(reads: list) -> list:
+    """``reads`` once the read-ahead thread has finished what it was given (it runs one job at a time)."""
+    from revmix.platform.data.parquet_stream import _READ_AHEAD
+
+    _READ_AHEAD.submit(lambda: None).result()
+    return reads
+
+
+def counting_reads(monkeypatch) -> list:
+    """The blocks read from now on, in the order their reads began (read-ahead ones included)."""
     import revmix.platform.data.parquet_stream as ps
 
-    reads = []
+    reads: list = settled([])  # nothing an earlier stream asked for is counted
     real = ps.read_block
     monkeypatch.setattr(ps, "read_block", lambda b: reads.append(b) or real(b))
+    return reads
+
+
+def test_skip_reads_only_the_window_it_lands_in(corpus, monkeypatch):
+    reads = counting_reads(monkeypatch)
+    s = ParquetDirectionStream(corpus, 5, "forward", shuffle_buffer=700, read_ahead=False)
+    s.skip(3 * N + 2500)
+    next(s)
+    assert 1 <= len(settled(reads)) <= 3  # one window: >= 700 rows of whole 300-row groups (or a short last)
+
+
+def test_read_ahead_adds_the_next_window_only_and_reads_each_block_once_per_epoch(corpus, monkeypatch):
+    reads = counting_reads(monkeypatch)
     s = ParquetDirectionStream(corpus, 5, "forward", shuffle_buffer=700)
     s.skip(3 * N + 2500)
     next(s)
-    assert 1 <= len(reads) <= 3  # one window: >= 700 rows of whole 300-row groups (or a last short one)
+    landed = settled(reads)[:]
+    assert 2 <= len(landed) <= 6 and len(set(landed)) == len(landed)  # this window and the next
+    reads.clear()
+    s = ParquetDirectionStream(corpus, 5, "forward", shuffle_buffer=700)
+    ids(s, 2 * N)
+    blocks = len(s.blocks)
+    assert 2 * blocks < len(settled(reads)) <= 2 * blocks + 3  # two epochs, then one window ahead
+    key = lambda b: (b.file.name, b.group)  # noqa: E731
+    assert sorted(map(key, reads[:blocks])) == sorted(map(key, s.blocks))  # epoch 0: each block once
+
+
+@pytest.mark.parametrize("skips", [[], [0, 4321, 7], [N - 1, 1, 2 * N + 350]])
+def test_read_ahead_does_not_change_a_row(corpus, skips):
+    def walk(read_ahead: bool) -> list:
+        s = ParquetDirectionStream(corpus, 9, "reverse", shuffle_buffer=700, read_ahead=read_ahead)
+        got = []
+        for n in skips + [0]:
+            s.skip(n)
+            got += [as_lists(r) for r in itertools.islice(s, 1500)]
+        return got
+
+    assert walk(True) == walk(False)
 
 
 def as_lists(row: dict) -> dict:
