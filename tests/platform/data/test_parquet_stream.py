@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import tracemalloc
 from pathlib import Path
 
@@ -74,9 +75,9 @@ def test_skip_then_next_is_the_next_row_of_a_fresh_stream(corpus, n):
 
 def settled(reads: list) -> list:
     """``reads`` once the read-ahead thread has finished what it was given (it runs one job at a time)."""
-    from revmix.platform.data.parquet_stream import _READ_AHEAD
+    from revmix.platform.data.parquet_stream import read_ahead_pool
 
-    _READ_AHEAD.submit(lambda: None).result()
+    read_ahead_pool().submit(lambda: None).result()
     return reads
 
 
@@ -125,6 +126,21 @@ def test_read_ahead_does_not_change_a_row(corpus, skips):
         return got
 
     assert walk(True) == walk(False)
+
+
+def test_a_forked_child_reads_ahead_with_its_own_thread(corpus):
+    # The parent's read-ahead thread has run; a child forked now must not queue reads for it (it would
+    # wait forever for a thread that does not exist in the child).
+    expected = ids(ParquetDirectionStream(corpus, 4, "forward", shuffle_buffer=700), 3000)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only when it streamed the same rows past several windows
+        signal.alarm(120)  # a child waiting on the parent's thread is killed, not left to hang the suite
+        try:
+            got = ids(ParquetDirectionStream(corpus, 4, "forward", shuffle_buffer=700), 3000)
+            os._exit(0 if got == expected else 1)
+        except BaseException:
+            os._exit(2)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def as_lists(row: dict) -> dict:

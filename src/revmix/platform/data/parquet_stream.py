@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,9 +44,18 @@ import pyarrow.parquet as pq
 
 CHUNK_ROWS = 256  # rows converted to Python at a time: the only rows held as Python objects
 DEFAULT_SHUFFLE_BUFFER = 4096
-# One background thread per process reads every stream's next window while the current one is consumed:
-# Parquet decoding releases the GIL, and it was a third of a streamed row's cost on the reading thread.
-_READ_AHEAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="revmix-parquet-read-ahead")
+_READ_AHEAD: dict[int, ThreadPoolExecutor] = {}  # by process id: see read_ahead_pool
+
+
+def read_ahead_pool() -> ThreadPoolExecutor:
+    """The thread that reads every stream's next window while the current one is consumed (Parquet
+    decoding releases the GIL; it was a third of a streamed row's cost on the training thread). One per
+    process, made on first use: a forked child gets its own, as the parent's thread does not exist there
+    and its queue would never be served."""
+    pid = os.getpid()
+    if pid not in _READ_AHEAD:
+        _READ_AHEAD[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="revmix-parquet-read-ahead")
+    return _READ_AHEAD[pid]
 
 
 @dataclass(frozen=True)
@@ -175,7 +185,7 @@ class ParquetDirectionStream:
         if following == len(windows):  # the next epoch's first window
             epoch, following = epoch + 1, 0
             windows = self._epoch_windows(epoch)[0]
-        self._ahead = ((epoch, following), _READ_AHEAD.submit(read_window, windows[following]))
+        self._ahead = ((epoch, following), read_ahead_pool().submit(read_window, windows[following]))
 
 
 def list_blocks(path: Path) -> list[Block]:
