@@ -316,6 +316,38 @@ def test_health_of_a_broken_model_is_503_with_an_error_id(model_dir: str) -> Non
     assert "non-finite" not in json.dumps(body)  # the cause is in the log, under the id
 
 
+def test_a_probe_during_another_probe_runs_the_model_and_a_generation_makes_it_busy(model_dir: str) -> None:
+    """The serving platform's periodic check and a client's GET /health may probe at the same moment: the
+    second waits its turn and runs the model ("forward"); only a generation holding the model is "busy"."""
+    import threading
+
+    from revmix.platform.generation.hf import HFGenerator
+
+    gen = HFGenerator(model_dir, device="cpu")
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(module: Any, args: Any) -> None:
+        if threading.current_thread().name == "first-probe":
+            inside.set()
+            assert release.wait(30)
+
+    handle = gen.model.register_forward_pre_hook(hold)
+    results: dict[str, bool] = {}
+    first = threading.Thread(target=lambda: results.update(first=gen.probe()), name="first-probe")
+    second = threading.Thread(target=lambda: results.update(second=gen.probe()), name="second-probe")
+    first.start()
+    assert inside.wait(30)  # the first probe is inside its forward pass
+    second.start()
+    second.join(0.5)
+    release.set()
+    first.join(30)
+    second.join(30)
+    handle.remove()
+    assert results == {"first": True, "second": True}
+    with gen._lock:  # what a generation holds for its whole decode
+        assert gen.probe() is False
+
+
 # ----------------------------------------------------------------------------------------- start / stop
 
 

@@ -110,6 +110,9 @@ class HFGenerator:
         fwd = inspect.signature(self.model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in fwd or any(p.kind == p.VAR_KEYWORD for p in fwd.values())
         self._lock = threading.Lock()  # one forward at a time when shared by server threads
+        # probes (the serving platform's periodic check and a client's GET /health) wait for each other, so
+        # a probe finds the model lock held only by a generation and "busy" means what it says
+        self._probe_lock = threading.Lock()
         self._fork_devices = [self.device] if self.device.type == "cuda" else []
 
     # ------------------------------------------------------------------ helpers
@@ -141,15 +144,17 @@ class HFGenerator:
         """One forward pass of one token, to tell a working model from a broken one (the server's health check).
 
         False when a generation holds the model (it is evidently in use; waiting behind it would make a health
-        check as slow as the longest request); True when the logits are finite; raises otherwise.
+        check as slow as the longest request); True when the logits are finite; raises otherwise. Concurrent
+        probes take turns (one token each), so one probe never reports another as a generation.
         """
-        if not self._lock.acquire(blocking=False):
-            return False
-        try:
-            with torch.inference_mode():
-                logits = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device)).logits
-        finally:
-            self._lock.release()
+        with self._probe_lock:
+            if not self._lock.acquire(blocking=False):
+                return False
+            try:
+                with torch.inference_mode():
+                    logits = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device)).logits
+            finally:
+                self._lock.release()
         if not bool(torch.isfinite(logits).all()):
             raise RuntimeError(f"model {self.name_or_path!r} gives non-finite logits for a one-token prompt")
         return True
