@@ -336,13 +336,16 @@ def test_a_probe_during_another_probe_runs_the_model_and_a_generation_makes_it_b
     first = threading.Thread(target=lambda: results.update(first=gen.probe()), name="first-probe")
     second = threading.Thread(target=lambda: results.update(second=gen.probe()), name="second-probe")
     first.start()
-    assert inside.wait(30)  # the first probe is inside its forward pass
-    second.start()
-    second.join(0.5)
-    release.set()
-    first.join(30)
-    second.join(30)
-    handle.remove()
+    try:
+        assert inside.wait(30)  # the first probe is inside its forward pass
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()  # waiting its turn, not answering "busy" at once
+    finally:
+        release.set()
+        first.join(30)
+        second.join(30)
+        handle.remove()
     assert results == {"first": True, "second": True}
     with gen._lock:  # what a generation holds for its whole decode
         assert gen.probe() is False
